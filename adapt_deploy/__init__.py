@@ -1,0 +1,3 @@
+"""adapt-deploy: domain-adaptive semantic segmentation, from training to deployment."""
+
+__version__ = "0.1.0"

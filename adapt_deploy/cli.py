@@ -1,0 +1,180 @@
+"""The `adapt-deploy` command line: parses arguments, calls library functions, prints results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from adapt_deploy import __version__
+from adapt_deploy.errors import UserError
+
+app = typer.Typer(
+    help="Domain-adaptive semantic segmentation: train, evaluate, export, stream.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+
+
+def _reporter():
+    from adapt_deploy.progress import RichReporter
+
+    return RichReporter()
+
+
+def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    table = Table(title=title)
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Directory for the data, runs and results.")] = Path(
+        "adapt-deploy-demo"
+    ),
+    fresh: Annotated[
+        bool, typer.Option(help="Regenerate data and retrain even if completed runs exist.")
+    ] = False,
+) -> None:
+    """End-to-end run on the synthetic benchmark: synthesize, train, evaluate on target."""
+    from adapt_deploy.demo import run_demo
+
+    result = run_demo(out, _reporter(), fresh=fresh)
+    header, rows = result.table()
+    _print_table("IoU (%) on the synthetic target val split", header, rows)
+    for method, seconds in result.seconds.items():
+        console.print(f"{method}: trained in {seconds:.0f} s")
+    console.print(f"results: {result.out / 'results.md'}")
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Output directory (source/, target/, videos/).")],
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 0,
+    num_source: Annotated[int, typer.Option(help="Source images (GTA5 layout).")] = 600,
+    num_target_train: Annotated[int, typer.Option(help="Target train images (Cityscapes).")] = 400,
+    num_target_val: Annotated[int, typer.Option(help="Target val images (Cityscapes).")] = 150,
+    num_videos: Annotated[int, typer.Option(help="Dashcam videos with per-frame labels.")] = 1,
+    video_frames: Annotated[int, typer.Option(help="Frames per video.")] = 300,
+    force: Annotated[bool, typer.Option(help="Overwrite a different benchmark in OUT.")] = False,
+) -> None:
+    """Write the synthetic domain-shift benchmark: GTA5-layout source, Cityscapes-layout target."""
+    from adapt_deploy.data.synthetic_writer import SynthSpec, write_benchmark
+    from adapt_deploy.progress import StageProgress
+
+    spec = SynthSpec(
+        seed=seed,
+        num_source=num_source,
+        num_target_train=num_target_train,
+        num_target_val=num_target_val,
+        num_videos=num_videos,
+        video_frames=video_frames,
+    )
+    try:
+        with StageProgress(_reporter()) as progress:
+            write_benchmark(out, spec, progress=progress, force=force)
+    except FileExistsError as exc:
+        raise UserError(f"{exc} (pass --force to overwrite)") from None
+    console.print(f"wrote the synthetic benchmark to {out}")
+
+
+@app.command(name="train")
+def train_cmd(
+    config: Annotated[Path, typer.Option(help="YAML experiment config.")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key, e.g. --set optim.lr=1e-3 (repeatable)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory (default: runs/<config name>).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in OUT from its last state.")
+    ] = False,
+) -> None:
+    """Train a model from a config; checkpoints are written atomically and runs can be resumed."""
+    from adapt_deploy.config import load_config
+    from adapt_deploy.engine.train import train
+
+    cfg = load_config(config, set_ or [])
+    run_dir = out or Path("runs") / cfg.name
+    result = train(cfg, run_dir, resume=resume, reporter=_reporter())
+    console.print(f"checkpoint: {result.checkpoint} ({result.iterations} iterations)")
+    if result.evaluation is not None:
+        console.print(
+            f"mIoU on {cfg.data.val.root} ({cfg.data.val.split}): "
+            f"{100 * result.evaluation.miou:.2f}"
+        )
+
+
+@app.command(name="evaluate")
+def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt written by train.")],
+    data: Annotated[Path, typer.Option(help="Dataset root (Cityscapes or GTA5 layout).")],
+    split: Annotated[str, typer.Option(help="Split to evaluate (Cityscapes layout).")] = "val",
+    kind: Annotated[str, typer.Option(help="Dataset layout: cityscapes or gta5.")] = "cityscapes",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write results here.")
+    ] = None,
+) -> None:
+    """mIoU of a checkpoint on a labelled split: one confusion matrix, IoU per class."""
+    from adapt_deploy.engine.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(checkpoint, data, split, kind, reporter=_reporter())
+    _print_table(
+        f"IoU (%) of {checkpoint} on {data} ({split})",
+        ["class", "IoU"],
+        [[r[0], r[1]] for r in _iou_rows(result)],
+    )
+    if json_out is not None:
+        json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+
+
+def _iou_rows(result) -> list[list[str]]:
+    from adapt_deploy.engine.evaluate import format_iou_table
+
+    return format_iou_table({"model": result})
+
+
+@app.command()
+def doctor() -> None:
+    """What is installed and which backends work."""
+    from adapt_deploy.doctor import run_checks
+
+    checks = run_checks()
+    table = Table(title=f"adapt-deploy {__version__}")
+    for name in ("component", "found", "note"):
+        table.add_column(name)
+    for c in checks:
+        found = c.found if c.ok else f"[red]{c.found}[/red]"
+        table.add_row(c.name, found, c.advice)
+    console.print(table)
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point: user mistakes are printed as one clear line, never a traceback."""
+    try:
+        app()
+    except UserError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Typed experiment configuration: dataclasses, YAML loading and dotted `--set` overrides.
+
+Every key is checked against the schema before any work starts: an unknown key or a value of
+the wrong type raises ConfigError naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adapt_deploy.errors import ConfigError
+
+METHODS = ("source_only", "oracle")
+DATASET_KINDS = ("gta5", "cityscapes")
+COLOR_ORDERS = ("RGB", "BGR")
+
+
+@dataclass
+class DatasetConfig:
+    """One split of one dataset, resized as the field does it (bicubic images, nearest labels)."""
+
+    kind: str = "cityscapes"
+    root: str = ""
+    split: str = "train"
+    size: list[int] = field(default_factory=lambda: [512, 1024])  # (height, width) after resize
+
+
+@dataclass
+class DataConfig:
+    """Where the labelled source, the target and the target evaluation split live."""
+
+    source: DatasetConfig = field(
+        default_factory=lambda: DatasetConfig("gta5", "data/GTA5", "train", [720, 1280])
+    )
+    target: DatasetConfig = field(
+        default_factory=lambda: DatasetConfig("cityscapes", "data/Cityscapes", "train")
+    )
+    val: DatasetConfig = field(
+        default_factory=lambda: DatasetConfig("cityscapes", "data/Cityscapes", "val")
+    )
+    num_workers: int = 2
+    cache: bool = False  # keep decoded, resized samples in memory (small datasets only)
+
+
+@dataclass
+class InputConfig:
+    """How pixels are normalized before the network: (x[order] - mean) / std in 0-255 units."""
+
+    color_order: str = "BGR"
+    mean: list[float] = field(default_factory=lambda: [104.008, 116.669, 122.679])
+    std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+
+
+@dataclass
+class ModelConfig:
+    """DeepLab-v2 architecture."""
+
+    backbone: str = "resnet101"
+    num_classes: int = 19
+    width: int = 64
+    freeze_bn: bool = True
+    aspp_branches: int = 4
+
+
+@dataclass
+class OptimConfig:
+    """SGD with a poly schedule; the head trains at `head_lr_mult` times the lr."""
+
+    lr: float = 2.5e-4
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    schedule_iters: int = 250_000  # the poly decay runs over this many iterations
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    method: str = "source_only"
+    iterations: int = 120_000  # where training stops
+    batch_size: int = 1
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 5000
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one training run needs."""
+
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain nested dict (YAML/JSON-serializable)."""
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config, apply `key.sub=value` overrides and validate the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return from_dict(raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 1e-4, true, [1, 2])."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    """Build a validated ExperimentConfig from a nested dict."""
+    config = _build(ExperimentConfig, raw, source, prefix="")
+    validate(config, source)
+    return config
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = prefix + unknown[0]
+        raise ConfigError(f"{source}: unknown config key {key!r}; known keys here: {sorted(names)}")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, source, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, key + ".")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(h for h in options if h is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise _type_error(source, key, f"a list of {item_hint.__name__}", value)
+        return [_coerce(item_hint, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if (hint is int and isinstance(value, bool)) or not isinstance(value, hint):
+        raise _type_error(source, key, hint.__name__, value)
+    return value
+
+
+def _type_error(source: str, key: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(
+        f"{source}: config key {key!r} expects {expected}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def validate(config: ExperimentConfig, source: str) -> None:
+    """Check values the type system cannot: choices, ranges, list lengths."""
+    checks: list[tuple[bool, str, str]] = [
+        (config.train.method in METHODS, "train.method", f"one of {list(METHODS)}"),
+        (config.input.color_order in COLOR_ORDERS, "input.color_order", f"one of {COLOR_ORDERS}"),
+        (len(config.input.mean) == 3, "input.mean", "3 values"),
+        (
+            len(config.input.std) == 3 and min(config.input.std) > 0,
+            "input.std",
+            "3 positive values",
+        ),
+        (config.model.num_classes > 0, "model.num_classes", "a positive integer"),
+        (config.train.iterations > 0, "train.iterations", "a positive integer"),
+        (config.train.batch_size > 0, "train.batch_size", "a positive integer"),
+        (config.optim.schedule_iters > 0, "optim.schedule_iters", "a positive integer"),
+        (config.data.num_workers >= 0, "data.num_workers", "0 or more"),
+    ]
+    for name in ("source", "target", "val"):
+        ds: DatasetConfig = getattr(config.data, name)
+        checks.append((ds.kind in DATASET_KINDS, f"data.{name}.kind", f"one of {DATASET_KINDS}"))
+        checks.append(
+            (len(ds.size) == 2 and min(ds.size) > 0, f"data.{name}.size", "[height, width] > 0")
+        )
+    from adapt_deploy.models.resnet import RESNETS
+
+    checks.append((config.model.backbone in RESNETS, "model.backbone", f"one of {sorted(RESNETS)}"))
+    for ok, key, expected in checks:
+        if not ok:
+            value = _lookup(config, key)
+            raise ConfigError(f"{source}: config key {key!r} must be {expected}, got {value!r}")
+
+
+def _lookup(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def dump_config(config: ExperimentConfig, path: Path) -> None:
+    """Write the resolved config as YAML (saved beside every run for reproducibility)."""
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

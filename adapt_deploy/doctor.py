@@ -1,0 +1,99 @@
+"""What is installed and which backends work: the facts `adapt-deploy doctor` prints."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+
+
+@dataclass
+class Check:
+    """One line of the report: a component, what was found, and whether it is a problem."""
+
+    name: str
+    found: str
+    ok: bool = True
+    advice: str = ""
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a PyPI distribution, or None."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def onnxruntime_conflict() -> str | None:
+    """A plain warning when both onnxruntime flavours are installed (they share one module)."""
+    cpu, gpu = installed_version("onnxruntime"), installed_version("onnxruntime-gpu")
+    if cpu and gpu:
+        return (
+            f"both onnxruntime {cpu} and onnxruntime-gpu {gpu} are installed; they install the "
+            "same `onnxruntime` module and overwrite each other. Keep one: "
+            "`pip uninstall -y onnxruntime onnxruntime-gpu` then install the one you want."
+        )
+    return None
+
+
+def _module_version(module: str) -> str | None:
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # a broken install is reported as missing, with no traceback
+        return None
+    return str(getattr(mod, "__version__", "installed"))
+
+
+def run_checks() -> list[Check]:
+    """Inspect the environment; never raises."""
+    checks = [Check("python", platform.python_version())]
+    torch_version = _module_version("torch")
+    checks.append(
+        Check(
+            "torch",
+            torch_version or "missing",
+            torch_version is not None,
+            "pip install torch" if torch_version is None else "",
+        )
+    )
+    if torch_version:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        gpu = torch.cuda.get_device_name(0) if cuda else "none (CPU only)"
+        checks.append(Check("torch CUDA", gpu))
+    for module, dist in (("cv2", "opencv-python-headless"), ("onnx", "onnx")):
+        version = _module_version(module)
+        checks.append(
+            Check(
+                module,
+                version or "missing",
+                version is not None,
+                f"pip install {dist}" if version is None else "",
+            )
+        )
+    conflict = onnxruntime_conflict()
+    ort = _module_version("onnxruntime")
+    if conflict:
+        checks.append(Check("onnxruntime", "both flavours installed", False, conflict))
+    elif ort:
+        import onnxruntime
+
+        providers = ", ".join(onnxruntime.get_available_providers())
+        checks.append(Check("onnxruntime", f"{ort} ({providers})"))
+    else:
+        checks.append(Check("onnxruntime", "missing", True, "pip install 'adapt-deploy[cpu]'"))
+    trt = _module_version("tensorrt")
+    checks.append(
+        Check(
+            "tensorrt",
+            trt or "missing",
+            True,
+            "" if trt else "on a GPU machine: pip install 'adapt-deploy[trt]'",
+        )
+    )
+    cuda_python = installed_version("cuda-python")
+    checks.append(Check("cuda-python", cuda_python or "missing"))
+    return checks

@@ -1,0 +1,105 @@
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from adapt_deploy.cli import app
+
+COMMANDS = ["demo", "synth", "train", "evaluate", "doctor"]
+runner = CliRunner()
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """The real entry point in a subprocess, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "adapt_deploy.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_top_level_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_doctor_reports_the_installed_components():
+    result = runner.invoke(app, ["doctor"])
+    assert "torch" in result.output and "onnxruntime" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--config", "missing.yaml"], "config file not found: missing.yaml"),
+        (["evaluate", "missing.pt", "--data", "."], "checkpoint not found: missing.pt"),
+    ],
+)
+def test_user_mistakes_are_one_clear_line_without_traceback(tmp_path, args, message):
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_config_key_fails_before_any_work(tmp_path, tiny_config_file):
+    result = run_cli(
+        "train",
+        "--config",
+        str(tiny_config_file),
+        "--set",
+        "optim.lrr=1",
+        "--out",
+        str(tmp_path / "run"),
+    )
+    assert result.returncode == 2 and "unknown config key 'optim.lrr'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_mislaid_dataset_names_the_layout(tmp_path, tiny_config_file):
+    result = run_cli(
+        "train",
+        "--config",
+        str(tiny_config_file),
+        "--set",
+        f"data.source.root={tmp_path / 'nowhere'}",
+        "--out",
+        str(tmp_path / "r"),
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        str(tmp_path / "nowhere" / "images") in result.stderr and "expected layout" in result.stderr
+    )
+
+
+def test_train_then_evaluate_through_the_cli(tmp_path, tiny_config_file, cityscapes_root):
+    run = tmp_path / "run"
+    trained = run_cli(
+        "train", "--config", str(tiny_config_file), "--set", "train.iterations=3", "--out", str(run)
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert (run / "checkpoint.pt").is_file() and "mIoU" in trained.stdout
+    report = tmp_path / "eval.json"
+    evaluated = run_cli(
+        "evaluate",
+        str(run / "checkpoint.pt"),
+        "--data",
+        str(cityscapes_root),
+        "--json",
+        str(report),
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "mIoU" in evaluated.stdout and report.is_file()
+    again = run_cli("train", "--config", str(tiny_config_file), "--out", str(run))
+    assert again.returncode == 2 and "--resume" in again.stderr

@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from adapt_deploy.config import apply_override, from_dict, load_config
+from adapt_deploy.errors import ConfigError
+
+CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.train.method in ("source_only", "oracle")
+
+
+def test_shipped_configs_exist():
+    names = {f"{p.parent.name}/{p.name}" for p in CONFIGS}
+    assert {"synthetic/source_only.yaml", "synthetic/oracle.yaml"} <= names
+
+
+def test_overrides_are_parsed_as_yaml_and_typed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {iterations: 5}\n")
+    config = load_config(
+        path, ["optim.lr=1e-3", "model.freeze_bn=false", "data.source.size=[8, 16]"]
+    )
+    assert config.optim.lr == 1e-3 and config.model.freeze_bn is False
+    assert config.data.source.size == [8, 16] and config.train.iterations == 5
+
+
+def test_integer_is_accepted_for_a_float():
+    assert from_dict({"optim": {"lr": 1}}).optim.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"optim": {"lrr": 0.1}}, "unknown config key 'optim.lrr'"),
+        ({"colour": 1}, "unknown config key 'colour'"),
+        ({"train": {"iterations": "many"}}, "'train.iterations' expects int, got 'many'"),
+        ({"train": {"iterations": True}}, "'train.iterations' expects int"),
+        ({"model": {"freeze_bn": "yes"}}, "'model.freeze_bn' expects bool"),
+        ({"data": {"source": {"size": 512}}}, "'data.source.size' expects a list of int"),
+        ({"train": {"method": "magic"}}, "'train.method' must be one of"),
+        ({"model": {"backbone": "vgg16"}}, "'model.backbone' must be one of"),
+        ({"optim": 3}, "optim must be a mapping"),
+    ],
+)
+def test_bad_config_names_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        from_dict(raw, source="bad.yaml")
+
+
+def test_bad_config_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train: {iterations: 5\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_malformed_override_is_rejected():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_override({}, "optim.lr")

@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adapt_deploy.config import DatasetConfig
+from adapt_deploy.data.cityscapes import cityscapes
+from adapt_deploy.data.datasets import build_dataset
+from adapt_deploy.data.gta5 import gta5
+from adapt_deploy.errors import DatasetError
+
+
+def test_gta5_layout_reads_palette_labels_as_train_ids(gta5_root):
+    ds = gta5(gta5_root, size=None)
+    assert len(ds) == 6 and ds.has_labels
+    item = ds[0]
+    assert item["image"].shape == (3, 36, 64) and str(item["image"].dtype) == "torch.uint8"
+    values = set(item["label"].unique().tolist())
+    assert values <= {0, 1, 2, 8, 10, 13, 255}
+    assert item["label"][0, 0] == 255 and item["label"][-1, -1] == 0  # unlabelled corner, road
+
+
+def test_cityscapes_layout_pairs_images_and_label_ids(cityscapes_root):
+    ds = cityscapes(cityscapes_root, "val", size=None)
+    assert len(ds) == 3
+    assert ds.samples[0].name == "townval/townval_000000_000019"
+    assert ds.samples[0].label.name.endswith("_gtFine_labelIds.png")
+    assert ds[0]["label"][-1, -1] == 0  # labelId 7 (road) → trainId 0
+
+
+def test_resizing_uses_nearest_labels_and_keeps_full_resolution_labels_on_request(cityscapes_root):
+    ds = cityscapes(cityscapes_root, "train", size=(16, 32))
+    item = ds[0]
+    assert item["image"].shape == (3, 16, 32) and item["label"].shape == (16, 32)
+    assert set(item["label"].unique().tolist()) <= {0, 1, 2, 8, 10, 13, 255}
+    full = cityscapes(cityscapes_root, "train", size=(16, 32), resize_labels=False)[0]
+    assert full["image"].shape == (3, 16, 32) and full["label"].shape == (32, 64)
+
+
+def test_unlabelled_split_yields_ignore_labels(cityscapes_root):
+    ds = cityscapes(cityscapes_root, "train", size=None, labels=False)
+    assert not ds.has_labels and (ds[0]["label"] == 255).all()
+
+
+def test_cache_returns_the_same_sample(gta5_root):
+    ds = gta5(gta5_root, size=(18, 32), cache=True)
+    assert ds[1] is ds[1]
+
+
+@pytest.mark.parametrize(
+    ("kind", "mislaid", "expected"),
+    [
+        ("cityscapes", "leftImg8bit", "leftImg8bit/{split}/{city}"),
+        ("gta5", "images", "ROOT/images/{id}.png"),
+    ],
+)
+def test_missing_directory_names_the_path_and_the_expected_layout(
+    tmp_path, gta5_root, cityscapes_root, kind, mislaid, expected
+):
+    root = cityscapes_root if kind == "cityscapes" else gta5_root
+    (root / mislaid).rename(root / "elsewhere")
+    with pytest.raises(DatasetError) as err:
+        build_dataset(DatasetConfig(kind, str(root), "train", [16, 32]))
+    assert str(root / mislaid) in str(err.value) and expected in str(err.value)
+
+
+def test_missing_root_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match="directory not found"):
+        build_dataset(DatasetConfig("cityscapes", str(tmp_path / "nope"), "val", [16, 32]))
+
+
+def test_label_of_another_size_names_both_files(gta5_root: Path):
+    label = gta5_root / "labels" / "00002.png"
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(label)
+    with pytest.raises(DatasetError) as err:
+        build_dataset(DatasetConfig("gta5", str(gta5_root), "train", [16, 32]))
+    assert str(label) in str(err.value) and str(gta5_root / "images" / "00002.png") in str(
+        err.value
+    )
+
+
+def test_missing_label_file_is_named(cityscapes_root: Path):
+    victim = next((cityscapes_root / "gtFine" / "val").rglob("*_labelIds.png"))
+    victim.unlink()
+    with pytest.raises(DatasetError, match=victim.name):
+        cityscapes(cityscapes_root, "val")
+
+
+def test_colour_label_image_is_rejected(gta5_root: Path):
+    label = gta5_root / "labels" / "00001.png"
+    Image.fromarray(np.zeros((36, 64, 3), np.uint8)).save(label)
+    with pytest.raises(DatasetError, match="single-channel"):
+        gta5(gta5_root, size=None)[0]

@@ -1,0 +1,32 @@
+import math
+
+import numpy as np
+import torch
+
+from adapt_deploy.engine.evaluate import confusion_matrix, iou_per_class, mean_iou
+
+
+def test_confusion_matrix_counts_and_skips_ignored_pixels():
+    labels = torch.tensor([[0, 0, 1, 255], [2, 2, 1, 0]])
+    preds = torch.tensor([[0, 1, 1, 2], [2, 0, 1, 0]])
+    cm = confusion_matrix(labels, preds, 4)
+    expected = np.zeros((4, 4), np.int64)
+    for gt, pr in [(0, 0), (0, 1), (1, 1), (2, 2), (2, 0), (1, 1), (0, 0)]:
+        expected[gt, pr] += 1
+    np.testing.assert_array_equal(cm.numpy(), expected)
+
+
+def test_miou_by_hand_with_absent_classes_excluded():
+    # rows: ground truth, columns: prediction; class 3 neither present nor predicted.
+    cm = np.array([[3, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
+    # IoU: class 0 = 3 / (4 + 4 - 3) = 0.6; class 1 = 2 / (3 + 2 - 2) = 2/3; class 2 = 1 / 2.
+    ious = iou_per_class(cm)
+    np.testing.assert_allclose(ious[:3], [0.6, 2 / 3, 0.5])
+    assert math.isnan(ious[3])
+    assert math.isclose(mean_iou(cm), (0.6 + 2 / 3 + 0.5) / 3)
+
+
+def test_a_predicted_but_absent_class_counts_as_zero():
+    cm = np.array([[1, 1], [0, 0]])
+    np.testing.assert_allclose(iou_per_class(cm), [0.5, 0.0])
+    assert mean_iou(cm) == 0.25

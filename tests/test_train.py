@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+
+from adapt_deploy.config import load_config
+from adapt_deploy.engine.sampling import EpochBatchSampler
+from adapt_deploy.engine.train import poly_lr, train
+from adapt_deploy.errors import ConfigError, UserError
+from adapt_deploy.models.checkpoints import load_checkpoint, read_checkpoint
+
+
+def losses(run_dir):
+    return [
+        json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+def test_twenty_iterations_lower_the_loss_and_write_an_evaluated_checkpoint(
+    tmp_path, tiny_config_file
+):
+    config = load_config(tiny_config_file)
+    result = train(config, tmp_path / "run")
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 20
+    assert sum(curve[-5:]) / 5 < 0.7 * sum(curve[:5]) / 5
+    assert result.evaluation is not None and 0.0 <= result.evaluation.miou <= 1.0
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["miou"] >= 0
+    model, saved = load_checkpoint(result.checkpoint)
+    assert saved == config and not model.training
+    meta = read_checkpoint(result.checkpoint)["meta"]
+    assert meta["iteration"] == 20 and meta["normalization"]["color_order"] == "RGB"
+    assert len(meta["classes"]) == 19 and meta["architecture"]["backbone"] == "resnet18"
+
+
+def test_oracle_trains_on_the_target_split(tmp_path, tiny_config_file):
+    config = load_config(tiny_config_file, ["train.method=oracle", "train.iterations=2"])
+    result = train(config, tmp_path / "oracle", evaluate_at_end=False)
+    assert result.iterations == 2 and result.evaluation is None
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path, tiny_config_file):
+    straight = load_config(tiny_config_file, ["train.iterations=8", "optim.schedule_iters=8"])
+    train(straight, tmp_path / "straight", evaluate_at_end=False)
+    first = load_config(tiny_config_file, ["train.iterations=4", "optim.schedule_iters=8"])
+    train(first, tmp_path / "split", evaluate_at_end=False)
+    train(straight, tmp_path / "split", resume=True, evaluate_at_end=False)
+    a = read_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
+    b = read_checkpoint(tmp_path / "split" / "checkpoint.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert losses(tmp_path / "straight") == pytest.approx(losses(tmp_path / "split"), rel=1e-5)
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, tiny_config_file):
+    config = load_config(tiny_config_file, ["train.iterations=1"])
+    train(config, tmp_path / "run", evaluate_at_end=False)
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(UserError, match="--resume"):
+        train(config, tmp_path / "run", evaluate_at_end=False)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_refuses_a_changed_model(tmp_path, tiny_config_file):
+    train(
+        load_config(tiny_config_file, ["train.iterations=1"]), tmp_path / "r", evaluate_at_end=False
+    )
+    changed = load_config(tiny_config_file, ["train.iterations=2", "model.width=16"])
+    with pytest.raises(ConfigError, match=r"model\.width"):
+        train(changed, tmp_path / "r", resume=True)
+
+
+def test_resume_needs_a_saved_state(tmp_path, tiny_config_file):
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(load_config(tiny_config_file), tmp_path / "none", resume=True)
+
+
+def test_poly_schedule():
+    assert poly_lr(0.1, 0, 100, 0.9) == 0.1
+    assert poly_lr(0.1, 50, 100, 0.9) == pytest.approx(0.1 * 0.5**0.9)
+    assert poly_lr(0.1, 100, 100, 0.9) == 0.0
+
+
+def test_sampler_resumes_the_same_sequence_across_epochs():
+    full = EpochBatchSampler(10, 3, seed=4)
+    stream = iter(full)
+    batches = [next(stream) for _ in range(7)]
+    resumed = iter(EpochBatchSampler(10, 3, seed=4, start=4))
+    assert [next(resumed) for _ in range(3)] == batches[4:]
+    assert all(len(b) == 3 for b in batches)
+    first_epoch = [i for batch in batches[:3] for i in batch]
+    assert len(set(first_epoch)) == 9  # an epoch never repeats an item
+    assert batches[:3] != batches[3:6]  # and each epoch is reshuffled
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        read_checkpoint(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        read_checkpoint(junk)
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="'model' and 'meta'"):
+        read_checkpoint(tmp_path / "foreign.pt")
