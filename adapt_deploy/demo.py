@@ -15,6 +15,7 @@ from adapt_deploy.config import ExperimentConfig, load_config
 from adapt_deploy.data.synthetic_writer import SynthSpec, write_benchmark
 from adapt_deploy.engine.evaluate import EvalResult, format_iou_table
 from adapt_deploy.engine.train import train
+from adapt_deploy.errors import UserError
 from adapt_deploy.progress import Reporter, StageProgress
 
 DEMO_METHODS = ("source_only", "oracle")
@@ -26,15 +27,18 @@ def packaged_config(relative: str) -> Path:
     return Path(str(resources.files("adapt_deploy") / "configs" / relative))
 
 
-def demo_config(method: str, data_root: Path) -> ExperimentConfig:
+def demo_config(
+    method: str, data_root: Path, overrides: list[str] | None = None
+) -> ExperimentConfig:
     """The shipped synthetic config of `method`, pointed at the demo's data."""
     roots = {
         "source": data_root / "source",
         "target": data_root / "target",
         "val": data_root / "target",
     }
-    overrides = [f"data.{name}.root={path}" for name, path in roots.items()]
-    return load_config(packaged_config(f"synthetic/{method}.yaml"), overrides)
+    root_overrides = [f"data.{name}.root={path}" for name, path in roots.items()]
+    path = packaged_config(f"synthetic/{method}.yaml")
+    return load_config(path, root_overrides + list(overrides or []))
 
 
 @dataclass
@@ -58,19 +62,28 @@ class DemoResult:
         return "\n".join(lines) + "\n"
 
 
-def run_demo(out: Path, reporter: Reporter | None = None, fresh: bool = False) -> DemoResult:
+def run_demo(
+    out: Path,
+    reporter: Reporter | None = None,
+    fresh: bool = False,
+    spec: SynthSpec | None = None,
+    overrides: list[str] | None = None,
+) -> DemoResult:
     """The end-to-end demo; finished runs in `out` with this config are reused unless `fresh`."""
     reporter = reporter or Reporter()
     out = Path(out)
     data = out / "data"
-    spec = SynthSpec()
+    spec = spec or SynthSpec()
     reporter.log(f"[1/3] synthetic benchmark -> {data}")
-    with StageProgress(reporter) as progress:
-        write_benchmark(data, spec, progress=progress, force=fresh)
+    try:
+        with StageProgress(reporter) as progress:
+            write_benchmark(data, spec, progress=progress, force=fresh)
+    except FileExistsError as exc:
+        raise UserError(f"{exc} (run the demo with --fresh to regenerate it)") from None
     results: dict[str, EvalResult] = {}
     seconds: dict[str, float] = {}
     for step, method in enumerate(DEMO_METHODS, start=2):
-        config = demo_config(method, data)
+        config = demo_config(method, data, overrides)
         run_dir = out / "runs" / method
         reporter.log(
             f"[{step}/3] training {method} ({config.train.iterations} iterations) -> {run_dir}"

@@ -75,15 +75,18 @@ class StageProgress(AbstractContextManager):
     def __init__(self, reporter: Reporter) -> None:
         self.reporter = reporter
         self._stage: str | None = None
+        self._done = 0
         self._task: AbstractContextManager[Any] | None = None
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if stage != self._stage:
             self._close()
-            self._stage = stage
+            self._stage, self._done = stage, 0
             self._task = self.reporter.task(stage, total)
             self._task.__enter__()
-        self.reporter.advance(1)
+        if done > self._done:
+            self.reporter.advance(done - self._done)
+            self._done = done
 
     def _close(self) -> None:
         if self._task is not None:
