@@ -1,0 +1,1 @@
+"""Datasets, label tables and the synthetic domain-shift benchmark."""
