@@ -1,0 +1,386 @@
+"""Write the synthetic benchmark to disk in the GTA5 and Cityscapes layouts, plus videos.
+
+out/
+  source/images/00001.png, source/labels/00001.png       GTA5 layout ('P' PNG of labelIds)
+  target/leftImg8bit/{split}/{city}/{city}_{seq:06d}_000019_leftImg8bit.png
+  target/gtFine/{split}/{city}/{city}_{seq:06d}_000019_gtFine_labelIds.png
+  videos/{name}.mp4, videos/{name}.json, videos/{name}/labels/{frame:06d}.png (trainIds)
+  synth.json                                              written last: marks a complete set
+
+Every file is written to a temporary name and renamed, so a crash never leaves a half-written
+file under its final name; synth.json's presence means the whole benchmark is complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from adapt_deploy.data.labels import (
+    CITYSCAPES_LABEL_TO_TRAIN,
+    CLASS_NAMES,
+    PALETTE,
+    train_ids_to_label_ids,
+)
+from adapt_deploy.data.synthetic import (
+    DEFAULT_SCHEDULE,
+    render_image,
+    render_video,
+    scale_schedule,
+)
+
+MANIFEST = "synth.json"
+TRAIN_CITIES: tuple[str, ...] = ("synthaachen", "synthbremen")
+VAL_CITIES: tuple[str, ...] = ("synthfrankfurt",)
+VAL_INDEX_OFFSET = 1_000_000  # target val image j is render_image(seed, "target", OFFSET + j)
+CITYSCAPES_FRAME = 19  # the annotated frame of a Cityscapes snippet
+_PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+_KNOWN_ENTRIES = ("source", "target", "videos", MANIFEST)
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """Sizes and counts of a synthetic benchmark; with the tool version it defines the files."""
+
+    seed: int = 0
+    num_source: int = 600  # source (GTA5 layout)
+    num_target_train: int = 400  # target train split (Cityscapes layout)
+    num_target_val: int = 150  # target val split
+    source_size: tuple[int, int] = (288, 512)  # (H, W), 16:9 like GTA5
+    target_size: tuple[int, int] = (256, 512)  # (H, W), 2:1 like Cityscapes
+    num_videos: int = 1
+    video_frames: int = 300
+    video_fps: float = 15.0
+
+
+def spec_to_json(spec: SynthSpec) -> dict:
+    """The spec as a JSON-compatible dict (tuples become lists)."""
+    return json.loads(json.dumps(asdict(spec)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic file writing
+# ---------------------------------------------------------------------------------------------
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    """Write bytes to `path` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    """PNG encoding (fast compression) of a gray or RGB uint8 array."""
+    bgr = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array
+    ok, buf = cv2.imencode(".png", bgr, _PNG)
+    if not ok:
+        raise OSError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def _label_palette() -> list[int]:
+    """A 768-entry PIL palette: Cityscapes colours by labelId, black elsewhere."""
+    pal = [0] * 768
+    for label_id, train_id in CITYSCAPES_LABEL_TO_TRAIN.items():
+        pal[3 * label_id : 3 * label_id + 3] = PALETTE[train_id]
+    return pal
+
+
+def _palette_png_bytes(label_ids: np.ndarray) -> bytes:
+    """A 'P' mode PNG of labelIds, like the real GTA5 labels."""
+    img = Image.fromarray(np.ascontiguousarray(label_ids, np.uint8))
+    img.putpalette(_label_palette())  # an 'L' image with a palette becomes 'P', values kept
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    """Write a JSON file atomically."""
+    _atomic_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs: one image (and label) per job, so jobs can run in worker processes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Render one image of `domain` and write it and its label."""
+
+    seed: int
+    domain: str
+    index: int
+    size: tuple[int, int]
+    image_path: str
+    label_path: str
+    palette_label: bool
+
+
+def _run_job(job: _Job) -> np.ndarray:
+    """Render and write one image/label pair; returns the trainId pixel counts (256,)."""
+    cv2.setNumThreads(1)
+    image, train_ids = render_image(job.seed, job.domain, job.index, *job.size)
+    label_ids = train_ids_to_label_ids(train_ids)
+    _atomic_bytes(Path(job.image_path), _png_bytes(image))
+    data = _palette_png_bytes(label_ids) if job.palette_label else _png_bytes(label_ids)
+    _atomic_bytes(Path(job.label_path), data)
+    return np.bincount(train_ids.reshape(-1), minlength=256).astype(np.int64)
+
+
+def _source_jobs(out: Path, spec: SynthSpec) -> list[_Job]:
+    """GTA5-layout jobs: images/00001.png and labels/00001.png (1-based like GTA5)."""
+    root = out / "source"
+    return [
+        _Job(
+            spec.seed,
+            "source",
+            i,
+            spec.source_size,
+            str(root / "images" / f"{i + 1:05d}.png"),
+            str(root / "labels" / f"{i + 1:05d}.png"),
+            True,
+        )
+        for i in range(spec.num_source)
+    ]
+
+
+def cityscapes_name(city: str, seq: int) -> str:
+    """The Cityscapes stem `{city}_{seq:06d}_000019` of one target image."""
+    return f"{city}_{seq:06d}_{CITYSCAPES_FRAME:06d}"
+
+
+def _target_jobs(out: Path, spec: SynthSpec, split: str) -> list[_Job]:
+    """Cityscapes-layout jobs of one split, spread over that split's cities in blocks."""
+    count = spec.num_target_train if split == "train" else spec.num_target_val
+    cities = TRAIN_CITIES if split == "train" else VAL_CITIES
+    offset = 0 if split == "train" else VAL_INDEX_OFFSET
+    root = out / "target"
+    jobs = []
+    for j in range(count):
+        city = cities[j * len(cities) // max(count, 1)]
+        stem = cityscapes_name(city, j)
+        jobs.append(
+            _Job(
+                spec.seed,
+                "target",
+                offset + j,
+                spec.target_size,
+                str(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"),
+                str(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"),
+                False,
+            )
+        )
+    return jobs
+
+
+def _run_jobs(jobs: list[_Job], stage: str, workers: int, progress: Progress | None) -> np.ndarray:
+    """Run jobs (in a process pool when workers > 1); returns summed trainId pixel counts."""
+    total = np.zeros(256, np.int64)
+    if progress:
+        progress(stage, 0, len(jobs))
+    results: Iterator[np.ndarray]
+    if workers > 1 and len(jobs) > 8:
+        import multiprocessing
+
+        # fork (as torch's DataLoader does) also works from scripts without a __main__ guard
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        ctx = multiprocessing.get_context(method)
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            results = pool.map(_run_job, jobs, chunksize=8)
+            for done, counts in enumerate(results, 1):
+                total += counts
+                if progress:
+                    progress(stage, done, len(jobs))
+        return total
+    for done, job in enumerate(jobs, 1):
+        total += _run_job(job)
+        if progress:
+            progress(stage, done, len(jobs))
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Videos
+# ---------------------------------------------------------------------------------------------
+
+
+def video_schedule(spec: SynthSpec) -> list:
+    """The default schedule stretched to the spec's frame count."""
+    return scale_schedule(DEFAULT_SCHEDULE, spec.video_frames, 300)
+
+
+def _write_video(out: Path, spec: SynthSpec, k: int, progress: Progress | None) -> np.ndarray:
+    """Write videos/drive_{k:02d}.mp4, its trainId label PNGs and its JSON sidecar."""
+    name = f"drive_{k:02d}"
+    root = out / "videos"
+    root.mkdir(parents=True, exist_ok=True)
+    h, w = spec.target_size
+    schedule = video_schedule(spec)
+    tmp = root / f".{name}.tmp{os.getpid()}.mp4"
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), spec.video_fps, (w, h))
+    if not writer.isOpened():
+        raise OSError(f"cv2.VideoWriter cannot write {tmp} (mp4v)")
+    total = np.zeros(256, np.int64)
+    stage = f"video {name}"
+    try:
+        for frame, (image, label) in enumerate(
+            render_video(spec.seed, spec.video_frames, h, w, schedule, video=k, fps=spec.video_fps)
+        ):
+            writer.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            _atomic_bytes(root / name / "labels" / f"{frame:06d}.png", _png_bytes(label))
+            total += np.bincount(label.reshape(-1), minlength=256)
+            if progress:
+                progress(stage, frame + 1, spec.video_frames)
+    finally:
+        writer.release()
+    os.replace(tmp, root / f"{name}.mp4")
+    meta = {
+        "name": name,
+        "fps": spec.video_fps,
+        "height": h,
+        "width": w,
+        "frames": spec.video_frames,
+        "seed": spec.seed,
+        "video_index": k,
+        "schedule": [
+            {"start_frame": s, "style": st, "corruption": c, "severity": v}
+            for s, st, c, v in schedule
+        ],
+        "labels": f"{name}/labels/{{frame:06d}}.png (trainIds, 255 = ignore)",
+    }
+    _atomic_json(root / f"{name}.json", meta)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+def _frequencies(counts: np.ndarray) -> dict[str, float]:
+    """Per-class pixel fractions (over labelled pixels) from trainId counts."""
+    valid = counts[: len(CLASS_NAMES)]
+    denom = max(int(valid.sum()), 1)
+    return {name: round(float(c) / denom, 6) for name, c in zip(CLASS_NAMES, valid, strict=True)}
+
+
+def read_manifest(out: Path) -> dict | None:
+    """The manifest of a complete benchmark under `out`, or None."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _clear(out: Path) -> None:
+    """Delete what a benchmark writes under `out` (and nothing else)."""
+    for name in _KNOWN_ENTRIES:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _check_destination(out: Path, spec: SynthSpec, force: bool) -> dict | None:
+    """The existing manifest when `out` already holds this benchmark; raise if it holds another."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    manifest = read_manifest(out)
+    if force:
+        _clear(out)
+        return None
+    if manifest is not None and manifest.get("spec") == spec_to_json(spec):
+        return manifest
+    if manifest is not None:
+        raise FileExistsError(
+            f"{out} holds a synthetic benchmark with a different spec "
+            f"({manifest.get('spec')}); use force=True (--force) to delete and rewrite it"
+        )
+    if any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} is not empty and holds no complete synthetic benchmark ({MANIFEST} missing: "
+            "an interrupted write or other files); use force=True (--force) to rewrite it"
+        )
+    return None
+
+
+def write_benchmark(
+    out: Path,
+    spec: SynthSpec,
+    progress: Progress | None = None,
+    force: bool = False,
+    workers: int | None = None,
+) -> dict:
+    """Write the benchmark under `out` and return its manifest (fast no-op if already there).
+
+    Raises FileExistsError when `out` holds something else, unless `force` (which deletes the
+    benchmark's entries under `out` first). `workers` processes render images (default: CPUs).
+    """
+    from adapt_deploy import __version__
+
+    out = Path(out)
+    existing = _check_destination(out, spec, force)
+    if existing is not None:
+        return existing
+    out.mkdir(parents=True, exist_ok=True)
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8)
+    source = _run_jobs(_source_jobs(out, spec), "source", workers, progress)
+    train = _run_jobs(_target_jobs(out, spec, "train"), "target train", workers, progress)
+    val = _run_jobs(_target_jobs(out, spec, "val"), "target val", workers, progress)
+    videos = [_write_video(out, spec, k, progress) for k in range(spec.num_videos)]
+    manifest = {
+        "format": "adapt-deploy synthetic benchmark",
+        "version": __version__,
+        "spec": spec_to_json(spec),
+        "counts": {
+            "source": spec.num_source,
+            "target_train": spec.num_target_train,
+            "target_val": spec.num_target_val,
+            "videos": spec.num_videos,
+            "video_frames": spec.video_frames,
+        },
+        "layout": {
+            "source": "source/images/{n:05d}.png, source/labels/{n:05d}.png (GTA5, labelIds, P)",
+            "target": "target/leftImg8bit|gtFine/{split}/{city}/... (Cityscapes, labelIds)",
+            "videos": "videos/drive_{k:02d}.mp4 (+ .json, labels/{frame:06d}.png trainIds)",
+            "target_val_index_offset": VAL_INDEX_OFFSET,
+        },
+        "cities": {"train": list(TRAIN_CITIES), "val": list(VAL_CITIES)},
+        "classes": list(CLASS_NAMES),
+        "class_frequencies": {
+            "source": _frequencies(source),
+            "target_train": _frequencies(train),
+            "target_val": _frequencies(val),
+            "target": _frequencies(train + val),
+            "videos": _frequencies(sum(videos, np.zeros(256, np.int64))),
+        },
+        "ignored_fraction": {
+            "source": float(source[255] / max(source.sum(), 1)),
+            "target": float((train + val)[255] / max((train + val).sum(), 1)),
+        },
+    }
+    _atomic_json(out / MANIFEST, manifest)
+    return manifest
