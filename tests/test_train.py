@@ -8,6 +8,7 @@ from adapt_deploy.engine.sampling import EpochBatchSampler
 from adapt_deploy.engine.train import poly_lr, train
 from adapt_deploy.errors import ConfigError, UserError
 from adapt_deploy.models.checkpoints import load_checkpoint, read_checkpoint
+from adapt_deploy.progress import Reporter
 
 
 def losses(run_dir):
@@ -103,3 +104,24 @@ def test_checkpoint_errors_are_clear(tmp_path):
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     with pytest.raises(UserError, match="'model' and 'meta'"):
         read_checkpoint(tmp_path / "foreign.pt")
+
+
+class InterruptAt(Reporter):
+    """Raises KeyboardInterrupt (as Ctrl-C would) after `limit` training steps."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.steps = limit, 0
+
+    def advance(self, steps=1, status=None):
+        self.steps += steps
+        if self.steps == self.limit:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_saves_the_state_and_the_run_resumes(tmp_path, tiny_config_file):
+    config = load_config(tiny_config_file, ["train.iterations=6", "train.checkpoint_every=100"])
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "run", reporter=InterruptAt(3), evaluate_at_end=False)
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.pt")["meta"]["iteration"] == 3
+    result = train(config, tmp_path / "run", resume=True, evaluate_at_end=False)
+    assert result.iterations == 6 and len(losses(tmp_path / "run")) == 6

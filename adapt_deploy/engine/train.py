@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+import yaml
 from torch.utils.data import DataLoader
 
+from adapt_deploy.adapt.losses import segmentation_loss
 from adapt_deploy.config import ExperimentConfig, dump_config, from_dict
 from adapt_deploy.data.datasets import build_dataset
-from adapt_deploy.data.labels import CLASS_NAMES, IGNORE_INDEX
+from adapt_deploy.data.labels import CLASS_NAMES
 from adapt_deploy.data.normalize import normalize
 from adapt_deploy.data.segmentation import SegmentationDataset
 from adapt_deploy.engine.evaluate import EvalResult, evaluate
@@ -69,12 +70,6 @@ def build_optimizer(model: DeepLab, config: ExperimentConfig) -> torch.optim.SGD
     )
 
 
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on logits upsampled (bilinear, align_corners) to the labels; 255 ignored."""
-    up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=True)
-    return F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX)
-
-
 def labelled_dataset(config: ExperimentConfig) -> SegmentationDataset:
     """What the method learns pixels from: the source set, or the target set for the oracle."""
     entry = config.data.target if config.train.method == "oracle" else config.data.source
@@ -98,15 +93,13 @@ def train(
     """Train `config` into `out/`; with `resume`, continue from `out/trainer_state.pt`."""
     reporter = reporter or Reporter()
     out = Path(out)
+    dataset = labelled_dataset(config)  # dataset errors surface before anything is written
+    val = None
+    if evaluate_at_end:
+        val = build_dataset(config.data.val, labels=True, resize_labels=False)
     start = _prepare_out(config, out, resume)
     torch.manual_seed(config.train.seed)
     device = pick_device(config.train.device)
-    dataset = labelled_dataset(config)
-    val = (
-        build_dataset(config.data.val, labels=True, resize_labels=False)
-        if evaluate_at_end
-        else None
-    )
 
     model = build_model(config.model).to(device)
     optimizer = build_optimizer(model, config)
@@ -118,22 +111,22 @@ def train(
 
     total = config.train.iterations
     t0 = time.perf_counter()
-    iteration = start
+    done = start  # iterations whose update has been applied
     model.train()
     with (out / "metrics.jsonl").open("a") as log, reporter.task("training", total - start):
         try:
             for iteration in range(start, total):
                 metrics = train_step(model, optimizer, next(batches), config, iteration, device)
-                if (iteration + 1) % config.train.log_every == 0 or iteration + 1 == total:
-                    log.write(json.dumps({"iteration": iteration + 1, **metrics}) + "\n")
+                done = iteration + 1
+                if done % config.train.log_every == 0 or done == total:
+                    log.write(json.dumps({"iteration": done, **metrics}) + "\n")
                     log.flush()
                 reporter.advance(1, f"loss {metrics['loss']:.3f} lr {metrics['lr']:.2e}")
-                if (iteration + 1) % config.train.checkpoint_every == 0:
-                    _save(out, model, optimizer, config, iteration + 1)
-            iteration = total
+                if done % config.train.checkpoint_every == 0:
+                    _save(out, model, optimizer, config, done)
         except KeyboardInterrupt:
-            _save(out, model, optimizer, config, iteration)
-            reporter.log(f"interrupted at iteration {iteration}; state saved in {out}")
+            _save(out, model, optimizer, config, done)
+            reporter.log(f"interrupted after iteration {done}; resume with --resume ({out})")
             raise
     _save(out, model, optimizer, config, total)
     seconds = time.perf_counter() - t0
@@ -199,8 +192,6 @@ def _prepare_out(config: ExperimentConfig, out: Path, resume: bool) -> int:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
     return yaml.safe_load(path.read_text())
 
 
