@@ -1,0 +1,1 @@
+"""Adaptation methods: the shared losses and one loss recipe per method over the same model."""
