@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -145,6 +146,50 @@ def _iou_rows(result) -> list[list[str]]:
     from adapt_deploy.engine.evaluate import format_iou_table
 
     return format_iou_table({"model": result})
+
+
+data_app = typer.Typer(help="Weak labels of a dataset: class statistics and point labels.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("stats")
+def data_stats(
+    root: Annotated[Path, typer.Argument(help="Dataset root.")],
+    kind: Annotated[str, typer.Option(help="Layout: cityscapes, gta5 or synthia.")] = "cityscapes",
+    split: Annotated[str, typer.Option(help="Split (Cityscapes layout).")] = "train",
+) -> None:
+    """Per-image class pixel counts, the source of image-level labels (stored beside the data)."""
+    from adapt_deploy.data.labels import CLASS_NAMES
+    from adapt_deploy.data.weak import image_labels, presence_thresholds, write_class_stats
+    from adapt_deploy.progress import StageProgress
+
+    with StageProgress(_reporter()) as stage:
+        progress = partial(stage, "counting class pixels")
+        path, stats = write_class_stats(root, kind, split, progress=progress)
+    present = image_labels(stats.counts)
+    thresholds = presence_thresholds(stats.counts)
+    rows = [
+        [name, f"{int((stats.counts[:, c] > 0).sum())}", f"{int(present[:, c].sum())}",
+         f"{thresholds[c]:.0f}"]
+        for c, name in enumerate(CLASS_NAMES)
+    ]  # fmt: skip
+    header = ["class", "images with pixels", "images labelled present", "pixel threshold"]
+    _print_table(f"{len(stats.names)} images of {root} ({split})", header, rows)
+    console.print(f"wrote {path}")
+
+
+@data_app.command("points")
+def data_points(
+    root: Annotated[Path, typer.Argument(help="Dataset root.")],
+    kind: Annotated[str, typer.Option(help="Layout: cityscapes, gta5 or synthia.")] = "cityscapes",
+    split: Annotated[str, typer.Option(help="Split (Cityscapes layout).")] = "train",
+    seed: Annotated[int, typer.Option(help="Which random annotation; fixed per seed.")] = 0,
+) -> None:
+    """Draw one labelled pixel per present class and image (stored beside the data)."""
+    from adapt_deploy.data.weak import write_points
+
+    path, count = write_points(root, kind, split, seed)
+    console.print(f"wrote {count} points to {path}")
 
 
 @app.command()

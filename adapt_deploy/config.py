@@ -17,8 +17,19 @@ import yaml
 
 from adapt_deploy.errors import ConfigError
 
-METHODS = ("source_only", "oracle")
-DATASET_KINDS = ("gta5", "cityscapes")
+METHODS = (
+    "source_only",
+    "adaptsegnet",
+    "advent_minent",
+    "advent",
+    "wda_uda",
+    "wda_image",
+    "wda_point",
+    "oracle",
+)
+DATASET_KINDS = ("gta5", "cityscapes", "synthia")
+GAN_MODES = ("bce", "lsgan")
+IMAGE_LABEL_MODES = ("fraction", "any")
 COLOR_ORDERS = ("RGB", "BGR")
 
 
@@ -83,6 +94,26 @@ class OptimConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """Loss weights and settings of the adaptation methods (official defaults)."""
+
+    lambda_adv: float = 0.001  # output-space adversarial (AdaptSegNet, ADVENT, WDA)
+    lambda_ent: float = 0.001  # entropy minimization (ADVENT MinEnt)
+    lambda_weak: float = 0.01  # weak-label classification loss L_c (0.2 with oracle labels)
+    lambda_cw: float = 0.001  # category-wise adversarial loss L_adv^C
+    lambda_point: float = 1.0  # point supervision
+    cw_hidden: int = 2048  # hidden width of the category-wise discriminators' MLPs
+    ndf: int = 64  # channels of the output-space discriminator's first conv (doubling after)
+    pseudo_threshold: float = 0.2  # T of the pseudo-weak labels
+    lse_k: float = 1.0  # k of LSE pooling
+    dropout: float = 0.1  # applied to the logits before LSE pooling
+    gan: str = "bce"  # bce | lsgan
+    lr_d: float = 1e-4  # discriminators: Adam, betas (0.9, 0.99), same poly decay
+    image_labels: str = "fraction"  # fraction (official) | any (any labelled pixel)
+    point_seed: int = 0  # which stored point annotation to use
+
+
+@dataclass
 class TrainConfig:
     """The training loop."""
 
@@ -104,6 +135,7 @@ class ExperimentConfig:
     input: InputConfig = field(default_factory=InputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,6 +248,18 @@ def validate(config: ExperimentConfig, source: str) -> None:
         (config.train.batch_size > 0, "train.batch_size", "a positive integer"),
         (config.optim.schedule_iters > 0, "optim.schedule_iters", "a positive integer"),
         (config.data.num_workers >= 0, "data.num_workers", "0 or more"),
+    ]
+    a = config.adapt
+    for key in ("lambda_adv", "lambda_ent", "lambda_weak", "lambda_cw", "lambda_point", "lr_d"):
+        checks.append((getattr(a, key) >= 0, f"adapt.{key}", "0 or more (a loss weight)"))
+    checks += [
+        (0 < a.pseudo_threshold < 1, "adapt.pseudo_threshold", "between 0 and 1"),
+        (a.lse_k > 0, "adapt.lse_k", "positive"),
+        (a.cw_hidden > 0, "adapt.cw_hidden", "a positive integer"),
+        (a.ndf > 0, "adapt.ndf", "a positive integer"),
+        (0 <= a.dropout < 1, "adapt.dropout", "in [0, 1)"),
+        (a.gan in GAN_MODES, "adapt.gan", f"one of {list(GAN_MODES)}"),
+        (a.image_labels in IMAGE_LABEL_MODES, "adapt.image_labels", f"one of {IMAGE_LABEL_MODES}"),
     ]
     for name in ("source", "target", "val"):
         ds: DatasetConfig = getattr(config.data, name)

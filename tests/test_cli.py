@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from adapt_deploy.cli import app
 
-COMMANDS = ["demo", "synth", "train", "evaluate", "doctor"]
+COMMANDS = ["demo", "synth", "train", "evaluate", "data", "doctor"]
 runner = CliRunner()
 
 
@@ -33,6 +33,18 @@ def test_every_command_has_help(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+
+
+@pytest.mark.parametrize("command", ["stats", "points"])
+def test_data_subcommands_have_help(command):
+    result = runner.invoke(app, ["data", command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_data_stats_on_a_missing_root_is_one_clear_line(tmp_path):
+    result = run_cli("data", "stats", str(tmp_path / "nowhere"))
+    assert result.returncode == 2 and "expected layout" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_doctor_reports_the_installed_components():

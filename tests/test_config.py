@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from adapt_deploy.config import apply_override, from_dict, load_config
+from adapt_deploy.config import METHODS, apply_override, from_dict, load_config
 from adapt_deploy.errors import ConfigError
 
 CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml"))
@@ -11,12 +11,12 @@ CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_config_loads(path):
     config = load_config(path)
-    assert config.train.method in ("source_only", "oracle")
+    assert config.train.method == path.stem
 
 
-def test_shipped_configs_exist():
+def test_every_method_has_a_synthetic_config():
     names = {f"{p.parent.name}/{p.name}" for p in CONFIGS}
-    assert {"synthetic/source_only.yaml", "synthetic/oracle.yaml"} <= names
+    assert {f"synthetic/{m}.yaml" for m in METHODS} <= names
 
 
 def test_overrides_are_parsed_as_yaml_and_typed(tmp_path):
@@ -59,6 +59,18 @@ def test_bad_config_names_the_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"adapt": {"lambda_weak": -0.1}}, "adapt.lambda_weak"),
+        ({"adapt": {"gan": "w"}}, "adapt.gan"),
+    ],
+)
+def test_bad_adaptation_settings_name_the_key(raw, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        from_dict(raw, source="bad.yaml")
 
 
 def test_malformed_override_is_rejected():

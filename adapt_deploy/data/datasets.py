@@ -6,6 +6,7 @@ from adapt_deploy.config import DatasetConfig
 from adapt_deploy.data.cityscapes import cityscapes
 from adapt_deploy.data.gta5 import gta5
 from adapt_deploy.data.segmentation import SegmentationDataset
+from adapt_deploy.data.synthia import synthia
 
 
 def build_dataset(
@@ -15,6 +16,8 @@ def build_dataset(
     size = (cfg.size[0], cfg.size[1])
     if cfg.kind == "gta5":
         dataset = gta5(cfg.root, size, labels, resize_labels, cache)
+    elif cfg.kind == "synthia":
+        dataset = synthia(cfg.root, size, labels, resize_labels, cache)
     else:
         dataset = cityscapes(cfg.root, cfg.split, size, labels, resize_labels, cache)
     dataset.check_pairs()

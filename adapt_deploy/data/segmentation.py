@@ -16,6 +16,7 @@ from adapt_deploy.data.labels import IGNORE_INDEX
 from adapt_deploy.errors import DatasetError
 
 LabelMapper = Callable[[np.ndarray], np.ndarray]
+LabelReader = Callable[[Path], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,11 @@ class SegmentationDataset(Dataset):
         size: tuple[int, int] | None = None,
         resize_labels: bool = True,
         cache: bool = False,
+        read_label: LabelReader | None = None,
     ) -> None:
         self.samples = samples
         self.to_train_ids = to_train_ids
+        self.read_label = read_label or read_label_ids
         self.size = size
         self.resize_labels = resize_labels
         self._cache: dict[int, dict[str, object]] | None = {} if cache else None
@@ -106,10 +109,15 @@ class SegmentationDataset(Dataset):
             self._cache[index] = item
         return item
 
+    def train_ids(self, sample: Sample) -> np.ndarray:
+        """A sample's full-resolution label in trainIds."""
+        assert sample.label is not None
+        return self.to_train_ids(self.read_label(sample.label))
+
     def _load(self, sample: Sample) -> dict[str, object]:
         image = read_image(sample.image)
         if sample.label is not None:
-            label = self.to_train_ids(read_label_ids(sample.label))
+            label = self.train_ids(sample)
             if label.shape != image.shape[:2]:
                 raise DatasetError(
                     f"label {sample.label} is {label.shape[1]}x{label.shape[0]} but its image "

@@ -5,21 +5,22 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from adapt_deploy.adapt.losses import segmentation_loss
+from adapt_deploy.adapt import METHOD_CLASSES
+from adapt_deploy.adapt.base import Method
 from adapt_deploy.config import ExperimentConfig, dump_config, from_dict
 from adapt_deploy.data.datasets import build_dataset
 from adapt_deploy.data.labels import CLASS_NAMES
-from adapt_deploy.data.normalize import normalize
-from adapt_deploy.data.segmentation import SegmentationDataset
 from adapt_deploy.engine.evaluate import EvalResult, evaluate
+from adapt_deploy.engine.method_data import labelled_dataset, target_dataset
 from adapt_deploy.engine.sampling import EpochBatchSampler
 from adapt_deploy.errors import ConfigError, UserError
 from adapt_deploy.models.checkpoints import (
@@ -70,17 +71,45 @@ def build_optimizer(model: DeepLab, config: ExperimentConfig) -> torch.optim.SGD
     )
 
 
-def labelled_dataset(config: ExperimentConfig) -> SegmentationDataset:
-    """What the method learns pixels from: the source set, or the target set for the oracle."""
-    entry = config.data.target if config.train.method == "oracle" else config.data.source
-    return build_dataset(entry, labels=True, cache=config.data.cache)
-
-
 def pick_device(name: str) -> torch.device:
     """`auto` is CUDA when available, else CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@dataclass
+class Learner:
+    """The model, the method's recipe and every optimizer: what one iteration updates."""
+
+    model: DeepLab
+    method: Method
+    optimizer: torch.optim.SGD
+    d_optimizers: dict[str, torch.optim.Optimizer]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs besides the iteration."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "discriminators": {k: d.state_dict() for k, d in self.method.discriminators.items()},
+            "d_optimizers": {k: o.state_dict() for k, o in self.d_optimizers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for k, d in self.method.discriminators.items():
+            d.load_state_dict(state["discriminators"][k])
+        for k, o in self.d_optimizers.items():
+            o.load_state_dict(state["d_optimizers"][k])
+
+
+def build_learner(config: ExperimentConfig, device: torch.device) -> Learner:
+    """Model, method (with its discriminators) and optimizers for `config`."""
+    model = build_model(config.model).to(device)
+    method = METHOD_CLASSES[config.train.method](config, model, device)
+    return Learner(model, method, build_optimizer(model, config), method.optimizers())
 
 
 def train(
@@ -93,48 +122,51 @@ def train(
     """Train `config` into `out/`; with `resume`, continue from `out/trainer_state.pt`."""
     reporter = reporter or Reporter()
     out = Path(out)
-    dataset = labelled_dataset(config)  # dataset errors surface before anything is written
+    method_cls = METHOD_CLASSES[config.train.method]
+    # Dataset errors (missing data, missing weak labels) surface before anything is written.
+    labelled = labelled_dataset(config, method_cls, reporter)
+    target = target_dataset(config, method_cls)
     val = None
     if evaluate_at_end:
         val = build_dataset(config.data.val, labels=True, resize_labels=False)
     start = _prepare_out(config, out, resume)
     torch.manual_seed(config.train.seed)
     device = pick_device(config.train.device)
-
-    model = build_model(config.model).to(device)
-    optimizer = build_optimizer(model, config)
+    learner = build_learner(config, device)
     if start > 0:
-        _load_trainer_state(out, model, optimizer)
-    sampler = EpochBatchSampler(len(dataset), config.train.batch_size, config.train.seed, start)
+        learner.load_state_dict(_read_state(out))
     workers = 0 if config.data.cache else config.data.num_workers
-    batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers))
+    batch, seed = config.train.batch_size, config.train.seed
+    sources = _batches(labelled, batch, seed, start, workers)
+    targets = _batches(target, batch, seed + 1, start, workers) if target is not None else None
 
     total = config.train.iterations
     t0 = time.perf_counter()
     done = start  # iterations whose update has been applied
-    model.train()
+    learner.model.train()
     with (out / "metrics.jsonl").open("a") as log, reporter.task("training", total - start):
         try:
             for iteration in range(start, total):
-                metrics = train_step(model, optimizer, next(batches), config, iteration, device)
+                target_batch = next(targets) if targets is not None else None
+                metrics = train_step(learner, next(sources), target_batch, config, iteration)
                 done = iteration + 1
                 if done % config.train.log_every == 0 or done == total:
                     log.write(json.dumps({"iteration": done, **metrics}) + "\n")
                     log.flush()
                 reporter.advance(1, f"loss {metrics['loss']:.3f} lr {metrics['lr']:.2e}")
                 if done % config.train.checkpoint_every == 0:
-                    _save(out, model, optimizer, config, done)
+                    _save(out, learner, config, done)
         except KeyboardInterrupt:
-            _save(out, model, optimizer, config, done)
+            _save(out, learner, config, done)
             reporter.log(f"interrupted after iteration {done}; resume with --resume ({out})")
             raise
-    _save(out, model, optimizer, config, total)
+    _save(out, learner, config, total)
     seconds = time.perf_counter() - t0
     result = None
     if val is not None:
         with reporter.task("evaluating", len(val)):
             result = evaluate(
-                model,
+                learner.model,
                 val,
                 config.input,
                 list(CLASS_NAMES[: config.model.num_classes]),
@@ -144,29 +176,65 @@ def train(
     return TrainResult(out / CHECKPOINT, total, seconds, result)
 
 
+def _batches(dataset: Dataset, batch: int, seed: int, start: int, workers: int) -> Iterator:
+    """An endless iterator of batches whose i-th batch is the same in a resumed run."""
+    sampler = EpochBatchSampler(len(dataset), batch, seed, start)
+    return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers))
+
+
 def train_step(
-    model: DeepLab,
-    optimizer: torch.optim.Optimizer,
-    batch: dict[str, Any],
+    learner: Learner,
+    source: dict[str, Any],
+    target: dict[str, Any] | None,
     config: ExperimentConfig,
     iteration: int,
-    device: torch.device,
 ) -> dict[str, float]:
-    """One SGD step on a labelled batch; returns the loss and the lr used."""
-    o = config.optim
+    """One iteration with the official order and detach semantics; returns the losses and lr."""
+    o, method = config.optim, learner.method
     lr = poly_lr(o.lr, iteration, o.schedule_iters, o.poly_power)
-    for group in optimizer.param_groups:
+    for group in learner.optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
-    images = normalize(batch["image"].to(device), config.input)
-    loss = segmentation_loss(model(images)["logits"], batch["label"].to(device))
-    if not math.isfinite(loss.item()):
-        raise UserError(f"loss became {loss.item()} at iteration {iteration}; lower optim.lr")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    lr_d = poly_lr(config.adapt.lr_d, iteration, o.schedule_iters, o.poly_power)
+    for opt in learner.d_optimizers.values():
+        for group in opt.param_groups:
+            group["lr"] = lr_d
+    learner.optimizer.zero_grad(set_to_none=True)
+    for opt in learner.d_optimizers.values():
+        opt.zero_grad(set_to_none=True)
+
+    _require_grad(method.discriminators.values(), False)  # generator losses only train G
+    values = _backward(method.source_losses(source), iteration)
+    if target is not None:
+        values |= _backward(method.target_losses(target), iteration)
+    _require_grad(method.discriminators.values(), True)
+    values |= _backward(method.discriminator_losses(), iteration)
+
     if o.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-    optimizer.step()
-    return {"loss": loss.item(), "lr": lr}
+        torch.nn.utils.clip_grad_norm_(learner.model.parameters(), o.grad_clip)
+    learner.optimizer.step()
+    for opt in learner.d_optimizers.values():
+        opt.step()
+    generator = sum(v for k, v in values.items() if not k.startswith("d_"))
+    return {"loss": generator, **values, "lr": lr}
+
+
+def _backward(losses: dict[str, torch.Tensor], iteration: int) -> dict[str, float]:
+    """Backpropagate the sum of `losses`; their values for the log; stop on a non-finite one."""
+    if not losses:
+        return {}
+    values = {k: v.item() for k, v in losses.items()}
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise UserError(
+            f"loss {bad[0]} became {values[bad[0]]} at iteration {iteration}; lower optim.lr"
+        )
+    sum(losses.values()).backward()
+    return values
+
+
+def _require_grad(modules: Iterable[torch.nn.Module], flag: bool) -> None:
+    for module in modules:
+        module.requires_grad_(flag)
 
 
 def _prepare_out(config: ExperimentConfig, out: Path, resume: bool) -> int:
@@ -177,7 +245,7 @@ def _prepare_out(config: ExperimentConfig, out: Path, resume: bool) -> int:
             raise UserError(f"nothing to resume: {state} does not exist")
         saved = from_dict(_read_yaml(out / "config.yaml"), source=str(out / "config.yaml"))
         _check_resumable(saved, config, out)
-        start = int(torch.load(state, map_location="cpu", weights_only=True)["iteration"])
+        start = int(_read_state(out)["iteration"])
         if start >= config.train.iterations:
             raise UserError(
                 f"{out} already ran {start} iterations; raise train.iterations to continue"
@@ -216,22 +284,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _save(
-    out: Path,
-    model: DeepLab,
-    optimizer: torch.optim.Optimizer,
-    config: ExperimentConfig,
-    iteration: int,
-) -> None:
+def _save(out: Path, learner: Learner, config: ExperimentConfig, iteration: int) -> None:
     """Model checkpoint and trainer state, each atomically."""
-    save_checkpoint(out / CHECKPOINT, model, checkpoint_meta(config, iteration))
-    atomic_save(
-        {"iteration": iteration, "optimizer": optimizer.state_dict(), "model": model.state_dict()},
-        out / TRAINER_STATE,
-    )
+    save_checkpoint(out / CHECKPOINT, learner.model, checkpoint_meta(config, iteration))
+    atomic_save({"iteration": iteration, **learner.state_dict()}, out / TRAINER_STATE)
 
 
-def _load_trainer_state(out: Path, model: DeepLab, optimizer: torch.optim.Optimizer) -> None:
-    state = torch.load(out / TRAINER_STATE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+def _read_state(out: Path) -> dict[str, Any]:
+    return torch.load(out / TRAINER_STATE, map_location="cpu", weights_only=True)

@@ -1,0 +1,73 @@
+"""What every method is: a loss recipe over the shared DeepLab, source and target batches.
+
+The trainer runs one iteration as the official code does: generator losses on the source batch
+(backward), on the target batch (backward) with the discriminators frozen, then the
+discriminators' losses on detached outputs (backward), then one step of every optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from adapt_deploy.adapt.losses import segmentation_loss
+from adapt_deploy.config import ExperimentConfig
+from adapt_deploy.data.normalize import normalize
+from adapt_deploy.models.deeplab import DeepLab
+
+Batch = dict[str, Any]
+Losses = dict[str, torch.Tensor]
+
+
+class Method:
+    """Source-only training; adaptation methods override the target and discriminator parts."""
+
+    name: ClassVar[str] = "source_only"
+    # What the target batches must carry: "" (no target batches), "images", "image_labels"
+    # (oracle image-level labels) or "points" (image-level labels and point labels).
+    target_needs: ClassVar[str] = ""
+    # Whether the source batches must carry image-level labels (category discriminators).
+    source_needs_image_labels: ClassVar[bool] = False
+
+    def __init__(self, config: ExperimentConfig, model: DeepLab, device: torch.device) -> None:
+        self.config = config
+        self.model = model
+        self.device = device
+        self.discriminators: dict[str, nn.Module] = {}
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def input(self, batch: Batch) -> torch.Tensor:
+        """The batch's images, normalized as the checkpoint records it, on the device."""
+        return normalize(batch["image"].to(self.device), self.config.input)
+
+    def source_losses(self, batch: Batch) -> Losses:
+        """Weighted generator losses on a labelled batch (the source; the target for oracle)."""
+        out = self.model(self.input(batch))
+        labels = batch["label"].to(self.device)
+        self._remember_source(out, batch, labels)
+        return {"seg": segmentation_loss(out["logits"], labels)}
+
+    def _remember_source(self, out: dict[str, torch.Tensor], batch: Batch, labels) -> None:
+        """Keep what the discriminator step needs from the source pass (nothing here)."""
+
+    def target_losses(self, batch: Batch) -> Losses:
+        """Weighted generator losses on an unlabelled (or weakly labelled) target batch."""
+        return {}
+
+    def discriminator_losses(self) -> Losses:
+        """The discriminators' losses on detached outputs of this iteration."""
+        return {}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """One Adam per discriminator, as the official code (betas 0.9, 0.99)."""
+        return {
+            name: torch.optim.Adam(d.parameters(), lr=self.config.adapt.lr_d, betas=(0.9, 0.99))
+            for name, d in self.discriminators.items()
+        }
+
+    def add_discriminator(self, name: str, module: nn.Module) -> nn.Module:
+        """Register a discriminator (moved to the device, in train mode)."""
+        self.discriminators[name] = module.to(self.device).train()
+        return self.discriminators[name]

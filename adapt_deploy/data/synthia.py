@@ -1,0 +1,61 @@
+"""SYNTHIA-RAND-CITYSCAPES in its official layout: RGB/NNNNNNN.png and GT/LABELS/NNNNNNN.png."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from adapt_deploy.data.labels import SYNTHIA_LABEL_TO_TRAIN, lookup_table
+from adapt_deploy.data.segmentation import Sample, SegmentationDataset, require_dir
+from adapt_deploy.errors import DatasetError
+
+LAYOUT = """  ROOT/RGB/{id}.png
+  ROOT/GT/LABELS/{id}.png   (16-bit PNG, SYNTHIA class id in the first (R) channel)"""
+SYNTHIA_TO_TRAIN_LUT = lookup_table(SYNTHIA_LABEL_TO_TRAIN, size=65536)
+
+
+def read_synthia_label(path: Path) -> np.ndarray:
+    """SYNTHIA class ids (channel 0 of the 16-bit RGB label, i.e. R; OpenCV reads BGR)."""
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        raise DatasetError(f"cannot read label {path}")
+    return raw if raw.ndim == 2 else raw[:, :, 2]
+
+
+def synthia_to_train_ids(class_ids: np.ndarray) -> np.ndarray:
+    """Map SYNTHIA class ids to Cityscapes trainIds (255 where ignored)."""
+    return SYNTHIA_TO_TRAIN_LUT[class_ids.astype(np.intp, copy=False)]
+
+
+def synthia_samples(root: Path, labels: bool = True) -> list[Sample]:
+    """Every image, paired with GT/LABELS of the same file name when `labels` is set."""
+    image_dir = root / "RGB"
+    require_dir(image_dir, "SYNTHIA images", LAYOUT)
+    images = sorted(image_dir.glob("*.png"))
+    if not images:
+        raise DatasetError(f"no .png images under {image_dir}\nexpected layout:\n{LAYOUT}")
+    if labels:
+        require_dir(root / "GT" / "LABELS", "SYNTHIA labels", LAYOUT)
+    samples = []
+    for image in images:
+        label = root / "GT" / "LABELS" / image.name if labels else None
+        if label is not None and not label.is_file():
+            raise DatasetError(f"label not found for {image}: expected {label}")
+        samples.append(Sample(image.stem, image, label))
+    return samples
+
+
+def synthia(
+    root: str | Path,
+    size: tuple[int, int] | None = (760, 1280),
+    labels: bool = True,
+    resize_labels: bool = True,
+    cache: bool = False,
+) -> SegmentationDataset:
+    """SYNTHIA-RAND-CITYSCAPES (all images); labels mapped to Cityscapes trainIds."""
+    samples = synthia_samples(Path(root), labels)
+    return SegmentationDataset(
+        samples, synthia_to_train_ids, size, resize_labels, cache, read_label=read_synthia_label
+    )

@@ -1,0 +1,81 @@
+"""The datasets a method trains on, with the weak labels it needs attached."""
+
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+from adapt_deploy.adapt.base import Method
+from adapt_deploy.config import DatasetConfig, ExperimentConfig
+from adapt_deploy.data.datasets import build_dataset
+from adapt_deploy.data.segmentation import SegmentationDataset
+from adapt_deploy.data.weak import (
+    ClassStats,
+    WeaklyLabelled,
+    load_points,
+    pixel_counts,
+    points_path,
+    stats_path,
+)
+from adapt_deploy.errors import DatasetError
+from adapt_deploy.progress import Reporter
+
+
+def class_stats(
+    dataset: SegmentationDataset, entry: DatasetConfig, num_classes: int, reporter: Reporter
+) -> ClassStats:
+    """A split's class pixel counts: read from beside the data, or computed and stored there."""
+    path = stats_path(entry.root, entry.split)
+    if path.is_file():
+        stats = ClassStats.load(path)
+        if len(stats.names) == len(dataset):
+            return stats
+    with reporter.task(f"class statistics of {entry.root}", len(dataset)):
+        counts = pixel_counts(dataset, num_classes, progress=lambda d, n: reporter.advance())
+    stats = ClassStats([s.name for s in dataset.samples], counts)
+    try:
+        stats.save(path)
+    except OSError:
+        reporter.log(f"could not store class statistics in {path}; they are recomputed next time")
+    return stats
+
+
+def labelled_dataset(config: ExperimentConfig, method: type[Method], reporter: Reporter) -> Dataset:
+    """Pixel-labelled batches: the source set, or the target train split for the oracle; with
+    image-level labels from its statistics when the method's discriminators need them."""
+    entry = config.data.target if method.name == "oracle" else config.data.source
+    dataset = build_dataset(entry, labels=True, cache=config.data.cache)
+    if not method.source_needs_image_labels:
+        return dataset
+    stats = class_stats(dataset, entry, config.model.num_classes, reporter)
+    names = [s.name for s in dataset.samples]
+    return WeaklyLabelled(dataset, stats.labels_for(names, config.adapt.image_labels))
+
+
+def target_dataset(config: ExperimentConfig, method: type[Method]) -> Dataset | None:
+    """Target batches with exactly the labels the method may use (none for UDA methods)."""
+    if not method.target_needs:
+        return None
+    entry = config.data.target
+    dataset = build_dataset(entry, labels=False, cache=config.data.cache)
+    if method.target_needs == "images":
+        return dataset
+    names = [s.name for s in dataset.samples]
+    stats_file = stats_path(entry.root, entry.split)
+    if not stats_file.is_file():
+        raise DatasetError(
+            f"method {method.name} needs image-level labels of the target, but {stats_file} "
+            f"does not exist: run `adapt-deploy data stats {entry.root} --kind {entry.kind} "
+            f"--split {entry.split}` (it reads the target's pixel labels once)"
+        )
+    labels = ClassStats.load(stats_file).labels_for(names, config.adapt.image_labels)
+    if method.target_needs == "image_labels":
+        return WeaklyLabelled(dataset, labels)
+    points_file = points_path(entry.root, entry.split, config.adapt.point_seed)
+    if not points_file.is_file():
+        raise DatasetError(
+            f"method {method.name} needs point labels of the target, but {points_file} does "
+            f"not exist: run `adapt-deploy data points {entry.root} --kind {entry.kind} "
+            f"--split {entry.split} --seed {config.adapt.point_seed}`"
+        )
+    points, sizes = load_points(points_file)
+    return WeaklyLabelled(dataset, labels, points, sizes)

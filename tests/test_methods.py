@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from adapt_deploy.adapt import METHOD_CLASSES
+from adapt_deploy.config import METHODS, load_config
+from adapt_deploy.data.weak import write_class_stats, write_points
+from adapt_deploy.engine.train import train
+from adapt_deploy.errors import DatasetError
+from adapt_deploy.models.checkpoints import read_checkpoint
+
+
+@pytest.fixture
+def weak_labels(cityscapes_root):
+    """The target's class statistics and point labels, as the CLI writes them."""
+    write_class_stats(cityscapes_root, "cityscapes", "train")
+    write_points(cityscapes_root, "cityscapes", "train", seed=0)
+    return cityscapes_root
+
+
+def test_every_configured_method_has_a_recipe():
+    assert set(METHOD_CLASSES) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_and_resumes(tmp_path, tiny_config_file, weak_labels, method):
+    overrides = [f"train.method={method}", "train.iterations=2", "adapt.lambda_adv=0.1"]
+    config = load_config(tiny_config_file, overrides)
+    train(config, tmp_path / "run", evaluate_at_end=False)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 2
+    longer = load_config(tiny_config_file, [*overrides[:1], "train.iterations=3", overrides[2]])
+    result = train(longer, tmp_path / "run", resume=True, evaluate_at_end=False)
+    assert result.iterations == 3
+    state = torch.load(tmp_path / "run" / "trainer_state.pt", weights_only=True)
+    assert set(state["discriminators"]) == set(state["d_optimizers"])
+    assert read_checkpoint(result.checkpoint)["meta"]["method"] == method
+
+
+def test_methods_log_their_own_losses(tmp_path, tiny_config_file, weak_labels):
+    config = load_config(tiny_config_file, ["train.method=wda_point", "train.iterations=1"])
+    train(config, tmp_path / "run", evaluate_at_end=False)
+    logged = (tmp_path / "run" / "metrics.jsonl").read_text()
+    for key in ("seg", "adv", "weak", "cat_adv", "point", "d_out", "d_cat"):
+        assert f'"{key}"' in logged
+
+
+@pytest.mark.parametrize(
+    ("method", "missing"), [("wda_image", "data stats"), ("wda_point", "data")]
+)
+def test_missing_target_weak_labels_say_how_to_make_them(
+    tmp_path, tiny_config_file, method, missing
+):
+    config = load_config(tiny_config_file, [f"train.method={method}"])
+    with pytest.raises(DatasetError, match=f"adapt-deploy {missing}"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_points_are_required_beyond_the_statistics(tmp_path, tiny_config_file, cityscapes_root):
+    write_class_stats(cityscapes_root, "cityscapes", "train")
+    config = load_config(tiny_config_file, ["train.method=wda_point"])
+    with pytest.raises(DatasetError, match="adapt-deploy data points"):
+        train(config, tmp_path / "run")
