@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -92,3 +93,18 @@ def test_colour_label_image_is_rejected(gta5_root: Path):
     Image.fromarray(np.zeros((36, 64, 3), np.uint8)).save(label)
     with pytest.raises(DatasetError, match="single-channel"):
         gta5(gta5_root, size=None)[0]
+
+
+def test_synthia_layout_reads_the_class_id_from_the_first_channel(tmp_path):
+    root = tmp_path / "synthia"
+    (root / "RGB").mkdir(parents=True)
+    (root / "GT" / "LABELS").mkdir(parents=True)
+    cv2.imwrite(str(root / "RGB" / "0000000.png"), np.zeros((8, 16, 3), np.uint8))
+    rgb = np.zeros((8, 16, 3), np.uint16)
+    rgb[:4, :, 0] = 3  # SYNTHIA road (id 3) in the R channel -> trainId 0
+    rgb[4:, :, 0] = 10  # SYNTHIA person (id 10) -> trainId 11
+    rgb[:, :, 1] = 999  # instance ids live in another channel and must be ignored
+    cv2.imwrite(str(root / "GT" / "LABELS" / "0000000.png"), rgb[:, :, ::-1])  # OpenCV: BGR
+    ds = build_dataset(DatasetConfig("synthia", str(root), "train", [8, 16]))
+    label = ds[0]["label"]
+    assert (label[:4] == 0).all() and (label[4:] == 11).all()

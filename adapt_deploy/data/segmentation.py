@@ -142,3 +142,23 @@ def require_dir(path: Path, what: str, layout: str) -> None:
     """DatasetError naming the expected layout when `path` is not a directory."""
     if not path.is_dir():
         raise DatasetError(f"{what}: directory not found: {path}\nexpected layout:\n{layout}")
+
+
+def same_name_pairs(
+    image_dir: Path, label_dir: Path | None, what: str, layout: str
+) -> list[Sample]:
+    """Every .png image of a flat layout, paired with the label of the same file name in
+    `label_dir` (None: an unlabelled split)."""
+    require_dir(image_dir, f"{what} images", layout)
+    images = sorted(image_dir.glob("*.png"))
+    if not images:
+        raise DatasetError(f"no .png images under {image_dir}\nexpected layout:\n{layout}")
+    if label_dir is not None:
+        require_dir(label_dir, f"{what} labels", layout)
+    samples = []
+    for image in images:
+        label = label_dir / image.name if label_dir is not None else None
+        if label is not None and not label.is_file():
+            raise DatasetError(f"label not found for {image}: expected {label}")
+        samples.append(Sample(image.stem, image, label))
+    return samples

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 
 from adapt_deploy.data.labels import SYNTHIA_LABEL_TO_TRAIN, lookup_table
-from adapt_deploy.data.segmentation import Sample, SegmentationDataset, require_dir
+from adapt_deploy.data.segmentation import Sample, SegmentationDataset, same_name_pairs
 from adapt_deploy.errors import DatasetError
 
 LAYOUT = """  ROOT/RGB/{id}.png
@@ -30,21 +30,9 @@ def synthia_to_train_ids(class_ids: np.ndarray) -> np.ndarray:
 
 
 def synthia_samples(root: Path, labels: bool = True) -> list[Sample]:
-    """Every image, paired with GT/LABELS of the same file name when `labels` is set."""
-    image_dir = root / "RGB"
-    require_dir(image_dir, "SYNTHIA images", LAYOUT)
-    images = sorted(image_dir.glob("*.png"))
-    if not images:
-        raise DatasetError(f"no .png images under {image_dir}\nexpected layout:\n{LAYOUT}")
-    if labels:
-        require_dir(root / "GT" / "LABELS", "SYNTHIA labels", LAYOUT)
-    samples = []
-    for image in images:
-        label = root / "GT" / "LABELS" / image.name if labels else None
-        if label is not None and not label.is_file():
-            raise DatasetError(f"label not found for {image}: expected {label}")
-        samples.append(Sample(image.stem, image, label))
-    return samples
+    """Every image, paired with the label of the same file name when `labels` is set."""
+    label_dir = root / "GT" / "LABELS" if labels else None
+    return same_name_pairs(root / "RGB", label_dir, "SYNTHIA", LAYOUT)
 
 
 def synthia(
