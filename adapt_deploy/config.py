@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from adapt_deploy.data.labels import EVAL_PROTOCOLS
 from adapt_deploy.errors import ConfigError
 
 METHODS = (
@@ -124,6 +125,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 5000
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_protocol: str = "cityscapes19"  # cityscapes19 | synthia16 (reports mIoU-16 and -13)
 
 
 @dataclass
@@ -244,6 +246,11 @@ def validate(config: ExperimentConfig, source: str) -> None:
             "3 positive values",
         ),
         (config.model.num_classes > 0, "model.num_classes", "a positive integer"),
+        (
+            config.train.eval_protocol in EVAL_PROTOCOLS,
+            "train.eval_protocol",
+            f"one of {sorted(EVAL_PROTOCOLS)}",
+        ),
         (config.train.iterations > 0, "train.iterations", "a positive integer"),
         (config.train.batch_size > 0, "train.batch_size", "a positive integer"),
         (config.optim.schedule_iters > 0, "optim.schedule_iters", "a positive integer"),

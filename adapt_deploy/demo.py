@@ -113,7 +113,7 @@ def _completed_run(run_dir: Path, config: ExperimentConfig) -> tuple[EvalResult,
     if yaml.safe_load(config_file.read_text()) != config.to_dict():
         return None
     saved = json.loads(eval_file.read_text())
-    if "confusion" not in saved:
+    if "confusion" not in saved or "protocol" not in saved:
         return None
-    result = EvalResult(np.asarray(saved["confusion"]), list(saved["iou"]))
+    result = EvalResult(np.asarray(saved["confusion"]), list(saved["iou"]), saved["protocol"])
     return result, float(json.loads(seconds_file.read_text())["train_seconds"])

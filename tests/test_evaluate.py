@@ -30,3 +30,19 @@ def test_a_predicted_but_absent_class_counts_as_zero():
     cm = np.array([[1, 1], [0, 0]])
     np.testing.assert_allclose(iou_per_class(cm), [0.5, 0.0])
     assert mean_iou(cm) == 0.25
+
+
+def test_synthia_protocol_reports_16_and_13_class_means():
+    from adapt_deploy.engine.evaluate import EvalResult
+
+    confusion = np.diag(np.arange(1, 20)).astype(np.int64)  # every class perfect...
+    confusion[9, 9] = 0
+    confusion[9, 0] = 5  # ...but terrain (9), which SYNTHIA's protocols leave out
+    confusion[3, 3], confusion[3, 0] = 0, 5  # and wall (3), which only the 13-class one drops
+    result = EvalResult(confusion, [str(i) for i in range(19)], "synthia16")
+    assert set(result.mious) == {"mIoU-16", "mIoU-13"}
+    # Road: 1 / (1 + 10) = 1/11 (ten pixels wrongly called road); wall: 0; the rest perfect.
+    assert math.isclose(result.mious["mIoU-16"], (14 + 1 / 11) / 16)
+    assert math.isclose(result.mious["mIoU-13"], (12 + 1 / 11) / 13)
+    assert result.miou == result.mious["mIoU-16"]
+    assert result.to_dict()["protocol"] == "synthia16"

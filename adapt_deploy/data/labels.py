@@ -33,6 +33,16 @@ SYNTHIA_LABEL_TO_TRAIN: dict[int, int] = {
     10: 11, 17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18,
 }  # fmt: skip
 
+# SYNTHIA's evaluation protocols: 16 classes (no terrain, truck, train) and 13 (also no wall,
+# fence, pole), as trainIds.
+SYNTHIA_16_CLASSES = tuple(c for c in range(NUM_CLASSES) if c not in (9, 14, 16))
+SYNTHIA_13_CLASSES = tuple(c for c in SYNTHIA_16_CLASSES if c not in (3, 4, 5))
+# Evaluation protocol -> the named class subsets whose mIoU is reported (the first is headline).
+EVAL_PROTOCOLS: dict[str, dict[str, tuple[int, ...]]] = {
+    "cityscapes19": {"mIoU": tuple(range(NUM_CLASSES))},
+    "synthia16": {"mIoU-16": SYNTHIA_16_CLASSES, "mIoU-13": SYNTHIA_13_CLASSES},
+}
+
 
 def lookup_table(mapping: dict[int, int], size: int = 256) -> np.ndarray:
     """A uint8 table of `size` entries mapping ids through `mapping`, everything else to 255."""

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from adapt_deploy.config import InputConfig
-from adapt_deploy.data.labels import CLASS_NAMES, IGNORE_INDEX
+from adapt_deploy.data.labels import CLASS_NAMES, EVAL_PROTOCOLS, IGNORE_INDEX
 from adapt_deploy.data.normalize import normalize
 from adapt_deploy.data.segmentation import SegmentationDataset
 from adapt_deploy.models.deeplab import DeepLab
@@ -34,9 +34,12 @@ def iou_per_class(confusion: np.ndarray) -> np.ndarray:
         return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
 
 
-def mean_iou(confusion: np.ndarray) -> float:
-    """nanmean of per-class IoU (classes absent from both GT and prediction excluded)."""
+def mean_iou(confusion: np.ndarray, classes: tuple[int, ...] | None = None) -> float:
+    """nanmean of per-class IoU over `classes` (default all); classes absent from both GT and
+    prediction are excluded."""
     ious = iou_per_class(confusion)
+    if classes is not None:
+        ious = ious[list(classes)]
     return float(np.nanmean(ious)) if np.isfinite(ious).any() else float("nan")
 
 
@@ -46,14 +49,23 @@ class EvalResult:
 
     confusion: np.ndarray
     class_names: list[str]
+    protocol: str = "cityscapes19"
 
     @property
     def iou(self) -> np.ndarray:
         return iou_per_class(self.confusion)
 
     @property
+    def mious(self) -> dict[str, float]:
+        """The protocol's mIoUs by name (e.g. mIoU-16 and mIoU-13 for SYNTHIA)."""
+        return {
+            name: mean_iou(self.confusion, c) for name, c in EVAL_PROTOCOLS[self.protocol].items()
+        }
+
+    @property
     def miou(self) -> float:
-        return mean_iou(self.confusion)
+        """The headline mIoU of the protocol."""
+        return next(iter(self.mious.values()))
 
     @property
     def pixel_accuracy(self) -> float:
@@ -64,6 +76,8 @@ class EvalResult:
         """JSON-friendly summary (IoU in percent, None for excluded classes)."""
         return {
             "miou": round(100 * self.miou, 2),
+            "protocol": self.protocol,
+            "mious": {name: round(100 * v, 2) for name, v in self.mious.items()},
             "pixel_accuracy": round(100 * self.pixel_accuracy, 2),
             "iou": {
                 name: None if np.isnan(v) else round(100 * float(v), 2)
@@ -89,6 +103,7 @@ def evaluate(
     batch_size: int = 1,
     num_workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    protocol: str = "cityscapes19",
 ) -> EvalResult:
     """Run the model over a labelled split and accumulate one confusion matrix."""
     model.eval()
@@ -104,7 +119,7 @@ def evaluate(
         done += len(labels)
         if progress is not None:
             progress(done, len(dataset))
-    return EvalResult(confusion.cpu().numpy(), class_names)
+    return EvalResult(confusion.cpu().numpy(), class_names, protocol)
 
 
 def format_iou_table(results: dict[str, EvalResult]) -> list[list[str]]:
@@ -114,7 +129,8 @@ def format_iou_table(results: dict[str, EvalResult]) -> list[list[str]]:
     for i, name in enumerate(names):
         cells = [r.iou[i] for r in results.values()]
         rows.append([name] + ["-" if np.isnan(v) else f"{100 * v:.1f}" for v in cells])
-    rows.append(["mIoU"] + [f"{100 * r.miou:.1f}" for r in results.values()])
+    for name in next(iter(results.values())).mious:
+        rows.append([name] + [f"{100 * r.mious.get(name, np.nan):.1f}" for r in results.values()])
     return rows
 
 

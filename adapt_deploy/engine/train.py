@@ -171,6 +171,7 @@ def train(
                 config.input,
                 list(CLASS_NAMES[: config.model.num_classes]),
                 progress=lambda done, n: reporter.advance(1),
+                protocol=config.train.eval_protocol,
             )
         (out / "eval.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return TrainResult(out / CHECKPOINT, total, seconds, result)
