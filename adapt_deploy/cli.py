@@ -122,30 +122,21 @@ def train_cmd(
 @app.command(name="evaluate")
 def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt written by train.")],
-    data: Annotated[Path, typer.Option(help="Dataset root (Cityscapes or GTA5 layout).")],
+    data: Annotated[Path, typer.Option(help="Dataset root (Cityscapes, GTA5 or SYNTHIA layout).")],
     split: Annotated[str, typer.Option(help="Split to evaluate (Cityscapes layout).")] = "val",
-    kind: Annotated[str, typer.Option(help="Dataset layout: cityscapes or gta5.")] = "cityscapes",
+    kind: Annotated[str, typer.Option(help="Layout: cityscapes, gta5 or synthia.")] = "cityscapes",
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write results here.")
     ] = None,
 ) -> None:
     """mIoU of a checkpoint on a labelled split: one confusion matrix, IoU per class."""
-    from adapt_deploy.engine.evaluate import evaluate_checkpoint
+    from adapt_deploy.engine.evaluate import evaluate_checkpoint, format_iou_table
 
     result = evaluate_checkpoint(checkpoint, data, split, kind, reporter=_reporter())
-    _print_table(
-        f"IoU (%) of {checkpoint} on {data} ({split})",
-        ["class", "IoU"],
-        [[r[0], r[1]] for r in _iou_rows(result)],
-    )
+    rows = format_iou_table({"model": result})
+    _print_table(f"IoU (%) of {checkpoint} on {data} ({split})", ["class", "IoU"], rows)
     if json_out is not None:
         json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-
-
-def _iou_rows(result) -> list[list[str]]:
-    from adapt_deploy.engine.evaluate import format_iou_table
-
-    return format_iou_table({"model": result})
 
 
 data_app = typer.Typer(help="Weak labels of a dataset: class statistics and point labels.")

@@ -1,4 +1,4 @@
-"""`adapt-deploy demo`: synthesize the benchmark, train source-only and oracle, compare."""
+"""`adapt-deploy demo`: synthesize the benchmark, train source-only, WDA and oracle, compare."""
 
 from __future__ import annotations
 
@@ -18,8 +18,12 @@ from adapt_deploy.engine.train import train
 from adapt_deploy.errors import UserError
 from adapt_deploy.progress import Reporter, StageProgress
 
-DEMO_METHODS = ("source_only", "oracle")
-METHOD_TITLES = {"source_only": "source only", "oracle": "oracle (target labels)"}
+DEMO_METHODS = ("source_only", "wda_uda", "oracle")
+METHOD_TITLES = {
+    "source_only": "source only",
+    "wda_uda": "adapted (WDA, pseudo-weak)",
+    "oracle": "oracle (target labels)",
+}
 
 
 def packaged_config(relative: str) -> Path:
@@ -74,7 +78,8 @@ def run_demo(
     out = Path(out)
     data = out / "data"
     spec = spec or SynthSpec()
-    reporter.log(f"[1/3] synthetic benchmark -> {data}")
+    steps = len(DEMO_METHODS) + 1
+    reporter.log(f"[1/{steps}] synthetic benchmark -> {data}")
     try:
         with StageProgress(reporter) as progress:
             write_benchmark(data, spec, progress=progress, force=fresh)
@@ -86,7 +91,7 @@ def run_demo(
         config = demo_config(method, data, overrides)
         run_dir = out / "runs" / method
         reporter.log(
-            f"[{step}/3] training {method} ({config.train.iterations} iterations) -> {run_dir}"
+            f"[{step}/{steps}] training {method} ({config.train.iterations} it.) -> {run_dir}"
         )
         cached = None if fresh else _completed_run(run_dir, config)
         if cached is not None:

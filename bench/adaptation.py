@@ -2,6 +2,7 @@
 Writes bench/results/adaptation.md (mIoU mean ± std and gap closed per method).
 
     python -m bench.adaptation [--work DIR] [--seeds 0 1 2] [--methods ...] [--set key=value]
+                               [--name adaptation]
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ def table(results: dict[str, dict[int, dict]]) -> str:
     lines = [header, "|---|---|---|---|---|---|---|"]
     so, orc = mean.get("source_only"), mean.get("oracle")
     p_so, p_or = PAPER["source_only"], PAPER["oracle"]
-    for method, runs in results.items():
+    for method in sorted(results, key=METHODS.index):
+        runs = results[method]
         values = [r["miou"] for r in runs.values()]
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        spread = f"{statistics.stdev(values):.1f}" if len(values) > 1 else "n/a (1 seed)"
         gap = "-"
         if so is not None and orc is not None and orc != so:
             gap = f"{(mean[method] - so) / (orc - so):.0%}"
@@ -74,7 +76,7 @@ def table(results: dict[str, dict[int, dict]]) -> str:
         paper = PAPER.get(method)
         paper_gap = f"{(paper - p_so) / (p_or - p_so):.0%}" if paper is not None else "-"
         lines.append(
-            f"| {method} | {mean[method]:.1f} ± {std:.1f} | {len(values)} | {gap} | {secs:.0f} "
+            f"| {method} | {mean[method]:.1f} ± {spread} | {len(values)} | {gap} | {secs:.0f} "
             f"| {paper if paper is not None else '-'} | {paper_gap} |"
         )
     return "\n".join(lines) + "\n"
@@ -86,13 +88,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--name", default="adaptation", help="results file: bench/results/NAME.md")
     args = parser.parse_args()
     results = run(args.work, args.seeds, args.methods, args.overrides)
     body = (
         "Synthetic benchmark, demo settings (`configs/synthetic/*.yaml`), target val split.\n"
         f"Overrides: {args.overrides or 'none'}.\n\n" + table(results)
     )
-    path = write_results("adaptation", "Adaptation methods on the synthetic benchmark", body)
+    path = write_results(args.name, "Adaptation methods on the synthetic benchmark", body)
     print(path.read_text())
 
 
