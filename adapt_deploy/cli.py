@@ -178,8 +178,12 @@ def data_points(
 ) -> None:
     """Draw one labelled pixel per present class and image (stored beside the data)."""
     from adapt_deploy.data.weak import write_points
+    from adapt_deploy.progress import StageProgress
 
-    path, count = write_points(root, kind, split, seed)
+    with StageProgress(_reporter()) as stage:
+        path, count = write_points(
+            root, kind, split, seed, progress=partial(stage, "drawing points")
+        )
     console.print(f"wrote {count} points to {path}")
 
 

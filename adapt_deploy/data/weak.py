@@ -121,7 +121,10 @@ class ClassStats:
 
 
 def draw_points(
-    dataset: SegmentationDataset, seed: int, num_classes: int
+    dataset: SegmentationDataset,
+    seed: int,
+    num_classes: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, list[list[int]]]:
     """One uniformly random pixel per class present in each label: {name: [[class, y, x]]},
     coordinates at the label's own resolution."""
@@ -138,6 +141,8 @@ def draw_points(
                 k = int(rng.integers(ys.size))
                 chosen.append([c, int(ys[k]), int(xs[k])])
         points[sample.name] = chosen
+        if progress is not None:
+            progress(len(points), len(dataset))
     return points
 
 
@@ -246,10 +251,11 @@ def write_points(
     split: str,
     seed: int,
     num_classes: int = 19,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Path, int]:
     """`adapt-deploy data points`: draw and store one point per present class and image."""
     dataset = _labelled_split(root, kind, split)
-    points = draw_points(dataset, seed, num_classes)
+    points = draw_points(dataset, seed, num_classes, progress)
     sizes = {s.name: list(image_size(s.label)) for s in dataset.samples if s.label is not None}
     path = points_path(root, split, seed)
     save_points(points, sizes, path)
