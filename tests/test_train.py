@@ -71,6 +71,14 @@ def test_resume_refuses_a_changed_model(tmp_path, tiny_config_file):
         train(changed, tmp_path / "r", resume=True)
 
 
+def test_a_finished_run_can_be_trained_longer(tmp_path, tiny_config_file):
+    short = ["train.iterations=2", "optim.schedule_iters=2"]
+    train(load_config(tiny_config_file, short), tmp_path / "r", evaluate_at_end=False)
+    longer = load_config(tiny_config_file, ["train.iterations=4", "optim.schedule_iters=4"])
+    assert train(longer, tmp_path / "r", resume=True, evaluate_at_end=False).iterations == 4
+    assert len(losses(tmp_path / "r")) == 4
+
+
 def test_resume_needs_a_saved_state(tmp_path, tiny_config_file):
     with pytest.raises(UserError, match="nothing to resume"):
         train(load_config(tiny_config_file), tmp_path / "none", resume=True)

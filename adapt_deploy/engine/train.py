@@ -37,6 +37,7 @@ TRAINER_STATE = "trainer_state.pt"
 # Keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = (
     "train.iterations",
+    "optim.schedule_iters",
     "train.log_every",
     "train.checkpoint_every",
     "train.device",
