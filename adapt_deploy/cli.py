@@ -211,6 +211,9 @@ def main() -> None:
     except UserError as exc:
         Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False)
         sys.exit(2)
+    except OSError as exc:  # unwritable output, full disk: the file and the reason, no traceback
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(1)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
         sys.exit(130)

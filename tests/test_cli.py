@@ -65,6 +65,14 @@ def test_user_mistakes_are_one_clear_line_without_traceback(tmp_path, args, mess
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_unwritable_output_is_one_clear_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run_cli("synth", "--out", str(blocker / "bench"), "--num-videos", "0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert str(blocker) in result.stderr
+
+
 def test_bad_config_key_fails_before_any_work(tmp_path, tiny_config_file):
     result = run_cli(
         "train",
