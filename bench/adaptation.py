@@ -51,7 +51,8 @@ def run(work: Path, seeds: list[int], methods: list[str], overrides: list[str]) 
             )
             reporter.log(f"{method} seed {seed} -> {run_dir}")
             start = time.perf_counter()
-            result = train(config, run_dir, reporter=reporter, resume=False)
+            interrupted = (run_dir / "trainer_state.pt").is_file()  # continue a killed run
+            result = train(config, run_dir, reporter=reporter, resume=interrupted)
             record = {"miou": 100 * result.evaluation.miou, "seconds": time.perf_counter() - start}
             done.write_text(json.dumps(record))
             results.setdefault(method, {})[seed] = record

@@ -27,7 +27,7 @@ def class_stats(
     path = stats_path(entry.root, entry.split)
     if path.is_file():
         stats = ClassStats.load(path)
-        if len(stats.names) == len(dataset):
+        if set(stats.names) >= {s.name for s in dataset.samples}:  # else stale: recompute
             return stats
     with reporter.task(f"class statistics of {entry.root}", len(dataset)):
         counts = pixel_counts(dataset, num_classes, progress=lambda d, n: reporter.advance())
