@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from adapt_deploy import __version__
@@ -121,20 +122,33 @@ def train_cmd(
 
 @app.command(name="evaluate")
 def evaluate_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt written by train.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint.pt written by train, or a bundle directory.")
+    ],
     data: Annotated[Path, typer.Option(help="Dataset root (Cityscapes, GTA5 or SYNTHIA layout).")],
     split: Annotated[str, typer.Option(help="Split to evaluate (Cityscapes layout).")] = "val",
     kind: Annotated[str, typer.Option(help="Layout: cityscapes, gta5 or synthia.")] = "cityscapes",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="auto (torch for a checkpoint, onnxruntime for a bundle), torch, "
+            "onnxruntime, onnxruntime-cuda, tensorrt."
+        ),
+    ] = "auto",
+    precision: Annotated[str, typer.Option(help="Bundle model: fp32 or fp16.")] = "fp32",
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write results here.")
     ] = None,
 ) -> None:
-    """mIoU of a checkpoint on a labelled split: one confusion matrix, IoU per class."""
-    from adapt_deploy.engine.evaluate import evaluate_checkpoint, format_iou_table
+    """mIoU of a checkpoint or an exported bundle on a labelled split, IoU per class."""
+    from adapt_deploy.engine.evaluate import format_iou_table
+    from adapt_deploy.export.evaluate_bundle import evaluate_path
 
-    result = evaluate_checkpoint(checkpoint, data, split, kind, reporter=_reporter())
+    result, what = evaluate_path(
+        checkpoint, data, split, kind, backend, precision, reporter=_reporter()
+    )
     rows = format_iou_table({"model": result})
-    _print_table(f"IoU (%) of {checkpoint} on {data} ({split})", ["class", "IoU"], rows)
+    _print_table(f"IoU (%) of {what} on {data} ({split})", ["class", "IoU"], rows)
     if json_out is not None:
         json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
 
@@ -187,6 +201,148 @@ def data_points(
     console.print(f"wrote {count} points to {path}")
 
 
+@app.command(name="export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt written by train.")],
+    out: Annotated[Path, typer.Option(help="Bundle directory to write.")],
+    fp16: Annotated[
+        bool, typer.Option(help="Also write model_fp16.onnx (mixed precision).")
+    ] = False,
+    logits: Annotated[bool, typer.Option(help="Also output the 1/8-resolution logits.")] = False,
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="NHWC: RGB uint8 frames, normalized in the graph; NCHW: float32 "
+            "input normalized outside (NVIDIA's ROS pipelines)."
+        ),
+    ] = "NHWC",
+    min_shape: Annotated[str | None, typer.Option(help="Smallest N,H,W (engine profile).")] = None,
+    opt_shape: Annotated[str | None, typer.Option(help="Optimal N,H,W (engine profile).")] = None,
+    max_shape: Annotated[str | None, typer.Option(help="Largest N,H,W (engine profile).")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 20,
+    force: Annotated[bool, typer.Option(help="Replace an existing bundle at OUT.")] = False,
+    engine: Annotated[
+        bool, typer.Option(help="Then build this machine's TensorRT engine (needs TensorRT).")
+    ] = False,
+    refit: Annotated[
+        bool, typer.Option(help="Build a refittable engine (implies --engine).")
+    ] = False,
+) -> None:
+    """Export a checkpoint to a deployment bundle: ONNX, parity-checked, with samples."""
+    from adapt_deploy.export.pipeline import build_engines_after_export, export_bundle, parse_shape
+
+    options = {"min": min_shape, "opt": opt_shape, "max": max_shape}
+    shapes = {k: parse_shape(v, f"--{k}-shape") for k, v in options.items() if v is not None}
+    reporter = _reporter()
+    result = export_bundle(
+        checkpoint, out, fp16, logits, layout, shapes, opset, force, reporter=reporter
+    )
+    summary = result.meta["parity"]["summary"]
+    for precision, row in summary.items():
+        console.print(
+            f"parity {precision}: label agreement >= {100 * row['min_label_agreement']:.3f}%, "
+            f"presence max |diff| {row['max_presence_diff']:.1e}"
+        )
+    console.print(f"bundle: {result.bundle}")
+    if engine or refit:
+        for path in build_engines_after_export(result.bundle, fp16, refit, reporter):
+            console.print(f"engine: {path}")
+
+
+@app.command()
+def verify(
+    bundle: Annotated[Path, typer.Argument(help="A bundle directory written by export.")],
+    backend: Annotated[
+        str, typer.Option(help="onnxruntime, onnxruntime-cuda or tensorrt.")
+    ] = "onnxruntime",
+    precision: Annotated[
+        list[str] | None, typer.Option(help="fp32 and/or fp16 (default: every model).")
+    ] = None,
+) -> None:
+    """Re-check a bundle on this machine: file hashes, then its samples against references."""
+    from adapt_deploy.export.verify import verify_bundle
+
+    reports = verify_bundle(bundle, backend, precision)
+    for report in reports:
+        header = ["sample", "shape", "label agreement", "presence max |diff|", "result"]
+        rows = [
+            [s.file, "x".join(map(str, s.shape)),
+             f"{100 * s.metrics.get('label_agreement', float('nan')):.3f}%",
+             f"{s.metrics.get('presence_max_abs_diff', float('nan')):.1e}",
+             "ok" if not s.problems else "; ".join(s.problems)]
+            for s in report.samples
+        ]  # fmt: skip
+        _print_table(f"{bundle}: {report.backend} {report.precision}", header, rows)
+    if not all(r.passed for r in reports):
+        raise typer.Exit(1)
+    console.print(f"{bundle}: verified on {backend}")
+
+
+@app.command(name="build-engine")
+def build_engine_cmd(
+    bundle: Annotated[Path, typer.Argument(help="A bundle written by adapt-deploy export.")],
+    fp16: Annotated[
+        bool, typer.Option("--fp16/--no-fp16", help="Build the fp16 engine (else fp32).")
+    ] = False,
+    refit: Annotated[
+        bool, typer.Option(help="Refittable engine: on-device adaptation updates its weights.")
+    ] = False,
+    timing_cache: Annotated[
+        Path | None,
+        typer.Option(help="Timing cache file (default: one per TensorRT and GPU in engines/)."),
+    ] = None,
+    workspace_gb: Annotated[
+        float | None, typer.Option(help="Builder workspace limit in GiB (default: TensorRT's).")
+    ] = None,
+) -> None:
+    """Build this GPU's TensorRT engine from the bundle's ONNX (on the target; no torch needed)."""
+    from adapt_deploy.export.tensorrt import build_engines
+
+    paths = build_engines(
+        bundle,
+        fp16=fp16,
+        refit=refit,
+        reporter=_reporter(),
+        timing_cache=timing_cache,
+        workspace_gb=workspace_gb,
+    )
+    for path in paths:
+        console.print(f"engine: {path}")
+
+
+kernels_app = typer.Typer(help="The fused CUDA kernels of the pooling ops: build and check.")
+app.add_typer(kernels_app, name="kernels")
+
+
+@kernels_app.command("build")
+def kernels_build(
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="GPU architectures, e.g. '8.0;9.0+PTX' (default: $TORCH_CUDA_ARCH_LIST, "
+            "else the visible GPUs, else 8.0 to 9.0+PTX)."
+        ),
+    ] = None,
+    verbose: Annotated[bool, typer.Option(help="Show the compiler's output.")] = False,
+) -> None:
+    """Compile the kernels ahead of time into the cache ($ADAPT_DEPLOY_KERNELS_CACHE).
+
+    Needs a CUDA build of torch, nvcc and ninja; no GPU.
+    """
+    from adapt_deploy.ops import cuda_build
+
+    result = cuda_build.build(cuda_build.requested_archs(arch), verbose=verbose)
+    console.print(f"built the CUDA kernels for {', '.join(result.archs)}: {result.library}")
+
+
+@kernels_app.command("check")
+def kernels_check() -> None:
+    """Compile every kernel source with nvcc against torch's headers, as CI does (no GPU)."""
+    from adapt_deploy.ops.compile_check import main as compile_check
+
+    raise typer.Exit(compile_check([]))
+
+
 @app.command()
 def doctor() -> None:
     """What is installed and which backends work."""
@@ -204,15 +360,21 @@ def doctor() -> None:
         raise typer.Exit(1)
 
 
+def _print_error(exc: BaseException) -> None:
+    """One line on stderr; the message is escaped (a path or hint may contain [brackets])."""
+    console = Console(stderr=True, soft_wrap=True)
+    console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
+
+
 def main() -> None:
     """Entry point: user mistakes are printed as one clear line, never a traceback."""
     try:
         app()
     except UserError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        _print_error(exc)
         sys.exit(2)
     except OSError as exc:  # unwritable output, full disk: the file and the reason, no traceback
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        _print_error(exc)
         sys.exit(1)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

@@ -79,6 +79,7 @@ class ModelConfig:
     width: int = 64
     freeze_bn: bool = True
     aspp_branches: int = 4
+    init: str | None = None  # start from these weights: a checkpoint.pt of the same architecture
 
 
 @dataclass

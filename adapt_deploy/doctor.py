@@ -46,6 +46,17 @@ def _module_version(module: str) -> str | None:
     return str(getattr(mod, "__version__", "installed"))
 
 
+def _kernels_check() -> Check:
+    """Which implementation the pooling ops use on CUDA tensors (never compiles anything)."""
+    try:
+        from adapt_deploy.ops.kernels import describe
+
+        found, ok, advice = describe()
+    except Exception as exc:  # a broken install is reported, never a traceback
+        return Check("cuda kernels", "unknown", False, f"{type(exc).__name__}: {exc}")
+    return Check("cuda kernels", found, ok, advice)
+
+
 def run_checks() -> list[Check]:
     """Inspect the environment; never raises."""
     checks = [Check("python", platform.python_version())]
@@ -64,6 +75,7 @@ def run_checks() -> list[Check]:
         cuda = torch.cuda.is_available()
         gpu = torch.cuda.get_device_name(0) if cuda else "none (CPU only)"
         checks.append(Check("torch CUDA", gpu))
+        checks.append(_kernels_check())
     for module, dist in (("cv2", "opencv-python-headless"), ("onnx", "onnx")):
         version = _module_version(module)
         checks.append(

@@ -149,8 +149,10 @@ def test_reference_serves_every_device_so_cuda_only_adds_a_kernel(name: str) -> 
     qualname = f"adapt_deploy::{name}"
     for key in ("CompositeExplicitAutograd", "Autograd", "Meta"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key), key
-    for key in ("CPU", "CUDA"):
-        assert not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key), key
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU")
+    # CUDA gets the fused kernels' registration exactly when torch has CUDA (cuda_impl.py).
+    cuda = torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA")
+    assert cuda == adapt_deploy.ops.cuda_impl.registered()
 
 
 def test_opcheck_lse_pool() -> None:

@@ -40,6 +40,24 @@ def test_oracle_trains_on_the_target_split(tmp_path, tiny_config_file):
     assert result.iterations == 2 and result.evaluation is None
 
 
+def test_model_init_starts_from_a_checkpoint_and_refuses_another_architecture(
+    tmp_path, tiny_config_file
+):
+    first = train(load_config(tiny_config_file, ["train.iterations=2"]), tmp_path / "a", False)
+    init = [f"model.init={first.checkpoint}", "train.iterations=1", "optim.lr=0.0"]
+    config = load_config(tiny_config_file, [*init, "optim.momentum=0.0", "model.freeze_bn=true"])
+    second = train(config, tmp_path / "b", evaluate_at_end=False)
+    start = read_checkpoint(first.checkpoint)["model"]
+    after = read_checkpoint(second.checkpoint)["model"]
+    assert all(torch.equal(start[k], after[k]) for k in start)  # lr 0, frozen BN: unchanged
+    wider = load_config(tiny_config_file, [*init, "model.width=32"])
+    with pytest.raises(UserError, match=r"model\.init.*with another shape"):
+        train(wider, tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # refused before anything was written
+    with pytest.raises(UserError, match="checkpoint not found"):
+        train(load_config(tiny_config_file, ["model.init=nope.pt"]), tmp_path / "d")
+
+
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path, tiny_config_file):
     straight = load_config(tiny_config_file, ["train.iterations=8", "optim.schedule_iters=8"])
     train(straight, tmp_path / "straight", evaluate_at_end=False)

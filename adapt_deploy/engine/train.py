@@ -27,6 +27,7 @@ from adapt_deploy.models.checkpoints import (
     atomic_save,
     build_model,
     checkpoint_meta,
+    initial_weights,
     save_checkpoint,
 )
 from adapt_deploy.models.deeplab import DeepLab
@@ -106,9 +107,14 @@ class Learner:
             o.load_state_dict(state["d_optimizers"][k])
 
 
-def build_learner(config: ExperimentConfig, device: torch.device) -> Learner:
-    """Model, method (with its discriminators) and optimizers for `config`."""
-    model = build_model(config.model).to(device)
+def build_learner(
+    config: ExperimentConfig, device: torch.device, init: dict[str, Any] | None = None
+) -> Learner:
+    """Model (from `init` weights when given), method (with its discriminators) and optimizers."""
+    model = build_model(config.model)
+    if init is not None:
+        model.load_state_dict(init)
+    model = model.to(device)
     method = METHOD_CLASSES[config.train.method](config, model, device)
     return Learner(model, method, build_optimizer(model, config), method.optimizers())
 
@@ -124,7 +130,8 @@ def train(
     reporter = reporter or Reporter()
     out = Path(out)
     method_cls = METHOD_CLASSES[config.train.method]
-    # Dataset errors (missing data, missing weak labels) surface before anything is written.
+    # Dataset and init-weight errors surface before anything is written.
+    init = None if resume else initial_weights(config.model)  # resume: the state has them
     labelled = labelled_dataset(config, method_cls, reporter)
     target = target_dataset(config, method_cls)
     val = None
@@ -133,7 +140,7 @@ def train(
     start = _prepare_out(config, out, resume)
     torch.manual_seed(config.train.seed)
     device = pick_device(config.train.device)
-    learner = build_learner(config, device)
+    learner = build_learner(config, device, init)
     if start > 0:
         learner.load_state_dict(_read_state(out))
     workers = 0 if config.data.cache else config.data.num_workers

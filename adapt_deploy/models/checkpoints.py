@@ -68,15 +68,49 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def weight_mismatches(model: DeepLab, weights: dict[str, Any]) -> dict[str, list[str]]:
+    """How `weights` differ from `model`'s state dict: other shapes, missing and unexpected keys."""
+    expected = model.state_dict()
+    return {
+        "with another shape": [
+            f"{k}: checkpoint {tuple(weights[k].shape)} vs architecture {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in weights and tuple(getattr(weights[k], "shape", ())) != tuple(v.shape)
+        ],
+        "missing": [k for k in expected if k not in weights],
+        "unexpected": [k for k in weights if k not in expected],
+    }
+
+
+def check_weights(model: DeepLab, weights: dict[str, Any], arch: ModelConfig, what: str) -> None:
+    """Raise a UserError listing how `weights` differ from `model` (built from `arch`)."""
+    problems = weight_mismatches(model, weights)
+    if any(problems.values()):
+        listed = "; ".join(
+            f"{len(keys)} {kind} (e.g. {', '.join(keys[:2])})"
+            for kind, keys in problems.items()
+            if keys
+        )
+        raise UserError(
+            f"{what}: weights do not match the architecture ({arch.backbone}, width "
+            f"{arch.width}, {arch.num_classes} classes): {listed}"
+        )
+
+
 def load_checkpoint(path: str | Path) -> tuple[DeepLab, ExperimentConfig]:
     """Rebuild the model a checkpoint describes and load its weights (eval mode)."""
     ckpt = read_checkpoint(path)
     config = from_dict(ckpt["meta"]["config"], source=f"{path} (meta.config)")
     model = build_model(config.model)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    if missing or unexpected:
-        raise UserError(
-            f"{path}: weights do not match the recorded architecture "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    check_weights(model, ckpt["model"], config.model, f"{path} (recorded architecture)")
+    model.load_state_dict(ckpt["model"])
     return model.eval(), config
+
+
+def initial_weights(arch: ModelConfig) -> dict[str, Any] | None:
+    """The weights `model.init` names, checked against `arch`; None when training from scratch."""
+    if arch.init is None:
+        return None
+    weights = read_checkpoint(arch.init)["model"]
+    check_weights(build_model(arch), weights, arch, f"{arch.init} (model.init)")
+    return weights

@@ -4,7 +4,7 @@ Each op is defined once in the ``adapt_deploy`` namespace with a PyTorch referen
 every device (CompositeExplicitAutograd), a fake implementation for symbolic shapes, and an
 autograd formula. The backward passes are separate ops (``lse_pool_backward``,
 ``attention_pool_backward``) so a CUDA build only registers kernels for these four names
-(``torch.library.register_kernel(..., "cuda", ...)`` or ``TORCH_LIBRARY_IMPL``) and autograd,
+(``torch.library.register_kernel(..., "cuda", ...)``, see cuda_impl.py) and autograd,
 torch.compile and export keep working unchanged. The backward ops have no autograd formula of
 their own: double backward is not supported.
 
@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from adapt_deploy.ops import kernels as _kernels
 
 __all__ = [
     "attention_pool",
@@ -97,6 +99,7 @@ def _attention_pool_backward_reference(
 @torch.library.custom_op("adapt_deploy::lse_pool", mutates_args=(), device_types=None)
 def _lse_pool_op(logits: Tensor, k: float) -> Tensor:
     """LSE pooling op; the PyTorch reference serves every device until a kernel is registered."""
+    _kernels.note_reference_use()  # the one log line (or require's error) where there is no GPU
     return lse_pool_reference(logits, k)
 
 
@@ -139,6 +142,7 @@ _lse_pool_op.register_autograd(_lse_pool_backward, setup_context=_lse_pool_setup
 @torch.library.custom_op("adapt_deploy::attention_pool", mutates_args=(), device_types=None)
 def _attention_pool_op(logits: Tensor, features: Tensor) -> Tensor:
     """Attention pooling op; the PyTorch reference serves every device until a kernel exists."""
+    _kernels.note_reference_use()
     return attention_pool_reference(logits, features)
 
 

@@ -1,0 +1,182 @@
+"""The deployed graph and its ONNX export (torch.onnx.export, the dynamo exporter).
+
+`DeployModel` wraps a DeepLab so the graph does what a robot would otherwise do by hand: it
+takes camera frames as they come (RGB uint8 NHWC) and normalizes them inside, or, for NVIDIA's
+ROS pipelines, float32 NCHW already normalized outside; it returns `labels` (argmax of the
+logits upsampled bilinearly with align_corners=True to the input size, as evaluation does),
+`presence` (sigmoid of LSE pooling per class, the pseudo-weak label source for on-device
+adaptation) and optionally the 1/8-resolution `logits`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapt_deploy.config import InputConfig
+from adapt_deploy.data.normalize import normalize
+from adapt_deploy.models.deeplab import DeepLab
+from adapt_deploy.ops.pooling import lse_pool, onnx_translations
+
+OPSET = 20
+MIN_OPSET = 18  # ReduceLogSumExp with axes as an input (the LSE pooling translation)
+INPUT_NAME = "image"
+MAX_SINGLE_FILE_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with room for the graph
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What the deployed graph takes and returns."""
+
+    layout: str = "NHWC"  # NHWC: RGB uint8 frames, normalized in the graph; NCHW: float32 input
+    logits: bool = False  # also output the 1/8-resolution logits
+    lse_k: float = 1.0  # k of LSE pooling for `presence`
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["labels", "presence", *(["logits"] if self.logits else [])]
+
+
+def input_meta(spec: InputConfig, graph: GraphSpec) -> dict[str, Any]:
+    """meta.json `input`: always RGB; mean/std in RGB order and 0-255 pixel units."""
+    rgb = spec.color_order == "RGB"
+    mean = list(spec.mean) if rgb else list(spec.mean)[::-1]
+    std = list(spec.std) if rgb else list(spec.std)[::-1]
+    nhwc = graph.layout == "NHWC"
+    return {
+        "name": INPUT_NAME,
+        "layout": graph.layout,
+        "dtype": "uint8" if nhwc else "float32",
+        "color_order": "RGB",
+        "normalization": "in_graph" if nhwc else "external",
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "dims": ["batch", "height", "width", 3] if nhwc else ["batch", 3, "height", "width"],
+        "pixel_range": [0, 255],
+    }
+
+
+def outputs_meta(graph: GraphSpec) -> list[dict[str, Any]]:
+    """meta.json `outputs`."""
+    outputs: list[dict[str, Any]] = [
+        {"name": "labels", "dtype": "int32", "dims": ["batch", "height", "width"]},
+        {"name": "presence", "dtype": "float32", "dims": ["batch", "classes"]},
+    ]
+    if graph.logits:
+        dims = ["batch", "classes", "logits_height", "logits_width"]
+        outputs.append({"name": "logits", "dtype": "float32", "dims": dims})
+    return outputs
+
+
+class DeployModel(nn.Module):
+    """DeepLab plus deployment pre- and post-processing: (labels, presence[, logits])."""
+
+    def __init__(self, model: DeepLab, spec: InputConfig, graph: GraphSpec) -> None:
+        super().__init__()
+        if graph.layout not in ("NHWC", "NCHW"):
+            raise ValueError(f"layout must be NHWC or NCHW, got {graph.layout!r}")
+        self.model = model.eval()
+        self.spec = spec
+        self.graph = graph
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.graph.layout == "NHWC":  # RGB uint8 (N, H, W, 3): the checkpoint's normalization
+            # contiguous: eager convs are ~20% slower on the permuted strides (a no-op in ONNX)
+            x = normalize(image.permute(0, 3, 1, 2), self.spec).contiguous()
+        else:  # float32 (N, 3, H, W), normalized outside in RGB order
+            x = image.flip(1) if self.spec.color_order == "BGR" else image
+        size = x.shape[-2:]
+        logits = self.model(x)["logits"]
+        upsampled = F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+        labels = upsampled.argmax(1).to(torch.int32)
+        presence = torch.sigmoid(lse_pool(logits, self.graph.lse_k))
+        return (labels, presence, logits) if self.graph.logits else (labels, presence)
+
+
+def example_input(graph: GraphSpec, batch: int = 2, height: int = 64, width: int = 96):
+    """A tracing input of the deployed layout (its sizes are never baked in: all dynamic)."""
+    if graph.layout == "NHWC":
+        return torch.zeros(batch, height, width, 3, dtype=torch.uint8)
+    return torch.zeros(batch, 3, height, width, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's chatter (optional torchvision ops, deprecations)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(
+    model: DeployModel, path: Path, opset: int = OPSET, max_batch: int = 64, max_side: int = 8192
+) -> list[Path]:
+    """Export with dynamic batch, height and width; returns the files written (model first).
+
+    One self-contained file when the weights fit protobuf's 2 GiB, else model + external data.
+    """
+    graph = model.graph
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    height = torch.export.Dim("height", min=16, max=max_side)
+    width = torch.export.Dim("width", min=16, max=max_side)
+    dims = (
+        {0: batch, 1: height, 2: width}
+        if graph.layout == "NHWC"
+        else {0: batch, 2: height, 3: width}
+    )
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    single = weight_bytes < MAX_SINGLE_FILE_BYTES
+    with _quiet_exporter(), torch.no_grad():
+        torch.onnx.export(
+            model,
+            (example_input(graph),),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=graph.output_names,
+            dynamic_shapes=(dims,),
+            custom_translation_table=onnx_translations(),
+            opset_version=opset,
+            optimize=True,
+            external_data=not single,
+            verbose=False,
+        )
+    if single:
+        proto = onnx.load(str(path))
+        _name_output_dims(proto)
+        onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    data = path.with_name(path.name + ".data")
+    return [path] + ([data] if data.exists() else [])
+
+
+def graph_opset(path: Path) -> int:
+    """The default-domain opset a saved model declares (what a runtime must support)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _name_output_dims(proto: onnx.ModelProto) -> None:
+    """Readable names for the logits' symbolic sizes (the exporter writes formulas there)."""
+    for output in proto.graph.output:
+        if output.name != "logits":
+            continue
+        dims = output.type.tensor_type.shape.dim
+        for dim, name in zip(dims[2:], ("logits_height", "logits_width"), strict=False):
+            if dim.dim_param:
+                dim.dim_param = name

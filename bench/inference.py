@@ -1,0 +1,280 @@
+"""Inference latency of the deployed graph: PyTorch eager vs ONNX Runtime, CPU and GPU.
+
+    python -m bench.inference [--models resnet18 resnet101] [--sizes 256x512 512x1024]
+                              [--iters 20] [--budget 120] [--threads N]
+
+The model is what `adapt-deploy export` deploys (RGB uint8 frame in; labels and presence out)
+around a randomly initialised full-width DeepLab-v2 (speed does not depend on the weights). On
+CPU: PyTorch eager, ONNX Runtime fp32 and mixed fp16. On a CUDA GPU, where present: PyTorch
+eager fp32, bf16 autocast, a CUDA graph, ONNX Runtime CUDA (fp32, fp16) and TensorRT (fp32,
+fp16) when installed. Backends run round-robin, one frame each in turn, so the load of a shared
+machine hits them alike; ratios are taken within one run. Each (device, model, size) group is
+kept in bench/.work/inference/results.json, so a run can add groups; bench/results/inference.md
+is rewritten from all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from adapt_deploy.config import InputConfig
+from adapt_deploy.export.onnx_export import DeployModel, GraphSpec, export_onnx
+from adapt_deploy.export.parity import target_frames
+from adapt_deploy.export.precision import convert_to_mixed_fp16
+from adapt_deploy.export.verify import OrtRunner
+from adapt_deploy.models.deeplab import DeepLab
+from bench.common import write_results
+
+WORK = Path(__file__).parent / ".work" / "inference"
+IMAGENET = InputConfig("RGB", [123.675, 116.28, 103.53], [58.395, 57.12, 57.375])
+EAGER = "PyTorch eager"
+
+
+@dataclass
+class Backend:
+    """One way to run a frame; `run` returns when the outputs are on the host."""
+
+    name: str
+    run: Callable[[np.ndarray], object]
+
+
+def deploy_model(backbone: str) -> DeployModel:
+    torch.manual_seed(0)
+    return DeployModel(DeepLab(backbone, 19, 64, freeze_bn=True), IMAGENET, GraphSpec()).eval()
+
+
+def onnx_files(model: DeployModel, backbone: str) -> dict[str, Path]:
+    """model.onnx and model_fp16.onnx of this backbone, exported once and reused."""
+    directory = WORK / backbone
+    files = {"fp32": directory / "model.onnx", "fp16": directory / "model_fp16.onnx"}
+    if not all(f.exists() for f in files.values()):
+        directory.mkdir(parents=True, exist_ok=True)
+        export_onnx(model, files["fp32"])
+        onnx.save(convert_to_mixed_fp16(onnx.load(str(files["fp32"]))), str(files["fp16"]))
+    return files
+
+
+def cpu_backends(model: DeployModel, files: dict[str, Path], threads: int) -> list[Backend]:
+    torch.set_num_threads(threads)
+
+    @torch.inference_mode()
+    def eager(frame: np.ndarray) -> object:
+        return model(torch.from_numpy(frame))
+
+    backends = [Backend(EAGER, eager)]
+    for precision, path in files.items():
+        backends.append(Backend(f"ONNX Runtime {precision}", OrtRunner(path, threads=threads)))
+    return backends
+
+
+def gpu_backends(model: DeployModel, files: dict[str, Path], frame: np.ndarray) -> list[Backend]:
+    """PyTorch eager / bf16 / CUDA graph, ONNX Runtime CUDA, TensorRT: whatever is installed."""
+    import onnxruntime as ort
+
+    cuda = model.cuda()
+
+    @torch.inference_mode()
+    def eager(x: np.ndarray) -> object:
+        return [t.cpu() for t in cuda(torch.from_numpy(x).cuda())]
+
+    @torch.inference_mode()
+    def bf16(x: np.ndarray) -> object:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return [t.cpu() for t in cuda(torch.from_numpy(x).cuda())]
+
+    backends = [Backend(EAGER, eager), Backend("PyTorch bf16 autocast", bf16)]
+    backends.append(Backend("PyTorch CUDA graph", _cuda_graph(cuda, frame)))
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        for precision, path in files.items():
+            runner = OrtRunner(path, backend="onnxruntime-cuda")
+            backends.append(Backend(f"ONNX Runtime CUDA {precision}", runner))
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:  # not installed, or a stub wheel without its libraries
+        return backends
+    for precision, path in files.items():
+        backends.append(Backend(f"TensorRT {precision}", _tensorrt(path, frame, precision)))
+    return backends
+
+
+def _cuda_graph(model: DeployModel, frame: np.ndarray) -> Callable[[np.ndarray], object]:
+    """The whole forward captured once at this frame's shape and replayed."""
+    static = torch.from_numpy(frame).cuda()
+    with torch.inference_mode():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                model(static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = model(static)
+
+    def run(x: np.ndarray) -> object:
+        static.copy_(torch.from_numpy(x))
+        graph.replay()
+        return [t.cpu() for t in outputs]
+
+    return run
+
+
+def _tensorrt(path: Path, frame: np.ndarray, precision: str) -> Callable[[np.ndarray], object]:
+    """An engine for this frame's shape; fp16 from the strongly typed mixed-precision ONNX."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(path)):
+        raise RuntimeError(f"TensorRT cannot parse {path}: {parser.get_error(0)}")
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    profile.set_shape("image", frame.shape, frame.shape, frame.shape)
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    context = engine.create_execution_context()
+    context.set_input_shape("image", frame.shape)
+    n, h, w, _ = frame.shape
+    buffers = {
+        "image": torch.empty(frame.shape, dtype=torch.uint8, device="cuda"),
+        "labels": torch.empty((n, h, w), dtype=torch.int32, device="cuda"),
+        "presence": torch.empty((n, 19), dtype=torch.float32, device="cuda"),
+    }
+    for name, tensor in buffers.items():
+        context.set_tensor_address(name, tensor.data_ptr())
+
+    def run(x: np.ndarray) -> object:
+        buffers["image"].copy_(torch.from_numpy(x))
+        context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+        return buffers["labels"].cpu(), buffers["presence"].cpu()
+
+    return run
+
+
+def time_round_robin(
+    backends: list[Backend], frame: np.ndarray, iters: int, budget_s: float
+) -> dict[str, list[float]]:
+    """Seconds per frame of each backend; at least 3 rounds, then until iters or the budget."""
+    for backend in backends:
+        backend.run(frame)  # warm-up: allocations, kernel selection, graph optimizations
+    times: dict[str, list[float]] = {b.name: [] for b in backends}
+    start = time.perf_counter()
+    for i in range(iters):
+        for backend in backends:
+            t0 = time.perf_counter()
+            backend.run(frame)
+            times[backend.name].append(time.perf_counter() - t0)
+        if i >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def summarize(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    rows = {}
+    for name, samples in times.items():
+        ms = np.asarray(samples) * 1000
+        rows[name] = {
+            "p50_ms": float(np.median(ms)),
+            "p95_ms": float(np.percentile(ms, 95)),
+            "fps": 1000.0 / float(statistics.fmean(ms)),
+            "n": len(samples),
+        }
+    return rows
+
+
+def render(groups: dict[str, dict]) -> str:
+    lines = [
+        "Deployed graph (RGB uint8 frame in; labels + presence out), batch 1, random weights,",
+        "full-width DeepLab-v2. Backends timed round-robin within a group; `vs eager` is PyTorch",
+        "eager p50 / backend p50 on the same device in the same run (> 1: faster than eager).",
+        "p95 over few frames is close to the maximum. The machine is shared: absolute numbers",
+        "move with its load, ratios much less.",
+        "",
+        "| device | model | size | backend | p50 ms | p95 ms | frames/s | vs eager | frames |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for group in groups.values():
+        eager = group["backends"][EAGER]["p50_ms"]
+        for name, row in group["backends"].items():
+            lines.append(
+                f"| {group['device']} | {group['model']} | {group['size']} | {name} | "
+                f"{row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['fps']:.2f} | "
+                f"{eager / row['p50_ms']:.2f} | {row['n']} |"
+            )
+    lines += ["", "Groups (when, threads, the machine's 1-minute load before -> after):", ""]
+    lines += [
+        f"- {key}: {g['date']}, {g['threads']}, {g.get('load', 'load not recorded')}"
+        for key, g in groups.items()
+    ]
+    if not any(g["device"] != "cpu" for g in groups.values()):
+        lines += [
+            "",
+            "GPU rows (PyTorch eager/bf16/CUDA graph, ONNX Runtime CUDA, TensorRT) are produced by",
+            "the same script on a CUDA machine; none was available for this run, so they are not",
+            "measured here and those code paths are unverified.",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet101"])
+    parser.add_argument("--sizes", nargs="+", default=["256x512", "512x1024"])
+    parser.add_argument("--iters", type=int, default=20, help="Rounds per group at most.")
+    parser.add_argument("--budget", type=float, default=120.0, help="Seconds per group, roughly.")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--no-gpu", action="store_true", help="Skip the GPU groups.")
+    args = parser.parse_args()
+
+    cache = WORK / "results.json"
+    groups = json.loads(cache.read_text()) if cache.exists() else {}
+    for backbone in args.models:
+        model = deploy_model(backbone)
+        files = onnx_files(model, backbone)
+        for size in args.sizes:
+            height, width = (int(v) for v in size.split("x"))
+            frame = target_frames(1, height, width)
+            devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.no_gpu else [])
+            for device in devices:
+                if device == "cpu":
+                    backends = cpu_backends(model.cpu(), files, args.threads)
+                    threads = f"{args.threads} threads (torch and ONNX Runtime)"
+                else:
+                    backends = gpu_backends(model, files, frame)
+                    threads = torch.cuda.get_device_name(0)
+                load = os.getloadavg()[0]
+                times = time_round_robin(backends, frame, args.iters, args.budget)
+                key = f"{device} {backbone} {size}"
+                groups[key] = {
+                    "device": device,
+                    "model": backbone,
+                    "size": size,
+                    "threads": threads,
+                    "load": f"load average {load:.1f} -> {os.getloadavg()[0]:.1f}",
+                    "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                    "backends": summarize(times),
+                }
+                print(key, json.dumps(groups[key]["backends"]), flush=True)
+                cache.write_text(json.dumps(groups, indent=2))
+    path = write_results("inference", "Inference: PyTorch eager vs ONNX Runtime", render(groups))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
