@@ -1,3 +1,3 @@
 """adapt-deploy: domain-adaptive semantic segmentation, from training to deployment."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

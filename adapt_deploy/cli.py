@@ -58,6 +58,11 @@ def demo(
     for method, seconds in result.seconds.items():
         console.print(f"{method}: trained in {seconds:.0f} s")
     console.print(f"results: {result.out / 'results.md'}")
+    if result.stream is not None:
+        console.print(
+            f"overlay video: {result.stream.outputs['overlay']} ({result.stream.frames} frames, "
+            f"{result.stream.fps:.1f} frames/s)"
+        )
 
 
 @app.command()
@@ -308,6 +313,54 @@ def build_engine_cmd(
     )
     for path in paths:
         console.print(f"engine: {path}")
+
+
+@app.command()
+def stream(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Video file, camera index (0), rtsp:// or http(s):// URL, image folder or glob."
+        ),
+    ],
+    bundle: Annotated[Path, typer.Option(help="A bundle directory written by export.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Overlay video (.mp4, .mkv, .avi), the source's fps and size."),
+    ] = None,
+    labels_dir: Annotated[
+        Path | None, typer.Option(help="Per-frame trainId PNGs, DIR/{index:06d}.png.")
+    ] = None,
+    stats: Annotated[
+        Path | None,
+        typer.Option(help="JSONL, a line per frame: index, timestamp, latency, presence."),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="auto, onnxruntime (CUDA with onnxruntime-gpu), tensorrt, torch.")
+    ] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32 or fp16.")] = "auto",
+    max_frames: Annotated[int | None, typer.Option(help="Stop after this many frames.")] = None,
+    show: Annotated[bool, typer.Option(help="Show the overlay in a window (q quits).")] = False,
+    alpha: Annotated[float, typer.Option(help="Overlay opacity of the class colours.")] = 0.5,
+    fps: Annotated[
+        float | None,
+        typer.Option(help="Frame rate of an image folder (default 10), or of a video without one."),
+    ] = None,
+    reconnect_timeout: Annotated[
+        float, typer.Option(help="Seconds a dropped live source is retried before giving up.")
+    ] = 30.0,
+) -> None:
+    """Segment a video, camera, network stream or image folder; Ctrl-C finishes the outputs."""
+    from adapt_deploy.stream import StreamOptions, run_stream
+
+    options = StreamOptions(
+        out, labels_dir, stats, backend, precision, max_frames, show, alpha, fps, reconnect_timeout
+    )
+    summary = run_stream(source, bundle, options, reporter=_reporter())
+    for line in summary.lines():
+        console.print(escape(line), highlight=False)
+    if summary.signal is not None:  # the shell convention for a run ended by a signal
+        raise typer.Exit(128 + summary.signal)
 
 
 kernels_app = typer.Typer(help="The fused CUDA kernels of the pooling ops: build and check.")

@@ -1,4 +1,5 @@
-"""`adapt-deploy demo`: synthesize the benchmark, train source-only, WDA and oracle, compare."""
+"""`adapt-deploy demo`: synthesize the benchmark, pretrain on the source, then train source-only,
+WDA and oracle from that model with the same budget, and compare them."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from adapt_deploy.engine.evaluate import EvalResult, format_iou_table
 from adapt_deploy.engine.train import train
 from adapt_deploy.errors import UserError
 from adapt_deploy.progress import Reporter, StageProgress
+from adapt_deploy.stream import StreamSummary
+from adapt_deploy.stream.demo import stream_demo_video
 
 DEMO_METHODS = ("source_only", "wda_uda", "oracle")
 METHOD_TITLES = {
@@ -24,6 +27,15 @@ METHOD_TITLES = {
     "wda_uda": "adapted (WDA, pseudo-weak)",
     "oracle": "oracle (target labels)",
 }
+
+
+# The adaptation stage: a method starts from a source-only model (what ImageNet-pretrained
+# DeepLab weights are to the paper: features that already segment) and trains this long.
+ADAPT_STAGE: tuple[str, ...] = (
+    "train.iterations=1200",
+    "optim.schedule_iters=1200",
+    "optim.lr=0.0025",
+)
 
 
 def packaged_config(relative: str) -> Path:
@@ -52,6 +64,7 @@ class DemoResult:
     results: dict[str, EvalResult]
     out: Path
     seconds: dict[str, float]
+    stream: StreamSummary | None = None  # the dashcam video through the exported WDA model
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         """Header and rows: IoU per class and mIoU for each method, in percent."""
@@ -78,35 +91,60 @@ def run_demo(
     out = Path(out)
     data = out / "data"
     spec = spec or SynthSpec()
-    steps = len(DEMO_METHODS) + 1
+    steps = len(DEMO_METHODS) + 3
     reporter.log(f"[1/{steps}] synthetic benchmark -> {data}")
     try:
         with StageProgress(reporter) as progress:
             write_benchmark(data, spec, progress=progress, force=fresh)
     except FileExistsError as exc:
         raise UserError(f"{exc} (run the demo with --fresh to regenerate it)") from None
+    pretrain_dir = out / "runs" / "pretrain"
+    config = demo_config("source_only", data, overrides)
+    reporter.log(
+        f"[2/{steps}] source-only pretraining ({config.train.iterations} it.) -> {pretrain_dir}"
+    )
+    _, _, retrained = _train_or_reuse(pretrain_dir, config, reporter, fresh)
+    stage = [f"model.init={pretrain_dir / 'checkpoint.pt'}", *ADAPT_STAGE, *(overrides or [])]
     results: dict[str, EvalResult] = {}
     seconds: dict[str, float] = {}
-    for step, method in enumerate(DEMO_METHODS, start=2):
-        config = demo_config(method, data, overrides)
+    for step, method in enumerate(DEMO_METHODS, start=3):
+        config = demo_config(method, data, stage)
         run_dir = out / "runs" / method
         reporter.log(
-            f"[{step}/{steps}] training {method} ({config.train.iterations} it.) -> {run_dir}"
+            f"[{step}/{steps}] {method} from the pretrained model "
+            f"({config.train.iterations} it.) -> {run_dir}"
         )
-        cached = None if fresh else _completed_run(run_dir, config)
-        if cached is not None:
-            reporter.log("  reusing the completed run found there")
-            results[method], seconds[method] = cached
-            continue
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        result = train(config, run_dir, reporter=reporter)
-        assert result.evaluation is not None
-        results[method], seconds[method] = result.evaluation, result.seconds
-        (run_dir / "seconds.json").write_text(json.dumps({"train_seconds": result.seconds}))
+        results[method], seconds[method], _ = _train_or_reuse(
+            run_dir, config, reporter, fresh or retrained
+        )
     demo = DemoResult(results, out, seconds)
     (out / "results.md").write_text(demo.markdown())
+    videos = sorted((data / "videos").glob("*.mp4"))
+    if videos:
+        reporter.log(
+            f"[{steps}/{steps}] exporting wda_uda to {out / 'bundle'} and streaming "
+            f"{videos[0].name} through it -> {out / 'stream' / 'overlay.mp4'}"
+        )
+        checkpoint = out / "runs" / "wda_uda" / "checkpoint.pt"
+        demo.stream = stream_demo_video(checkpoint, videos[0], out, reporter)
     return demo
+
+
+def _train_or_reuse(
+    run_dir: Path, config: ExperimentConfig, reporter: Reporter, fresh: bool
+) -> tuple[EvalResult, float, bool]:
+    """Evaluation and training seconds of `config` in `run_dir`, and whether it was trained now
+    (a finished run with exactly this config is reused unless `fresh`)."""
+    cached = None if fresh else _completed_run(run_dir, config)
+    if cached is not None:
+        reporter.log("  reusing the completed run found there")
+        return cached[0], cached[1], False
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    result = train(config, run_dir, reporter=reporter)
+    assert result.evaluation is not None
+    (run_dir / "seconds.json").write_text(json.dumps({"train_seconds": result.seconds}))
+    return result.evaluation, result.seconds, True
 
 
 def _completed_run(run_dir: Path, config: ExperimentConfig) -> tuple[EvalResult, float] | None:

@@ -19,8 +19,8 @@ from rich.progress import (
 class Reporter:
     """Silent base: long jobs call `task`, `advance` and `log`; subclasses show them."""
 
-    def task(self, description: str, total: int) -> AbstractContextManager[Any]:
-        """A context for one long stage of `total` steps."""
+    def task(self, description: str, total: int | None) -> AbstractContextManager[Any]:
+        """A context for one long stage of `total` steps (None: unknown, e.g. a live stream)."""
         return _NullContext()
 
     def advance(self, steps: int = 1, status: str | None = None) -> None:
@@ -43,7 +43,7 @@ class RichReporter(Reporter):
         self._progress: Progress | None = None
         self._task_id: Any = None
 
-    def task(self, description: str, total: int) -> AbstractContextManager[Any]:
+    def task(self, description: str, total: int | None) -> AbstractContextManager[Any]:
         progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),

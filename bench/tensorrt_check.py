@@ -6,7 +6,8 @@ Without --checkpoint it writes a hand-built bundle (a three-conv segmenter in ON
 without torch, with the real fp16 conversion of adapt_deploy.export.precision); with one it
 runs `adapt_deploy.export.pipeline.export_bundle` (needs torch). Then, for fp32 and fp16:
 build_engines, the engine inspector's fp16 share, load_engine on this machine, and the refusal
-of an engine whose sidecar claims another GPU. With --refit it also builds refittable engines
+of an engine whose sidecar claims another GPU, and the runtime's Segmenter on the TensorRT
+backend against ONNX Runtime. With --refit it also builds refittable engines
 and refits them from the bundle's ONNX (OnnxParserRefitter). Results go to
 bench/results/tensorrt_check.md.
 
@@ -231,6 +232,31 @@ def _refit_from_onnx(plan: Path, record: Any, bundle: Path) -> str:
     return f"refit from {record.onnx_file}: {'ok' if done else 'FAILED'}"
 
 
+def _segmenter_check(bundle: Path, precision: str) -> str:
+    """The runtime's TensorRT backend against ONNX Runtime (CPU, fp32) on a few frames."""
+    import time
+
+    from adapt_deploy.runtime import Segmenter
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (64, 96, 3), np.uint8) for _ in range(8)]
+    with Segmenter.from_bundle(bundle, backend="onnxruntime", device="cpu") as cpu:
+        expected = [cpu(f).labels for f in frames]
+    with Segmenter.from_bundle(bundle, backend="tensorrt", precision=precision) as seg:
+        seg(frames[0])  # warm-up
+        start = time.perf_counter()
+        got = [seg(f).labels for f in frames]
+        per_frame = (time.perf_counter() - start) / len(frames)
+        batched = seg.batch(frames[:2])
+    agreement = float(np.mean([np.mean(a == b) for a, b in zip(got, expected, strict=True)]))
+    same = all(np.array_equal(b.labels, g) for b, g in zip(batched, got, strict=True))
+    return (
+        f"Segmenter(backend=tensorrt): label agreement with ONNX Runtime fp32 "
+        f"{100 * agreement:.3f}%, {1e3 * per_frame:.2f} ms/frame at 64x96, "
+        f"batch of 2 equals single calls: {same}"
+    )
+
+
 def run_check(bundle: Path, refit: bool) -> list[str]:
     """Build, inspect and load every engine; the report's lines."""
     from adapt_deploy.export.engine_files import read_record
@@ -254,6 +280,8 @@ def run_check(bundle: Path, refit: bool) -> list[str]:
                 f"- load_engine on this machine: ok ({loaded.engine})",
                 f"- engine claiming another GPU: {_mismatch_refused(plan, bundle, precision)}",
             ]
+            if not with_refit:
+                lines.append(f"- {_segmenter_check(bundle, precision)}")
             if with_refit:
                 lines += [
                     f"- refit mode {record.refit_mode}, "

@@ -91,3 +91,17 @@ train: {{iterations: 20, batch_size: 2, log_every: 1, checkpoint_every: 5, devic
     path = tmp_path / "tiny.yaml"
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real exported bundle of a random ResNet-18 DeepLab (width 8): fp32 + fp16, NHWC uint8
+    input, shapes min 1x16x16, opt 1x64x96, max 4x256x512 (larger frames are resized by the
+    runtime). The checkpoint lies beside it as `tiny.pt` (what the torch backend loads)."""
+    from helpers import TINY_SHAPES, write_checkpoint
+
+    from adapt_deploy.export.pipeline import export_bundle
+
+    work = tmp_path_factory.mktemp("tiny_bundle")
+    checkpoint = write_checkpoint(work / "tiny.pt")
+    return export_bundle(checkpoint, work / "bundle", fp16=True, shapes=TINY_SHAPES).bundle

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from adapt_deploy.cli import app
 
-COMMANDS = ["demo", "synth", "train", "evaluate", "export", "verify", "data", "doctor"]
+COMMANDS = ["demo", "synth", "train", "evaluate", "export", "verify", "stream", "data", "doctor"]
 runner = CliRunner()
 
 

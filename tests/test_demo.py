@@ -1,9 +1,12 @@
+import cv2
+import yaml
+
 from adapt_deploy.data.synthetic_writer import SynthSpec
 from adapt_deploy.demo import DEMO_METHODS, demo_config, run_demo
 from adapt_deploy.progress import Reporter, StageProgress
 
 TINY = SynthSpec(
-    num_source=8, num_target_train=8, num_target_val=4, num_videos=0,
+    num_source=8, num_target_train=8, num_target_val=4, num_videos=1, video_frames=6,
     source_size=(72, 128), target_size=(64, 128),
 )  # fmt: skip
 FAST = ["train.iterations=2", "train.batch_size=2", "train.device=cpu"]
@@ -24,10 +27,18 @@ def test_demo_runs_end_to_end_and_reuses_finished_runs(tmp_path):
     header, rows = first.table()
     assert header[0] == "class" and rows[-1][0] == "mIoU" and len(rows) == 20
     assert (tmp_path / "results.md").read_text().startswith("| class |")
+    pretrained = tmp_path / "runs" / "pretrain" / "checkpoint.pt"
+    for method in DEMO_METHODS:  # every method starts from the source-only pretrained model
+        saved = yaml.safe_load((tmp_path / "runs" / method / "config.yaml").read_text())
+        assert saved["model"]["init"] == str(pretrained)
+    assert first.stream is not None and first.stream.frames == 6  # the video through the bundle
+    overlay = tmp_path / "stream" / "overlay.mp4"
+    assert cv2.VideoCapture(str(overlay)).get(cv2.CAP_PROP_FRAME_COUNT) == 6
     checkpoint = tmp_path / "runs" / "oracle" / "checkpoint.pt"
-    stamp = checkpoint.stat().st_mtime_ns
+    stamp, overlay_stamp = checkpoint.stat().st_mtime_ns, overlay.stat().st_mtime_ns
     again = run_demo(tmp_path, spec=TINY, overrides=FAST)
     assert checkpoint.stat().st_mtime_ns == stamp  # not retrained
+    assert overlay.stat().st_mtime_ns == overlay_stamp and again.stream == first.stream
     assert again.results["oracle"].miou == first.results["oracle"].miou
     changed = run_demo(tmp_path, spec=TINY, overrides=[*FAST, "optim.lr=0.001"])
     assert checkpoint.stat().st_mtime_ns != stamp  # another config: retrained

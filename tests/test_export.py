@@ -17,11 +17,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import CAFFE_INPUT, RGB_INPUT, tiny_config, write_checkpoint
 from onnx import TensorProto
 from typer.testing import CliRunner
 
 from adapt_deploy.cli import app
-from adapt_deploy.config import from_dict
 from adapt_deploy.data.labels import CLASS_NAMES, PALETTE
 from adapt_deploy.engine.evaluate import evaluate_checkpoint, predict_logits
 from adapt_deploy.errors import UserError
@@ -51,27 +51,6 @@ from adapt_deploy.models.checkpoints import save_checkpoint as save_weights
 from adapt_deploy.ops.pooling import lse_pool
 
 REPO = Path(__file__).resolve().parents[1]
-RGB_INPUT = {"color_order": "RGB", "mean": [123.7, 116.3, 103.5], "std": [58.4, 57.1, 57.4]}
-CAFFE_INPUT = {"color_order": "BGR", "mean": [104.008, 116.669, 122.679], "std": [1.0, 1.0, 1.0]}
-
-
-def tiny_config(input_spec: dict, num_classes: int = 19, backbone: str = "resnet18"):
-    return from_dict(
-        {
-            "name": "tiny",
-            "input": input_spec,
-            "model": {"backbone": backbone, "width": 8, "num_classes": num_classes},
-            "data": {"val": {"kind": "cityscapes", "root": ".", "split": "val", "size": [32, 64]}},
-        }
-    )
-
-
-def write_checkpoint(path: Path, input_spec: dict = RGB_INPUT, seed: int = 0) -> Path:
-    """A randomly initialised tiny DeepLab saved as train saves it."""
-    torch.manual_seed(seed)
-    config = tiny_config(input_spec)
-    save_weights(path, build_model(config.model), checkpoint_meta(config, 0))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,10 @@ VAL_INDEX_OFFSET = 1_000_000  # target val image j is render_image(seed, "target
 CITYSCAPES_FRAME = 19  # the annotated frame of a Cityscapes snippet
 _PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 _KNOWN_ENTRIES = ("source", "target", "videos", MANIFEST)
+# Bumped whenever the renderer draws different pixels for the same spec: a benchmark written by
+# another renderer is never silently reused. 2: the target palette is the source's through the
+# target camera's tone, plus a few recoloured classes (1 coloured classes like other classes).
+RENDERER_VERSION = 2
 
 Progress = Callable[[str, int, int], None]
 
@@ -311,12 +315,14 @@ def _check_destination(out: Path, spec: SynthSpec, force: bool) -> dict | None:
     if force:
         _clear(out)
         return None
-    if manifest is not None and manifest.get("spec") == spec_to_json(spec):
+    same_renderer = manifest is not None and manifest.get("renderer", 1) == RENDERER_VERSION
+    if same_renderer and manifest.get("spec") == spec_to_json(spec):
         return manifest
     if manifest is not None:
+        what = "a different spec" if same_renderer else "an older renderer"
         raise FileExistsError(
-            f"{out} holds a synthetic benchmark with a different spec "
-            f"({manifest.get('spec')}); use force=True (--force) to delete and rewrite it"
+            f"{out} holds a synthetic benchmark with {what} ({manifest.get('spec')}, renderer "
+            f"{manifest.get('renderer', 1)}); use force=True (--force) to delete and rewrite it"
         )
     if any(out.iterdir()):
         raise FileExistsError(
@@ -354,6 +360,7 @@ def write_benchmark(
     manifest = {
         "format": "adapt-deploy synthetic benchmark",
         "version": __version__,
+        "renderer": RENDERER_VERSION,
         "spec": spec_to_json(spec),
         "counts": {
             "source": spec.num_source,

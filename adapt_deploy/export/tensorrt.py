@@ -87,8 +87,8 @@ def parse_nvidia_smi(text: str) -> tuple[str, str]:
     return name, cap
 
 
-def _gpu_from_cuda_python(device: int) -> tuple[str, str] | None:
-    """Via cuda-python (what TensorRT's samples use); None when cuda-python is absent."""
+def import_cudart() -> ModuleType | None:
+    """cuda-python's CUDA runtime bindings (either module layout), or None when absent."""
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
@@ -96,6 +96,14 @@ def _gpu_from_cuda_python(device: int) -> tuple[str, str] | None:
             from cuda import cudart  # cuda-python before the cuda.bindings layout
         except ImportError:
             return None
+    return cudart
+
+
+def _gpu_from_cuda_python(device: int) -> tuple[str, str] | None:
+    """Via cuda-python (what TensorRT's samples use); None when cuda-python is absent."""
+    cudart = import_cudart()
+    if cudart is None:
+        return None
     err, props = cudart.cudaGetDeviceProperties(device)
     if err != cudart.cudaError_t.cudaSuccess:
         _, name = cudart.cudaGetErrorName(err)
@@ -381,7 +389,7 @@ def load_engine(bundle: Path, precision: str = "fp16") -> tuple[bytes, EngineRec
     """This machine's plan of `precision` and its record; refuses one built for another machine.
 
     Returns the serialized plan (for `trt.Runtime(logger).deserialize_cuda_engine`); the
-    runtime backend that executes it is a later issue.
+    runtime's TensorRT backend (`adapt_deploy.runtime.tensorrt_backend`) executes it.
     """
     bundle = Path(bundle)
     meta = load_meta(bundle)

@@ -1,9 +1,9 @@
 """Re-check a bundle on the target: run its samples through a backend, compare with references.
 
-Torch-free. A backend is anything that maps an input batch to named outputs (`Runner`); ONNX
-Runtime (CPU or CUDA) is built in, TensorRT comes from `adapt_deploy.export.tensorrt` (its
-`engine_runner(bundle, meta, precision)`) where that is installed. Tolerances per precision are
-the ones export wrote into meta.json.
+Torch-free. A backend is anything that maps an input batch to named outputs (`Runner`): ONNX
+Runtime (CPU or CUDA) sessions made by `adapt_deploy.runtime.onnxruntime_backend`, or the
+runtime's TensorRT backend where TensorRT is installed. Tolerances per precision are the ones
+export wrote into meta.json.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from adapt_deploy.export.bundle import (
     sha256_file,
     verify_hashes,
 )
+from adapt_deploy.runtime.backend import as_runner
+from adapt_deploy.runtime.frames import graph_input as graph_input  # re-exported for callers
+from adapt_deploy.runtime.onnxruntime_backend import create_session, require_cuda
 
 Runner = Callable[[np.ndarray], dict[str, np.ndarray]]
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
@@ -33,44 +36,21 @@ DEFAULT_TOLERANCES = {
 }
 
 
-def ort_providers(backend: str) -> list[str]:
-    """ONNX Runtime execution providers for a backend name; UserError when unavailable."""
-    import onnxruntime as ort
-
+def ort_device(backend: str) -> int | None:
+    """The CUDA device of an ONNX Runtime backend name (None: CPU); UserError when unavailable."""
     if backend == "onnxruntime":
-        return ["CPUExecutionProvider"]
+        return None
     if backend == "onnxruntime-cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise UserError(
-                "backend onnxruntime-cuda: this onnxruntime has no CUDAExecutionProvider "
-                f"(available: {ort.get_available_providers()}); install onnxruntime-gpu "
-                "(and uninstall onnxruntime: they share one module)"
-            )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        require_cuda("backend onnxruntime-cuda")
+        return 0
     raise UserError(f"--backend must be one of {list(BACKENDS)}, got {backend!r}")
-
-
-def graph_input(frames: np.ndarray, input_meta: dict[str, Any]) -> np.ndarray:
-    """What the graph is fed: frames as they are (NHWC uint8) or normalized NCHW float32."""
-    if input_meta["layout"] == "NHWC":
-        return np.ascontiguousarray(frames)
-    mean = np.asarray(input_meta["mean"], np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(input_meta["std"], np.float32).reshape(1, 3, 1, 1)
-    x = frames.transpose(0, 3, 1, 2).astype(np.float32)
-    return np.ascontiguousarray((x - mean) / std)
 
 
 class OrtRunner:
     """One ONNX Runtime session over a model file; returns outputs by name."""
 
     def __init__(self, path: Path, backend: str = "onnxruntime", threads: int | None = None):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3  # errors only: fp16 graphs on CPU log cast insertions
-        self.session = ort.InferenceSession(str(path), options, providers=ort_providers(backend))
+        self.session = create_session(path, ort_device(backend), threads)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -83,24 +63,17 @@ def open_runner(bundle: Path, meta: dict[str, Any], precision: str, backend: str
     """A Runner over one precision of a bundle, after checking its model files' hashes."""
     if backend == "tensorrt":
         return _tensorrt_runner(bundle, meta, precision)
-    ort_providers(backend)  # a clear error before hashing large files
+    ort_device(backend)  # a clear error before hashing large files
     verify_hashes(bundle, meta, precision)
     return OrtRunner(model_path(bundle, meta, precision), backend)
 
 
 def _tensorrt_runner(bundle: Path, meta: dict[str, Any], precision: str) -> Runner:
-    """The TensorRT module's runner for this machine's engine; UserError where there is none."""
-    from adapt_deploy.export import tensorrt as trt_backend
+    """The runtime's TensorRT backend on this machine's engine (GPU 0); UserError without one."""
+    from adapt_deploy.runtime.tensorrt_backend import TensorRTBackend
 
-    trt_backend.import_tensorrt()  # TensorRTMissingError (a UserError) with the install hint
-    make = getattr(trt_backend, "engine_runner", None)
-    if make is None:
-        raise UserError(
-            "this adapt-deploy builds TensorRT engines but cannot run them yet (the TensorRT "
-            "runtime backend is a later issue); verify with --backend onnxruntime or "
-            "onnxruntime-cuda"
-        )
-    return make(bundle, meta, precision)
+    backend = TensorRTBackend(bundle, meta, precision, device=0)
+    return as_runner(backend, meta["input"]["layout"])
 
 
 def compare_outputs(

@@ -1,8 +1,8 @@
 """The two domains' looks: materials (colour, trainId, texture per paint) and the Style records.
 
 The source style is game-like (saturated, flat); the target style is camera-like (muted,
-textured) and colours some classes like *other* source classes, so the domain gap has a
-class-level structure.
+textured), seen through another camera, and a few classes change appearance outright, so the
+domain gap has a global and a class-level part.
 """
 
 from __future__ import annotations
@@ -76,22 +76,34 @@ _SOURCE_COLOURS: dict[str, tuple[int, int, int]] = {
     "tl_plate": (30, 30, 30), "fence_mesh": (120, 85, 50), "bike_wheel": (25, 105, 105),
 }  # fmt: skip
 
-# Camera-like target: muted, textured, and some classes coloured like other source classes
-# (sidewalk ~ source road, terrain ~ source vegetation, wall ~ source building, ...).
-_TARGET_COLOURS: dict[str, tuple[int, int, int]] = {
-    "sky": (196, 210, 224), "road": (118, 118, 122), "marking": (215, 215, 205),
-    "sidewalk": (88, 76, 98), "kerb": (150, 145, 140), "facade": (150, 142, 128),
-    "facade_side": (118, 112, 102), "window": (52, 60, 70), "wall": (172, 104, 72),
-    "fence": (88, 92, 84), "pole": (128, 128, 124), "tl_box": (38, 40, 36),
-    "tl_lamp": (90, 230, 120), "sign": (205, 200, 40), "sign_rim": (180, 40, 40),
-    "leaf": (62, 88, 40), "trunk": (70, 58, 46), "hedge": (48, 76, 36),
-    "terrain": (46, 150, 44), "shirt": (70, 62, 80), "pants": (44, 44, 52),
-    "skin": (196, 160, 138), "rider_shirt": (40, 90, 150), "rider_pants": (60, 60, 60),
-    "helmet": (230, 230, 230), "car": (40, 44, 56), "car_side": (32, 35, 45),
-    "car_glass": (20, 24, 30), "tyre": (20, 20, 20), "car_light": (200, 40, 30),
-    "bike": (150, 40, 40), "hood": (28, 30, 34), "clutter": (100, 90, 80),
-    "tl_plate": (104, 106, 98), "fence_mesh": (104, 108, 100), "bike_wheel": (64, 52, 52),
+# Camera-like target: the source palette seen through another camera (desaturated, lower
+# contrast, a warm cast), so every class keeps its own colour and no target class looks like a
+# *different* source class; a few classes also change appearance outright (real-world car and
+# clothing colours, traffic lights and signs of another country), which only target supervision
+# or adaptation can bridge.
+_TARGET_OVERRIDES: dict[str, tuple[int, int, int]] = {
+    "car": (40, 44, 56), "car_side": (32, 35, 45), "shirt": (70, 62, 80), "pants": (44, 44, 52),
+    "rider_shirt": (40, 90, 150), "tl_box": (38, 40, 36), "tl_lamp": (90, 230, 120),
+    "sign": (205, 200, 40), "sign_rim": (180, 40, 40), "bike": (150, 40, 40),
 }  # fmt: skip
+
+# Classes whose target appearance changes outright (not only through the camera tone).
+RECOLOURED_CLASSES: tuple[str, ...] = tuple(
+    sorted({CLASS_NAMES[MATERIALS[m][0]] for m in _TARGET_OVERRIDES}, key=CLASS_NAMES.index)
+)
+
+
+def _camera_tone(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A source colour as the target camera sees it: half the saturation, 3/4 of the contrast."""
+    lum = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    tint = (8.0, 2.0, -10.0)
+    out = (36.0 + 0.75 * (lum + 0.5 * (c - lum)) + t for c, t in zip(rgb, tint, strict=True))
+    return tuple(int(min(255.0, max(0.0, round(v)))) for v in out)  # type: ignore[return-value]
+
+
+_TARGET_COLOURS: dict[str, tuple[int, int, int]] = {
+    name: _TARGET_OVERRIDES.get(name, _camera_tone(rgb)) for name, rgb in _SOURCE_COLOURS.items()
+}
 
 # Per-instance colour variants for a few materials (the first entry of the colour table is
 # used for the others).
@@ -103,7 +115,7 @@ _SOURCE_VARIANTS: dict[str, tuple[tuple[int, int, int], ...]] = {
 _TARGET_VARIANTS: dict[str, tuple[tuple[int, int, int], ...]] = {
     "car": ((40, 44, 56), (200, 200, 204), (130, 134, 140), (110, 28, 32), (32, 48, 92)),
     "shirt": ((70, 62, 80), (160, 150, 130), (40, 40, 44), (120, 40, 40)),
-    "facade": ((150, 142, 128), (176, 168, 150), (128, 120, 112), (160, 150, 148)),
+    "facade": tuple(_camera_tone(c) for c in _SOURCE_VARIANTS["facade"]),
 }
 
 TEXTURES: tuple[str, ...] = (

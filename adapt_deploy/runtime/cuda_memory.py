@@ -1,0 +1,143 @@
+"""CUDA memory and one stream for the TensorRT backend: cuda-python, or torch where it is.
+
+Both give the same small interface: device allocations (addresses for
+`IExecutionContext.set_tensor_address`), pinned host buffers seen as numpy arrays, async
+copies on one non-default stream, and a synchronize. cuda-python (`cuda.bindings.runtime`, as
+TensorRT's own samples use) is preferred; torch's CUDA tensors serve where only torch is there.
+
+NOT RUN: written against the cuda-python 12/13 runtime bindings and torch.cuda documentation;
+our machines have no GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Protocol
+
+import numpy as np
+
+from adapt_deploy.export.tensorrt import INSTALL_HINT, TensorRTMissingError, import_cudart
+
+
+class CudaMemory(Protocol):
+    stream: int  # the cudaStream_t handle, for execute_async_v3
+
+    def activate(self) -> None: ...  # make the device current on the calling thread
+    def device(self, nbytes: int) -> int: ...
+    def host(self, nbytes: int) -> np.ndarray: ...  # pinned, flat uint8
+    def to_device(self, dst: int, src: np.ndarray, nbytes: int) -> None: ...
+    def to_host(self, dst: np.ndarray, src: int, nbytes: int) -> None: ...
+    def synchronize(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class CudaPythonMemory:
+    """cuda-python: cudaMalloc / cudaMallocHost / cudaMemcpyAsync on a non-blocking stream."""
+
+    def __init__(self, cudart: Any, device: int) -> None:
+        self._rt = cudart
+        self._device = device
+        self._device_ptrs: list[int] = []
+        self._host_ptrs: list[int] = []
+        self.activate()
+        self._stream = self._call(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
+        self.stream = int(self._stream)
+
+    def _call(self, result: tuple[Any, ...]) -> Any:
+        err, *values = result
+        if err != self._rt.cudaError_t.cudaSuccess:
+            name = self._rt.cudaGetErrorName(err)[1]
+            raise RuntimeError(f"CUDA error on device {self._device}: {name}")
+        return values[0] if len(values) == 1 else tuple(values)
+
+    def activate(self) -> None:
+        self._call(self._rt.cudaSetDevice(self._device))
+
+    def device(self, nbytes: int) -> int:
+        ptr = int(self._call(self._rt.cudaMalloc(max(nbytes, 1))))
+        self._device_ptrs.append(ptr)
+        return ptr
+
+    def host(self, nbytes: int) -> np.ndarray:
+        ptr = int(self._call(self._rt.cudaMallocHost(max(nbytes, 1))))
+        self._host_ptrs.append(ptr)
+        return np.ctypeslib.as_array((ctypes.c_uint8 * max(nbytes, 1)).from_address(ptr))
+
+    def to_device(self, dst: int, src: np.ndarray, nbytes: int) -> None:
+        kind = self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._call(self._rt.cudaMemcpyAsync(dst, src.ctypes.data, nbytes, kind, self._stream))
+
+    def to_host(self, dst: np.ndarray, src: int, nbytes: int) -> None:
+        kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._call(self._rt.cudaMemcpyAsync(dst.ctypes.data, src, nbytes, kind, self._stream))
+
+    def synchronize(self) -> None:
+        self._call(self._rt.cudaStreamSynchronize(self._stream))
+
+    def close(self) -> None:
+        self.synchronize()
+        for ptr in self._device_ptrs:
+            self._rt.cudaFree(ptr)
+        for ptr in self._host_ptrs:
+            self._rt.cudaFreeHost(ptr)
+        self._rt.cudaStreamDestroy(self._stream)
+        self._device_ptrs, self._host_ptrs = [], []
+
+
+class TorchCudaMemory:
+    """torch: uint8 CUDA tensors as device memory, pinned CPU tensors, a torch.cuda.Stream."""
+
+    def __init__(self, torch: Any, device: int) -> None:
+        self._torch = torch
+        self._device = torch.device("cuda", device)
+        self._tensors: dict[int, Any] = {}
+        self._stream_obj = torch.cuda.Stream(self._device)
+        self.stream = int(self._stream_obj.cuda_stream)
+
+    def activate(self) -> None:
+        self._torch.cuda.set_device(self._device)
+
+    def device(self, nbytes: int) -> int:
+        tensor = self._torch.empty(max(nbytes, 1), dtype=self._torch.uint8, device=self._device)
+        self._tensors[tensor.data_ptr()] = tensor
+        return tensor.data_ptr()
+
+    def host(self, nbytes: int) -> np.ndarray:
+        tensor = self._torch.empty(max(nbytes, 1), dtype=self._torch.uint8, pin_memory=True)
+        self._tensors[tensor.data_ptr()] = tensor
+        return tensor.numpy()
+
+    def _copy(self, dst: Any, src: Any) -> None:
+        with self._torch.cuda.stream(self._stream_obj):
+            dst.copy_(src, non_blocking=True)
+
+    def to_device(self, dst: int, src: np.ndarray, nbytes: int) -> None:
+        """`src` starts at a buffer from `host` (kept pinned: the copy is truly async)."""
+        self._copy(self._tensors[dst][:nbytes], self._tensors[src.ctypes.data][:nbytes])
+
+    def to_host(self, dst: np.ndarray, src: int, nbytes: int) -> None:
+        self._copy(self._tensors[dst.ctypes.data][:nbytes], self._tensors[src][:nbytes])
+
+    def synchronize(self) -> None:
+        self._stream_obj.synchronize()
+
+    def close(self) -> None:
+        self.synchronize()
+        self._tensors.clear()
+
+
+def open_memory(device: int) -> CudaMemory:
+    """cuda-python's memory on `device`, else torch's; TensorRTMissingError when neither."""
+    cudart = import_cudart()
+    if cudart is not None:
+        return CudaPythonMemory(cudart, device)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None and torch.cuda.is_available():
+        return TorchCudaMemory(torch, device)
+    raise TensorRTMissingError(
+        "the TensorRT backend needs cuda-python (pip install cuda-python) or a CUDA build of "
+        f"torch to move data to the GPU; {INSTALL_HINT}"
+    )

@@ -1,0 +1,51 @@
+"""The demo's last step: export the adapted model and stream a synthetic dashcam video through it.
+
+Both steps are reused when run again: the bundle while it was exported from the same checkpoint,
+the overlay while it was made from the same bundle and video.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from adapt_deploy.export.bundle import load_meta, sha256_file
+from adapt_deploy.progress import Reporter
+from adapt_deploy.stream.pipeline import StreamOptions, StreamSummary, stream
+from adapt_deploy.stream.sources import open_source
+
+
+def export_demo_bundle(checkpoint: Path, bundle: Path, reporter: Reporter) -> Path:
+    """`bundle` exported from `checkpoint`, reused when it already holds that checkpoint."""
+    from adapt_deploy.export.pipeline import export_bundle
+
+    exported = (bundle / "meta.json").is_file() and load_meta(bundle)["checkpoint"]["sha256"]
+    if exported == sha256_file(checkpoint):
+        reporter.log(f"  reusing the bundle in {bundle}")
+        return bundle
+    return export_bundle(checkpoint, bundle, force=True, reporter=reporter).bundle
+
+
+def stream_demo_video(
+    checkpoint: Path, video: Path, out: Path, reporter: Reporter | None = None
+) -> StreamSummary:
+    """Export `checkpoint` to OUT/bundle and stream `video` to OUT/stream/overlay.mp4 (with
+    stats.jsonl and summary.json beside it)."""
+    from adapt_deploy.runtime import Segmenter
+
+    reporter = reporter or Reporter()
+    bundle = export_demo_bundle(Path(checkpoint), Path(out) / "bundle", reporter)
+    directory = Path(out) / "stream"
+    overlay, summary_file = directory / "overlay.mp4", directory / "summary.json"
+    made_from = {"bundle": sha256_file(bundle / "meta.json"), "video": sha256_file(video)}
+    if overlay.is_file() and summary_file.is_file():
+        saved = json.loads(summary_file.read_text())
+        if saved.pop("made_from", None) == made_from:
+            reporter.log(f"  reusing the overlay video {overlay}")
+            return StreamSummary(**saved)
+    options = StreamOptions(out=overlay, stats=directory / "stats.jsonl")
+    with Segmenter.from_bundle(bundle) as segmenter:
+        summary = stream(open_source(str(video)), segmenter, options, reporter)
+    summary_file.write_text(json.dumps({**asdict(summary), "made_from": made_from}, indent=2))
+    return summary

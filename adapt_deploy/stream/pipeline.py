@@ -1,0 +1,369 @@
+"""`adapt-deploy stream`: decode, segment and write in three overlapping stages.
+
+    reader thread ──Channel──▶ inference thread ──Channel──▶ calling thread: render, write, show
+
+Files and folders go through bounded channels: every frame is processed, in order, and a slow
+stage holds the others back. For live sources the reader's channel holds one frame that a newer
+one replaces (newest wins; the replaced frames are counted as dropped). A stop (Ctrl-C, SIGTERM,
+`q` in the window) ends reading, starts no new inference, writes what is already segmented and
+releases the video, so the output plays.
+"""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+import numpy as np
+
+from adapt_deploy.errors import UserError
+from adapt_deploy.progress import Reporter
+from adapt_deploy.stream.channel import Channel
+from adapt_deploy.stream.outputs import (
+    LabelWriter,
+    StatsWriter,
+    VideoSink,
+    Window,
+    check_destinations,
+)
+from adapt_deploy.stream.render import colour_table, overlay
+from adapt_deploy.stream.sources import Frame, Source, open_source
+
+LATENCY_WINDOW = 100_000  # latency percentiles are over the last this many frames
+
+
+class SegmenterLike(Protocol):
+    """What the pipeline needs of `adapt_deploy.runtime.Segmenter`."""
+
+    classes: list[str]
+    palette: np.ndarray
+
+    def __call__(self, frame: np.ndarray) -> Any: ...
+
+
+@dataclass
+class StreamOptions:
+    """The options of `adapt-deploy stream` (see its --help)."""
+
+    out: Path | None = None
+    labels_dir: Path | None = None
+    stats: Path | None = None
+    backend: str = "auto"
+    precision: str = "auto"
+    max_frames: int | None = None
+    show: bool = False
+    alpha: float = 0.5
+    fps: float | None = None  # of an image folder, or of a source that does not say
+    reconnect_timeout: float = 30.0
+    queue_size: int = 2  # frames waiting between two stages; more only adds latency
+
+    def check(self) -> None:
+        """UserError naming the option when a value is out of range."""
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"--alpha must be between 0 and 1, got {self.alpha}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise UserError(f"--max-frames must be at least 1, got {self.max_frames}")
+        if self.fps is not None and self.fps <= 0:
+            raise UserError(f"--fps must be positive, got {self.fps}")
+        if self.reconnect_timeout < 0:
+            raise UserError(f"--reconnect-timeout must be >= 0, got {self.reconnect_timeout}")
+
+
+@dataclass
+class StreamSummary:
+    """What a stream did: frame counts, rates, latencies, outputs and why it ended."""
+
+    source: str
+    live: bool
+    frames: int = 0  # segmented and written
+    decoded: int = 0
+    dropped: int = 0  # live: decoded, then replaced by a newer frame before inference
+    skipped: int = 0  # could not be decoded
+    resized: int = 0  # written to the overlay video at another size than the first frame's
+    reconnects: int = 0
+    lost: bool = False  # a live source that did not come back
+    seconds: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)  # decode → labels: p50, p95
+    infer_ms: dict[str, float] = field(default_factory=dict)  # the backend's own: p50, p95
+    stopped_by: str | None = None  # "SIGINT", "SIGTERM", "window", or None (ran to its end)
+    signal: int | None = None  # the number of the signal that stopped it
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        """The summary as printed by the CLI."""
+        lines = [
+            f"{self.frames} frames from {self.source} in {self.seconds:.1f} s: "
+            f"{self.fps:.1f} frames/s ({self.decoded} decoded, {self.dropped} dropped, "
+            f"{self.skipped} unreadable skipped)",
+            f"latency decode→labels p50 {self.latency_ms.get('p50', 0):.1f} ms, "
+            f"p95 {self.latency_ms.get('p95', 0):.1f} ms; inference p50 "
+            f"{self.infer_ms.get('p50', 0):.1f} ms, p95 {self.infer_ms.get('p95', 0):.1f} ms",
+        ]
+        if self.live:
+            lines.append(f"reconnects: {self.reconnects}" + (" (then lost)" if self.lost else ""))
+        if self.resized:
+            lines.append(f"{self.resized} frames of another size resized into the overlay video")
+        lines += [f"{name}: {path}" for name, path in self.outputs.items()]
+        if self.stopped_by:
+            lines.append(f"stopped by {self.stopped_by}: the outputs hold every frame done so far")
+        return lines
+
+
+class _Outputs:
+    """The stream's sinks, opened together and closed together."""
+
+    def __init__(self, options: StreamOptions, fps: float, segmenter: SegmenterLike) -> None:
+        self.video = VideoSink(options.out, fps) if options.out else None
+        self.labels = LabelWriter(options.labels_dir) if options.labels_dir else None
+        self.stats = StatsWriter(options.stats, segmenter.classes) if options.stats else None
+        self.window = Window() if options.show else None
+        self.table = colour_table(segmenter.palette)
+        self.alpha = options.alpha
+        named = {"overlay": options.out, "labels": options.labels_dir, "stats": options.stats}
+        self.paths = {name: str(path) for name, path in named.items() if path is not None}
+
+    def write(self, frame: Frame, segmentation: Any, latency: float, infer: float) -> bool:
+        """Write one frame everywhere; False when the window asks to stop."""
+        if self.labels:
+            self.labels.write(frame.index, segmentation.labels)
+        if self.stats:
+            self.stats.write(frame.index, frame.timestamp, latency, infer, segmentation.presence)
+        if self.video or self.window:
+            image = overlay(frame.image, segmentation.labels, self.table, self.alpha)
+            if self.video:
+                self.video.write(image)
+            if self.window:
+                return self.window.show(image)
+        return True
+
+    def close(self) -> None:
+        if self.video:
+            self.video.release()
+        if self.stats:
+            self.stats.close()
+        if self.window:
+            self.window.close()
+
+
+def stream(
+    source: Source,
+    segmenter: SegmenterLike,
+    options: StreamOptions | None = None,
+    reporter: Reporter | None = None,
+    stop: threading.Event | None = None,
+) -> StreamSummary:
+    """Run `source` through `segmenter` into the outputs of `options`; closes `source`.
+
+    `stop` (set from another thread or a signal handler) ends the stream cleanly.
+    """
+    options = options or StreamOptions()
+    options.check()
+    check_destinations(options.out, options.labels_dir, options.stats)
+    reporter = reporter or Reporter()
+    stop = stop or threading.Event()
+    summary = StreamSummary(source.name, source.live)
+    frames: Channel[Frame] = Channel(
+        1 if source.live else options.queue_size, newest_wins=source.live
+    )
+    results: Channel[tuple[Frame, Any, float]] = Channel(options.queue_size)
+    errors: list[BaseException] = []
+    decoded = [0]
+    reader = threading.Thread(
+        target=_read,
+        args=(source, frames, stop, options.max_frames, decoded, errors),
+        name="stream-reader",
+        daemon=True,  # a camera read can block; it must not keep the process alive
+    )
+    infer = threading.Thread(
+        target=_infer,
+        args=(segmenter, frames, results, stop, options.max_frames, errors),
+        name="stream-inference",
+        daemon=True,
+    )
+    outputs = None
+    start = time.perf_counter()
+    try:
+        outputs = _Outputs(options, source.fps, segmenter)
+        reader.start()
+        infer.start()
+        _write_all(results, outputs, summary, source, options, reporter, stop)
+    finally:
+        frames.close()
+        results.close()
+        if infer.ident is not None:
+            infer.join()
+        if outputs is not None:
+            outputs.close()
+        if reader.ident is not None:
+            reader.join(timeout=5.0)
+        if not reader.is_alive():  # else it is stuck in a device read: leave the device to it
+            source.close()
+    summary.seconds = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    assert outputs is not None
+    summary.decoded = decoded[0]
+    summary.dropped = frames.dropped
+    summary.skipped = source.skipped
+    summary.reconnects = source.reconnects
+    summary.lost = source.lost
+    summary.resized = outputs.video.resized if outputs.video else 0
+    summary.outputs = outputs.paths
+    return summary
+
+
+def _read(
+    source: Source,
+    frames: Channel[Frame],
+    stop: threading.Event,
+    max_frames: int | None,
+    decoded: list[int],
+    errors: list[BaseException],
+) -> None:
+    """Decode into `frames` until the source ends, a stop, or `max_frames` (files)."""
+    try:
+        for frame in source.frames(stop):
+            decoded[0] += 1
+            if not frames.put(frame):
+                break
+            if not source.live and max_frames and decoded[0] >= max_frames:
+                break
+    except BaseException as exc:
+        errors.append(exc)
+    finally:
+        frames.close()
+
+
+def _infer(
+    segmenter: SegmenterLike,
+    frames: Channel[Frame],
+    results: Channel[tuple[Frame, Any, float]],
+    stop: threading.Event,
+    max_frames: int | None,
+    errors: list[BaseException],
+) -> None:
+    """Segment frames until the reader ends, a stop or `max_frames`; no new frame after a stop."""
+    done = 0
+    try:
+        while not stop.is_set() and (frame := frames.get()) is not None:
+            segmentation = segmenter(frame.image)
+            if not results.put((frame, segmentation, time.perf_counter())):
+                break
+            done += 1
+            if max_frames and done >= max_frames:
+                break
+    except BaseException as exc:
+        errors.append(exc)
+    finally:
+        frames.close()
+        results.close()
+
+
+def _write_all(
+    results: Channel[tuple[Frame, Any, float]],
+    outputs: _Outputs,
+    summary: StreamSummary,
+    source: Source,
+    options: StreamOptions,
+    reporter: Reporter,
+    stop: threading.Event,
+) -> None:
+    """The calling thread's stage: outputs, progress and latency statistics."""
+    total = None if source.live else source.total
+    if options.max_frames:
+        total = min(total or options.max_frames, options.max_frames)
+    latency: deque[float] = deque(maxlen=LATENCY_WINDOW)
+    infer: deque[float] = deque(maxlen=LATENCY_WINDOW)
+    shown, start = 0, time.perf_counter()
+    with reporter.task(f"streaming {source.name}", total):
+        while (item := results.get()) is not None:
+            frame, segmentation, done = item
+            latency.append(done - frame.captured)
+            infer.append(float(segmentation.timings.get("total", float("nan"))))
+            if not outputs.write(frame, segmentation, latency[-1], infer[-1]):
+                stop.set()
+                summary.stopped_by = "window"
+            summary.frames += 1
+            position = summary.frames if source.live else frame.index + 1
+            rate = summary.frames / max(time.perf_counter() - start, 1e-9)
+            reporter.advance(position - shown, status=f"{rate:.1f} frames/s")
+            shown = position
+    summary.latency_ms = _percentiles(latency)
+    summary.infer_ms = _percentiles(infer)
+
+
+def _percentiles(seconds: deque[float]) -> dict[str, float]:
+    values = [s for s in seconds if s == s]  # drop NaN
+    if not values:
+        return {}
+    ms = np.asarray(values) * 1000.0
+    return {
+        "p50": float(statistics.median(ms.tolist())),
+        "p95": float(np.percentile(ms, 95)),
+    }
+
+
+class SignalStop:
+    """While active, SIGINT and SIGTERM set `event` (the stream ends cleanly and its video is
+    finalized); a second signal raises KeyboardInterrupt at once. Main thread only."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, event: threading.Event | None = None) -> None:
+        self.event = event or threading.Event()
+        self.signum: int | None = None
+        self._previous: dict[int, Callable | int | None] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.event.set()
+
+    def __enter__(self) -> SignalStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def run_stream(
+    spec: str, bundle: Path, options: StreamOptions, reporter: Reporter | None = None
+) -> StreamSummary:
+    """The CLI path: check the outputs, open the source and bundle, stream until the end or a
+    signal. `summary.stopped_by` names the signal that ended it, if one did."""
+    from adapt_deploy.runtime import Segmenter
+
+    options.check()
+    check_destinations(options.out, options.labels_dir, options.stats)
+    source = open_source(spec, options.fps, options.reconnect_timeout)
+    try:
+        segmenter = Segmenter.from_bundle(
+            bundle, backend=options.backend, precision=options.precision
+        )
+    except BaseException:
+        source.close()
+        raise
+    with segmenter, SignalStop() as signals:
+        summary = stream(source, segmenter, options, reporter, stop=signals.event)
+    if signals.signum is not None:
+        summary.signal = signals.signum
+        summary.stopped_by = signal.Signals(signals.signum).name
+    return summary

@@ -1,0 +1,40 @@
+"""Tiny checkpoints and bundles shared by the export, runtime and stream tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adapt_deploy.config import ExperimentConfig, from_dict
+from adapt_deploy.models.checkpoints import build_model, checkpoint_meta
+from adapt_deploy.models.checkpoints import save_checkpoint as save_weights
+
+RGB_INPUT = {"color_order": "RGB", "mean": [123.7, 116.3, 103.5], "std": [58.4, 57.1, 57.4]}
+CAFFE_INPUT = {"color_order": "BGR", "mean": [104.008, 116.669, 122.679], "std": [1.0, 1.0, 1.0]}
+# Shape ranges of the shared `tiny_bundle` (N, H, W): small, so frames outside are resized.
+TINY_SHAPES = {"min": [1, 16, 16], "opt": [1, 64, 96], "max": [4, 256, 512]}
+
+
+def tiny_config(
+    input_spec: dict, num_classes: int = 19, backbone: str = "resnet18", width: int = 8
+) -> ExperimentConfig:
+    """A config of a small DeepLab (ResNet-18 at width 8 by default)."""
+    return from_dict(
+        {
+            "name": "tiny",
+            "input": input_spec,
+            "model": {"backbone": backbone, "width": width, "num_classes": num_classes},
+            "data": {"val": {"kind": "cityscapes", "root": ".", "split": "val", "size": [32, 64]}},
+        }
+    )
+
+
+def write_checkpoint(
+    path: Path, input_spec: dict = RGB_INPUT, seed: int = 0, width: int = 8
+) -> Path:
+    """A randomly initialised tiny DeepLab saved as train saves it."""
+    torch.manual_seed(seed)
+    config = tiny_config(input_spec, width=width)
+    save_weights(path, build_model(config.model), checkpoint_meta(config, 0))
+    return path
