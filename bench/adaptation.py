@@ -4,9 +4,9 @@ Writes bench/results/adaptation.md (mIoU mean ± std and gap closed per method).
     python -m bench.adaptation [--work DIR] [--seeds 0 1 2] [--methods ...] [--set key=value]
                                [--protocol finetune|scratch] [--name adaptation] [--threads N]
 
-Finished runs are reused (work/runs/METHOD_seedS/result.json), so two processes with one thread
-each and disjoint --methods can share a work dir on a 2-core machine; a last call with every
-method then only collects the table.
+Finished runs are reused (work/runs/METHOD_seedS/result.json), so one process per seed
+(`--seeds S --threads 1`, after a first call has written the data and labels) can share a work
+dir on a multi-core machine; a last call with every seed then only collects the tables.
 """
 
 from __future__ import annotations
