@@ -20,6 +20,7 @@ import pytest
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
+from adapt_deploy.atomic import atomic_write
 from adapt_deploy.cli import app
 from adapt_deploy.export.bundle import BundleError, load_meta, sha256_file
 from adapt_deploy.export.engine_files import (
@@ -27,7 +28,6 @@ from adapt_deploy.export.engine_files import (
     EngineMismatchError,
     EngineRecord,
     Platform,
-    atomic_write,
     check_compatible,
     engine_path,
     gpu_slug,

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from adapt_deploy.atomic import atomic_write, atomic_write_json
 from adapt_deploy.data.labels import (
     CITYSCAPES_LABEL_TO_TRAIN,
     CLASS_NAMES,
@@ -79,14 +80,6 @@ def spec_to_json(spec: SynthSpec) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    """Write bytes to `path` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _png_bytes(array: np.ndarray) -> bytes:
     """PNG encoding (fast compression) of a gray or RGB uint8 array."""
     bgr = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array
@@ -113,11 +106,6 @@ def _palette_png_bytes(label_ids: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_json(path: Path, obj: dict) -> None:
-    """Write a JSON file atomically."""
-    _atomic_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
 # ---------------------------------------------------------------------------------------------
 # Jobs: one image (and label) per job, so jobs can run in worker processes
 # ---------------------------------------------------------------------------------------------
@@ -141,9 +129,9 @@ def _run_job(job: _Job) -> np.ndarray:
     cv2.setNumThreads(1)
     image, train_ids = render_image(job.seed, job.domain, job.index, *job.size)
     label_ids = train_ids_to_label_ids(train_ids)
-    _atomic_bytes(Path(job.image_path), _png_bytes(image))
+    atomic_write(Path(job.image_path), _png_bytes(image))
     data = _palette_png_bytes(label_ids) if job.palette_label else _png_bytes(label_ids)
-    _atomic_bytes(Path(job.label_path), data)
+    atomic_write(Path(job.label_path), data)
     return np.bincount(train_ids.reshape(-1), minlength=256).astype(np.int64)
 
 
@@ -247,7 +235,7 @@ def _write_video(out: Path, spec: SynthSpec, k: int, progress: Progress | None) 
             render_video(spec.seed, spec.video_frames, h, w, schedule, video=k, fps=spec.video_fps)
         ):
             writer.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-            _atomic_bytes(root / name / "labels" / f"{frame:06d}.png", _png_bytes(label))
+            atomic_write(root / name / "labels" / f"{frame:06d}.png", _png_bytes(label))
             total += np.bincount(label.reshape(-1), minlength=256)
             if progress:
                 progress(stage, frame + 1, spec.video_frames)
@@ -268,7 +256,7 @@ def _write_video(out: Path, spec: SynthSpec, k: int, progress: Progress | None) 
         ],
         "labels": f"{name}/labels/{{frame:06d}}.png (trainIds, 255 = ignore)",
     }
-    _atomic_json(root / f"{name}.json", meta)
+    atomic_write_json(root / f"{name}.json", meta)
     return total
 
 
@@ -389,5 +377,5 @@ def write_benchmark(
             "target": float((train + val)[255] / max((train + val).sum(), 1)),
         },
     }
-    _atomic_json(out / MANIFEST, manifest)
+    atomic_write_json(out / MANIFEST, manifest)
     return manifest

@@ -10,8 +10,8 @@ and stored there too, so every run of a method sees the same annotation.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from adapt_deploy.atomic import atomic_write
 from adapt_deploy.data.labels import IGNORE_INDEX
 from adapt_deploy.data.segmentation import SegmentationDataset, image_size
 from adapt_deploy.errors import DatasetError
@@ -91,10 +92,9 @@ class ClassStats:
 
     def save(self, path: Path) -> None:
         """Write atomically (npz of names and counts; no pickled objects)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, names=np.asarray(self.names, dtype=str), counts=self.counts)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        np.savez(buffer, names=np.asarray(self.names, dtype=str), counts=self.counts)
+        atomic_write(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> ClassStats:
@@ -148,10 +148,7 @@ def draw_points(
 
 def save_points(points: dict[str, list[list[int]]], sizes: dict[str, list[int]], path: Path):
     """Write point labels with each label's (height, width), atomically, as JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"points": points, "sizes": sizes}))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({"points": points, "sizes": sizes}))
 
 
 def load_points(path: Path) -> tuple[dict[str, list[list[int]]], dict[str, list[int]]]:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapt_deploy.atomic import atomic_write
 from adapt_deploy.errors import UserError
 
 ENGINES_DIR = "engines"
@@ -133,20 +132,6 @@ def read_timing_cache(path: Path) -> bytes:
         return Path(path).read_bytes()
     except FileNotFoundError:
         return b""
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write to a temp file beside `path`, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,13 +29,13 @@ from types import ModuleType
 from typing import Any
 
 from adapt_deploy import __version__
+from adapt_deploy.atomic import atomic_write
 from adapt_deploy.errors import UserError
 from adapt_deploy.export.bundle import load_meta
 from adapt_deploy.export.engine_files import (
     EngineError,
     EngineRecord,
     Platform,
-    atomic_write,
     engine_path,
     layer_report_path,
     parse_version,

@@ -12,13 +12,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from adapt_deploy.atomic import atomic_write_json
 from adapt_deploy.errors import UserError
 
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "cuda_kernels"
@@ -177,10 +177,7 @@ def _write_manifest(build: Build) -> None:
         "cuda": torch.version.cuda,
         "digest": source_digest(),
     }
-    fd, tmp = tempfile.mkstemp(dir=build.directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(tmp, build.directory / MANIFEST)
+    atomic_write_json(build.directory / MANIFEST, data)
 
 
 def find_build(capabilities: Sequence[tuple[int, int]], root: Path | None = None) -> Build | None:
