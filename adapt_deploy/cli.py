@@ -232,6 +232,17 @@ def export_cmd(
     refit: Annotated[
         bool, typer.Option(help="Build a refittable engine (implies --engine).")
     ] = False,
+    source_data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Labelled source data (a root of the checkpoint's data.source kind) for the "
+            "adaptation package that `stream --adapt` needs (default: the checkpoint config's "
+            "data.source.root, when it exists)."
+        ),
+    ] = None,
+    adapt_images: Annotated[
+        int, typer.Option(help="Source images the adaptation package's statistics use.")
+    ] = 200,
 ) -> None:
     """Export a checkpoint to a deployment bundle: ONNX, parity-checked, with samples."""
     from adapt_deploy.export.pipeline import build_engines_after_export, export_bundle, parse_shape
@@ -240,7 +251,17 @@ def export_cmd(
     shapes = {k: parse_shape(v, f"--{k}-shape") for k, v in options.items() if v is not None}
     reporter = _reporter()
     result = export_bundle(
-        checkpoint, out, fp16, logits, layout, shapes, opset, force, reporter=reporter
+        checkpoint,
+        out,
+        fp16,
+        logits,
+        layout,
+        shapes,
+        opset,
+        force,
+        reporter=reporter,
+        source_data=source_data,
+        adapt_images=adapt_images,
     )
     summary = result.meta["parity"]["summary"]
     for precision, row in summary.items():
@@ -349,14 +370,61 @@ def stream(
     reconnect_timeout: Annotated[
         float, typer.Option(help="Seconds a dropped live source is retried before giving up.")
     ] = 30.0,
+    adapt: Annotated[
+        bool,
+        typer.Option(
+            help="Keep adapting the model on the frames (background worker, pseudo-weak labels); "
+            "needs a bundle exported with --source-data."
+        ),
+    ] = False,
+    adapt_every: Annotated[
+        int | None,
+        typer.Option(help="Adapt on every K-th frame (and when a shift is detected). [default: 4]"),
+    ] = None,
+    adapt_params: Annotated[
+        str | None,
+        typer.Option(help="What learns: bn (BN affine), bn+head, or all. [default: bn]"),
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate of the adapter (SGD). [default: 0.01]")
+    ] = None,
+    threshold: Annotated[
+        str | None,
+        typer.Option(
+            help="Pseudo-weak label threshold: 'auto' (per class, calibrated on the source at "
+            "export) or a presence value in (0, 1) for every class. [default: auto]"
+        ),
+    ] = None,
+    reset_policy: Annotated[
+        str | None,
+        typer.Option(
+            help="When to return to the bundle's weights: collapse, periodic:N (updates), "
+            "collapse+periodic:N, or none. [default: collapse]"
+        ),
+    ] = None,
+    adapt_state: Annotated[
+        Path | None,
+        typer.Option(help="Adapter state file: resumed when it exists, written at the end."),
+    ] = None,
+    adapt_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of wall time the adapter may be busy; frames beyond it are skipped "
+            "(counted). [default: 0.15]"
+        ),
+    ] = None,
 ) -> None:
     """Segment a video, camera, network stream or image folder; Ctrl-C finishes the outputs."""
     from adapt_deploy.stream import StreamOptions, run_stream
+    from adapt_deploy.tta.session import setup_from_flags
 
     options = StreamOptions(
         out, labels_dir, stats, backend, precision, max_frames, show, alpha, fps, reconnect_timeout
     )
-    summary = run_stream(source, bundle, options, reporter=_reporter())
+    setup = setup_from_flags(
+        adapt, adapt_every, adapt_params, lr, threshold, reset_policy, adapt_state, adapt_budget
+    )
+    summary = run_stream(source, bundle, options, reporter=_reporter(), adapt=setup)
     for line in summary.lines():
         console.print(escape(line), highlight=False)
     if summary.signal is not None:  # the shell convention for a run ended by a signal

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,3 +39,28 @@ def write_checkpoint(
     config = tiny_config(input_spec, width=width)
     save_weights(path, build_model(config.model), checkpoint_meta(config, 0))
     return path
+
+
+def write_source_checkpoint(
+    path: Path, source_root: Path, size: tuple[int, int] = (36, 64), seed: int = 0
+) -> Path:
+    """A tiny DeepLab whose config's data.source is the GTA5-layout `source_root` (as a run
+    trained on it records), resized to `size` = (height, width)."""
+    torch.manual_seed(seed)
+    config = tiny_config(RGB_INPUT)
+    config.data.source.root, config.data.source.size = str(source_root), list(size)
+    save_weights(path, build_model(config.model), checkpoint_meta(config, 0))
+    return path
+
+
+def corrupting(fold: Callable) -> Callable:
+    """`tta.folding.fold` with the first classifier branch's weight scaled 20x: a broken push
+    that the runtime's sample check must reject."""
+
+    def corrupted(module, pairs):
+        folded = fold(module, pairs)
+        weight, bias = folded["head.branches.0"]
+        folded["head.branches.0"] = (weight * 20.0, bias)
+        return folded
+
+    return corrupted

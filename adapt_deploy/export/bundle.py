@@ -135,6 +135,27 @@ def _check_models(where: Path, meta: dict[str, Any]) -> None:
             _check_relative(where, f"models.{name}.files", rel)
 
 
+def _check_adaptation(where: Path, adaptation: Any) -> None:
+    """The optional `adaptation` block; its `package` (written with source data) names files
+    inside the bundle, each with a sha256."""
+    if not isinstance(adaptation, dict):
+        raise _fail(where, "adaptation", "a JSON object", type(adaptation).__name__)
+    package = adaptation.get("package")
+    if package is None:
+        return
+    if not isinstance(package, dict):
+        raise _fail(where, "adaptation.package", "a JSON object", type(package).__name__)
+    files = package.get("files")
+    if not isinstance(files, dict) or not all(isinstance(h, str) for h in files.values()):
+        raise _fail(where, "adaptation.package.files", "a {path: sha256} map", files)
+    for rel in files:
+        _check_relative(where, "adaptation.package.files", rel)
+    for key in ("checkpoint", "source_stats"):
+        _check_relative(where, f"adaptation.package.{key}", package.get(key))
+        if package[key] not in files:
+            raise _fail(where, f"adaptation.package.{key}", "a file listed in its 'files'", 0)
+
+
 def validate_meta(meta: Any, where: Path) -> dict[str, Any]:
     """Check a parsed meta.json against schema 1; BundleError naming the field otherwise."""
     if not isinstance(meta, dict):
@@ -176,6 +197,8 @@ def validate_meta(meta: Any, where: Path) -> dict[str, Any]:
         if not isinstance(sample, dict) or "file" not in sample:
             raise _fail(where, f"samples[{i}]", "an object with 'file'", sample)
         _check_relative(where, f"samples[{i}].file", sample["file"])
+    if "adaptation" in meta:
+        _check_adaptation(where, meta["adaptation"])
     return meta
 
 

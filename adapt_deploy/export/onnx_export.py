@@ -159,6 +159,7 @@ def export_onnx(
     if single:
         proto = onnx.load(str(path))
         _name_output_dims(proto)
+        _separate_conv_weights(proto, model.model)
         onnx.save(proto, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     data = path.with_name(path.name + ".data")
@@ -180,3 +181,12 @@ def _name_output_dims(proto: onnx.ModelProto) -> None:
         for dim, name in zip(dims[2:], ("logits_height", "logits_width"), strict=False):
             if dim.dim_param:
                 dim.dim_param = name
+
+
+def _separate_conv_weights(proto: onnx.ModelProto, model: DeepLab) -> None:
+    """Give every conv its own weight and bias initializers (a zero bias where the exporter
+    dropped an all-zero one, a copy where it merged equal tensors of different convs): on-device
+    adaptation refits exactly these tensors, and a built TensorRT engine cannot be rewired."""
+    from adapt_deploy.tta.folding import build_folding_map, own_initializers
+
+    own_initializers(proto, build_folding_map(model, proto))

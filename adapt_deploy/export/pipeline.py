@@ -6,8 +6,10 @@ after the parity gates pass, so a bundle on disk is always complete and checked.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import importlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,11 @@ import numpy as np
 import onnx
 
 from adapt_deploy import __version__
+from adapt_deploy.config import ExperimentConfig
+from adapt_deploy.data.datasets import build_dataset
 from adapt_deploy.data.labels import CLASS_NAMES, PALETTE
-from adapt_deploy.errors import UserError
+from adapt_deploy.data.segmentation import SegmentationDataset
+from adapt_deploy.errors import DatasetError, UserError
 from adapt_deploy.export.bundle import (
     SCHEMA_VERSION,
     check_destination,
@@ -40,7 +45,10 @@ from adapt_deploy.export.parity import VERIFY_TOLERANCES, check_parity, raise_on
 from adapt_deploy.export.precision import convert_to_mixed_fp16
 from adapt_deploy.export.verify import OrtRunner
 from adapt_deploy.models.checkpoints import load_checkpoint, read_checkpoint
+from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.progress import Reporter
+from adapt_deploy.tta.package import write_package
+from adapt_deploy.tta.source_stats import compute_source_stats
 
 MAX_OPSET = 21  # onnxruntime 1.18, the oldest the package accepts, reads up to opset 21
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
@@ -118,6 +126,48 @@ def _write_fp16(fp32_path: Path, out: Path) -> list[Path]:
     return [out] + ([data] if data.exists() else [])
 
 
+def _check_source_data(path: Path | None, images: int) -> None:
+    """--source-data must be a readable directory and --adapt-images positive, before any work."""
+    if images < 1:
+        raise UserError(f"--adapt-images must be at least 1, got {images}")
+    if path is None:
+        return
+    if not Path(path).is_dir():
+        raise UserError(f"--source-data: directory not found: {path}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UserError(f"--source-data: directory not readable: {path}")
+
+
+def _source_dataset(
+    config: ExperimentConfig, source_data: Path | None, reporter: Reporter
+) -> tuple[ExperimentConfig, SegmentationDataset | None]:
+    """The labelled source split for the adaptation package: `source_data` (a root of the
+    config's data.source kind), else the config's own root when it exists; None (and one log
+    line saying how to get a package) when there is neither."""
+    entry = config.data.source
+    if source_data is None and not Path(entry.root).is_dir():
+        reporter.log(
+            f"no adaptation package in this bundle: the checkpoint's source data "
+            f"({entry.kind} at {entry.root}) is not here, and `stream --adapt` needs it; "
+            "export with --source-data DIR to add one"
+        )
+        return config, None
+    entry = dataclasses.replace(entry, root=str(source_data or entry.root))
+    try:
+        dataset = build_dataset(entry, labels=True)
+    except DatasetError as exc:
+        if source_data is not None:
+            raise  # asked for: the error names the path and the layout expected
+        reporter.log(
+            f"no adaptation package in this bundle: the checkpoint's source data {entry.root} "
+            f"is not a labelled {entry.kind} dataset ({str(exc).splitlines()[0]}); "
+            "export with --source-data DIR to add one"
+        )
+        return config, None
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, source=entry))
+    return config, dataset
+
+
 def export_bundle(
     checkpoint: Path,
     out: Path,
@@ -128,8 +178,15 @@ def export_bundle(
     opset: int = OPSET,
     force: bool = False,
     reporter: Reporter | None = None,
+    source_data: Path | None = None,
+    adapt_images: int = 200,
 ) -> ExportResult:
-    """Export a checkpoint to a checked bundle at `out` (see DESIGN.md §4, Bundle)."""
+    """Export a checkpoint to a checked bundle at `out` (see DESIGN.md §4, Bundle).
+
+    With labelled source data (`source_data`, else the checkpoint config's data.source root
+    when it exists) the bundle also gets its adaptation package (adapt/: the checkpoint and
+    source statistics over `adapt_images` images), which `stream --adapt` needs.
+    """
     reporter = reporter or Reporter()
     layout = layout.upper()
     if layout not in ("NHWC", "NCHW"):
@@ -137,6 +194,7 @@ def export_bundle(
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UserError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
     check_destination(Path(out), force)  # before any work
+    _check_source_data(source_data, adapt_images)
     checkpoint = Path(checkpoint)
     ckpt_meta = read_checkpoint(checkpoint)["meta"]
     model, config = load_checkpoint(checkpoint)
@@ -146,6 +204,8 @@ def export_bundle(
     graph = GraphSpec(layout=layout, logits=logits, lse_k=config.adapt.lse_k)
     deploy = DeployModel(model, config.input, graph)
     spec = input_meta(config.input, graph)
+    stats_config, source = _source_dataset(config, source_data, reporter)
+    checkpoint_sha = sha256_file(checkpoint)
 
     with staged_directory(Path(out), force) as tmp:
         reporter.log(f"exporting {checkpoint} to ONNX (opset {opset})")
@@ -179,7 +239,7 @@ def export_bundle(
             "precision": list(models),
             "checkpoint": {
                 "file": checkpoint.name,
-                "sha256": sha256_file(checkpoint),
+                "sha256": checkpoint_sha,
                 "method": config.train.method,
                 "backbone": config.model.backbone,
                 "width": config.model.width,
@@ -199,9 +259,41 @@ def export_bundle(
             "tolerances": {p: VERIFY_TOLERANCES[p] for p in models},
             "samples": samples,
         }
+        if source is not None:
+            meta["adaptation"]["package"] = _adaptation_package(
+                tmp, checkpoint, checkpoint_sha, model, stats_config, source, adapt_images, reporter
+            )
         write_meta(tmp, meta)
     reporter.log(f"wrote {out}")
     return ExportResult(Path(out), meta)
+
+
+def _adaptation_package(
+    directory: Path,
+    checkpoint: Path,
+    checkpoint_sha: str,
+    model: DeepLab,
+    config: ExperimentConfig,
+    source: SegmentationDataset,
+    images: int,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    """Source statistics and the checkpoint under directory/adapt/; the meta.json block."""
+    stats = compute_source_stats(model, config, source, images, reporter)
+    package = write_package(directory, checkpoint, stats)
+    if package["files"][package["checkpoint"]] != checkpoint_sha:
+        raise UserError(f"{checkpoint} changed while it was being exported; export it again")
+    summary = package["summary"]
+    reporter.log(
+        f"adaptation package: source statistics of {stats.images} images of {stats.source}; "
+        f"pseudo-weak label F1 {_fmt(summary['mean_f1'])} at calibrated thresholds vs "
+        f"{_fmt(summary['mean_f1_at_t'])} at T={stats.global_threshold} (mean over classes)"
+    )
+    return package
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _write_samples(directory: Path, samples: list[dict[str, np.ndarray]]) -> list[dict[str, Any]]:

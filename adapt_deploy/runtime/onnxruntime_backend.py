@@ -44,9 +44,12 @@ def require_cuda(what: str) -> None:
         )
 
 
-def create_session(path: Path, cuda_device: int | None = None, threads: int | None = None) -> Any:
+def create_session(
+    path: Path | bytes, cuda_device: int | None = None, threads: int | None = None
+) -> Any:
     """An InferenceSession on CPU, or on CUDA device `cuda_device` with CPU fallback for ops
-    the CUDA provider lacks. `threads` caps intra-op CPU threads (default: all cores)."""
+    the CUDA provider lacks. `threads` caps intra-op CPU threads (default: all cores). `path`
+    may also be a serialized model (on-device adaptation pushes updated weights that way)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -57,7 +60,8 @@ def create_session(path: Path, cuda_device: int | None = None, threads: int | No
     if cuda_device is not None:
         require_cuda(f"device cuda:{cuda_device}")
         providers.insert(0, (CUDA_PROVIDER, {"device_id": cuda_device}))
-    return ort.InferenceSession(str(path), options, providers=providers)
+    source = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(source, options, providers=providers)
 
 
 @dataclass
@@ -78,7 +82,7 @@ class OnnxRuntimeBackend:
 
     def __init__(
         self,
-        model: Path,
+        model: Path | bytes,
         layout: str,
         num_classes: int,
         precision: str,
@@ -87,8 +91,9 @@ class OnnxRuntimeBackend:
     ) -> None:
         self.session = create_session(model, cuda_device, threads)
         if cuda_device is not None and CUDA_PROVIDER not in self.session.get_providers():
+            where = "the serialized model" if isinstance(model, bytes) else model
             raise UserError(
-                f"{model}: ONNX Runtime could not start its CUDA provider on device "
+                f"{where}: ONNX Runtime could not start its CUDA provider on device "
                 f"{cuda_device} (its log says why: usually missing CUDA or cuDNN libraries)"
             )
         self.precision = precision

@@ -163,6 +163,23 @@ class Segmenter:
             results.append(Segmentation(frame_labels, presence[i].copy(), timings))
         return results
 
+    def swap_backend(self, new: Backend) -> Backend:
+        """Run `new` (same backend kind, precision and device) from the next call on and return
+        the one it replaces, for the caller to close or keep. The swap happens between two calls
+        (under the lock), so on-device adaptation can push checked weights without a gap."""
+        current = (self.backend, self.precision, self.device)
+        if (new.name, new.precision, new.device) != current:
+            raise ValueError(
+                f"swap_backend: expected a {current[0]} backend ({current[1]}, {current[2]}), "
+                f"got {new.name} ({new.precision}, {new.device})"
+            )
+        with self._lock:
+            old = self._impl
+            if old is None:
+                raise UserError("this Segmenter is closed")
+            self._impl = new
+        return old
+
     def close(self) -> None:
         """Release the backend (sessions, engines, device memory); later calls fail."""
         with self._lock:

@@ -1,10 +1,11 @@
 """PyTorch backend: the bundle's source checkpoint run eagerly (fp32), for comparison and for
 on-device adaptation, which needs the PyTorch model anyway.
 
-A bundle does not carry PyTorch weights (the target needs no torch). The checkpoint that was
-exported, recorded in meta.json `checkpoint` (file name and sha256), is looked for inside the
-bundle directory and beside it; without it this backend is a clear error. The graph is the
-exported one (`DeployModel`), so labels and presence mean the same as the ONNX outputs.
+The checkpoint that was exported, recorded in meta.json `checkpoint` (file name and sha256),
+is looked for in the bundle's adaptation package (adapt/, written when export had the source
+data), in the bundle directory and beside it; without it this backend is a clear error. The
+graph is the exported one (`DeployModel`), so labels and presence mean the same as the ONNX
+outputs.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from adapt_deploy.runtime.backend import Shape, ShapeCache, graph_shape, input_d
 
 
 def find_checkpoint(bundle: Path, meta: dict[str, Any]) -> Path:
-    """The checkpoint meta.json names, in the bundle or its parent directory, hash-checked."""
+    """The checkpoint meta.json names, in bundle/adapt/, the bundle or its parent, hash-checked."""
     bundle = Path(bundle)
     recorded = meta["checkpoint"]
     name, expected = Path(str(recorded.get("file", ""))).name, recorded.get("sha256", "")
-    candidates = [bundle / name, bundle.parent / name] if name else []
+    candidates = [bundle / "adapt" / name, bundle / name, bundle.parent / name] if name else []
     for path in candidates:
         if not path.is_file():
             continue

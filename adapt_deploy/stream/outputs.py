@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import cv2
 import numpy as np
@@ -143,6 +143,12 @@ class StatsWriter:
             },
         }
         self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def write_event(self, event: dict[str, Any]) -> None:
+        """An adaptation event line: {"event": kind, "frame": index, ...}."""
+        assert self._file is not None
+        self._file.write(json.dumps(event) + "\n")
         self._file.flush()
 
     def close(self) -> None:

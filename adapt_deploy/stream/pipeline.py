@@ -7,6 +7,10 @@ stage holds the others back. For live sources the reader's channel holds one fra
 one replaces (newest wins; the replaced frames are counted as dropped). A stop (Ctrl-C, SIGTERM,
 `q` in the window) ends reading, starts no new inference, writes what is already segmented and
 releases the video, so the output plays.
+
+With adaptation (`adapter`, a `tta.worker.AdaptWorker`), the inference thread offers each
+segmented frame to the adapter's background worker, which never holds inference up (frames
+it has no time for are skipped and counted); its events go to the stats file.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -36,6 +40,10 @@ from adapt_deploy.stream.outputs import (
 )
 from adapt_deploy.stream.render import colour_table, overlay
 from adapt_deploy.stream.sources import Frame, Source, open_source
+
+if TYPE_CHECKING:
+    from adapt_deploy.tta.session import AdaptSetup
+    from adapt_deploy.tta.worker import AdaptWorker
 
 LATENCY_WINDOW = 100_000  # latency percentiles are over the last this many frames
 
@@ -96,6 +104,7 @@ class StreamSummary:
     stopped_by: str | None = None  # "SIGINT", "SIGTERM", "window", or None (ran to its end)
     signal: int | None = None  # the number of the signal that stopped it
     outputs: dict[str, str] = field(default_factory=dict)
+    adaptation: list[str] = field(default_factory=list)  # the adapter's summary lines
 
     @property
     def fps(self) -> float:
@@ -115,6 +124,7 @@ class StreamSummary:
             lines.append(f"reconnects: {self.reconnects}" + (" (then lost)" if self.lost else ""))
         if self.resized:
             lines.append(f"{self.resized} frames of another size resized into the overlay video")
+        lines += self.adaptation
         lines += [f"{name}: {path}" for name, path in self.outputs.items()]
         if self.stopped_by:
             lines.append(f"stopped by {self.stopped_by}: the outputs hold every frame done so far")
@@ -148,6 +158,12 @@ class _Outputs:
                 return self.window.show(image)
         return True
 
+    def events(self, events: list[dict[str, Any]]) -> None:
+        """Adaptation events into the stats file (if any)."""
+        if self.stats:
+            for event in events:
+                self.stats.write_event(event)
+
     def close(self) -> None:
         if self.video:
             self.video.release()
@@ -163,10 +179,12 @@ def stream(
     options: StreamOptions | None = None,
     reporter: Reporter | None = None,
     stop: threading.Event | None = None,
+    adapter: AdaptWorker | None = None,
 ) -> StreamSummary:
     """Run `source` through `segmenter` into the outputs of `options`; closes `source`.
 
-    `stop` (set from another thread or a signal handler) ends the stream cleanly.
+    `stop` (set from another thread or a signal handler) ends the stream cleanly. `adapter`
+    (started here, closed by the caller) adapts the segmenter's model on the frames.
     """
     options = options or StreamOptions()
     options.check()
@@ -188,7 +206,7 @@ def stream(
     )
     infer = threading.Thread(
         target=_infer,
-        args=(segmenter, frames, results, stop, options.max_frames, errors),
+        args=(segmenter, frames, results, stop, options.max_frames, errors, adapter),
         name="stream-inference",
         daemon=True,
     )
@@ -196,14 +214,18 @@ def stream(
     start = time.perf_counter()
     try:
         outputs = _Outputs(options, source.fps, segmenter)
+        if adapter is not None:
+            adapter.start()
         reader.start()
         infer.start()
-        _write_all(results, outputs, summary, source, options, reporter, stop)
+        _write_all(results, outputs, summary, source, options, reporter, stop, adapter)
     finally:
         frames.close()
         results.close()
         if infer.ident is not None:
             infer.join()
+        if adapter is not None:
+            adapter.close()
         if outputs is not None:
             outputs.close()
         if reader.ident is not None:
@@ -253,12 +275,15 @@ def _infer(
     stop: threading.Event,
     max_frames: int | None,
     errors: list[BaseException],
+    adapter: AdaptWorker | None = None,
 ) -> None:
     """Segment frames until the reader ends, a stop or `max_frames`; no new frame after a stop."""
     done = 0
     try:
         while not stop.is_set() and (frame := frames.get()) is not None:
             segmentation = segmenter(frame.image)
+            if adapter is not None:
+                adapter.offer(frame.image, segmentation.presence, frame.index)
             if not results.put((frame, segmentation, time.perf_counter())):
                 break
             done += 1
@@ -279,8 +304,9 @@ def _write_all(
     options: StreamOptions,
     reporter: Reporter,
     stop: threading.Event,
+    adapter: AdaptWorker | None = None,
 ) -> None:
-    """The calling thread's stage: outputs, progress and latency statistics."""
+    """The calling thread's stage: outputs, progress, latency statistics, adaptation events."""
     total = None if source.live else source.total
     if options.max_frames:
         total = min(total or options.max_frames, options.max_frames)
@@ -295,11 +321,16 @@ def _write_all(
             if not outputs.write(frame, segmentation, latency[-1], infer[-1]):
                 stop.set()
                 summary.stopped_by = "window"
+            if adapter is not None:
+                outputs.events(adapter.events())
             summary.frames += 1
             position = summary.frames if source.live else frame.index + 1
             rate = summary.frames / max(time.perf_counter() - start, 1e-9)
             reporter.advance(position - shown, status=f"{rate:.1f} frames/s")
             shown = position
+    if adapter is not None:
+        adapter.close()
+        outputs.events(adapter.events())
     summary.latency_ms = _percentiles(latency)
     summary.infer_ms = _percentiles(infer)
 
@@ -345,25 +376,58 @@ class SignalStop:
 
 
 def run_stream(
-    spec: str, bundle: Path, options: StreamOptions, reporter: Reporter | None = None
+    spec: str,
+    bundle: Path,
+    options: StreamOptions,
+    reporter: Reporter | None = None,
+    adapt: AdaptSetup | None = None,
 ) -> StreamSummary:
-    """The CLI path: check the outputs, open the source and bundle, stream until the end or a
-    signal. `summary.stopped_by` names the signal that ended it, if one did."""
+    """The CLI path: check the outputs, open the source and bundle (and the adapter, with
+    `adapt`), stream until the end or a signal. `summary.stopped_by` names the signal that
+    ended it, if one did. A source that yields no frame is a UserError."""
     from adapt_deploy.runtime import Segmenter
 
     options.check()
     check_destinations(options.out, options.labels_dir, options.stats)
+    if adapt is not None:
+        from adapt_deploy.tta.session import check_state_path
+
+        check_state_path(adapt.state)
     source = open_source(spec, options.fps, options.reconnect_timeout)
+    segmenter = worker = None
     try:
         segmenter = Segmenter.from_bundle(
             bundle, backend=options.backend, precision=options.precision
         )
+        if adapt is not None:
+            from adapt_deploy.tta.session import open_adaptation
+
+            worker = open_adaptation(bundle, segmenter, adapt, reporter)
     except BaseException:
         source.close()
+        if segmenter is not None:
+            segmenter.close()
         raise
     with segmenter, SignalStop() as signals:
-        summary = stream(source, segmenter, options, reporter, stop=signals.event)
+        summary = stream(source, segmenter, options, reporter, signals.event, worker)
+    if summary.frames == 0 and signals.signum is None and summary.stopped_by is None:
+        _no_frames(spec, summary, options)
+    if worker is not None and adapt is not None:
+        from adapt_deploy.tta.session import finish_adaptation
+
+        summary.adaptation = finish_adaptation(worker, adapt, summary.frames)
     if signals.signum is not None:
         summary.signal = signals.signum
         summary.stopped_by = signal.Signals(signals.signum).name
     return summary
+
+
+def _no_frames(spec: str, summary: StreamSummary, options: StreamOptions) -> None:
+    """UserError for a stream that segmented nothing; its empty stats file is removed."""
+    stats = Path(options.stats) if options.stats is not None else None
+    if stats is not None and stats.is_file() and stats.stat().st_size == 0:
+        stats.unlink()
+    raise UserError(
+        f"{spec}: no usable frames ({summary.decoded} decoded, {summary.skipped} unreadable); "
+        "nothing was written"
+    )

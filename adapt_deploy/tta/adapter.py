@@ -1,0 +1,350 @@
+"""OnlineAdapter: a PyTorch copy of the deployed model that learns from the frames it is shown.
+
+One update (`step(frame)`), as a mean teacher (CoTTA) driven by weak labels (Eq. 2, 7):
+
+1. The teacher (an EMA of the student; the weights the runtime runs) segments the frame; its
+   class presence p_c (sigmoid of LSE pooling) gives pseudo-weak labels y_c = [p_c > T_c].
+   T_c is calibrated per class on the source at export (`SourceStats.thresholds`): the
+   uncalibrated presence is above the paper's global T = 0.2 for every class in every image.
+   The cut is applied to the LSE value itself (`lse_thresholds`), where it can be resolved.
+2. The student (BN statistics mixed source/test, see `bn`) segments the same frame and is
+   trained on: the weak-label loss of its presence against y, shifted so that T_c sits at 0.5;
+   optionally the entropy of its predictions on the teacher's confident pixels, or those pixels'
+   teacher labels as pixel pseudo-labels (cross-entropy); optionally the
+   cosine distance of its attention-pooled class features (Eq. 3) to the source prototypes of
+   the present classes — a stand-in for the category discriminators, which need source images.
+3. Stochastic restore, the EMA teacher update and the collapse check (see `safety`).
+
+Only the chosen parameters train (BN affine by default), so an update is cheap.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adapt_deploy.adapt.losses import weak_label_loss
+from adapt_deploy.config import InputConfig
+from adapt_deploy.data.normalize import normalize
+from adapt_deploy.models.deeplab import DeepLab
+from adapt_deploy.ops.pooling import attention_pool, lse_pool
+from adapt_deploy.tta.bn import MixedBatchNorm2d, deployed_statistics, mix_batchnorms, set_adapting
+from adapt_deploy.tta.options import AdaptOptions
+from adapt_deploy.tta.safety import (
+    CollapseMonitor,
+    Observation,
+    all_finite,
+    ema_update,
+    stochastic_restore,
+)
+from adapt_deploy.tta.source_stats import SourceStats
+
+STATE_FORMAT = "adapt-deploy/tta-state"
+STATE_VERSION = 1
+PREDICTED_SHARE = 0.001  # a class is predicted when it holds this share of the argmax pixels
+NEVER = 1e4  # the LSE cut of a class never present on the source: it is never pseudo-labelled
+
+
+@dataclass
+class StepReport:
+    """What one update did."""
+
+    update: int
+    loss: float
+    losses: dict[str, float]
+    observation: Observation
+    seconds: float
+    reset: str | None = None  # why the adapter went back to the source weights after it
+
+
+@dataclass
+class Counters:
+    """Totals over the adapter's life (saved with its state)."""
+
+    updates: int = 0
+    resets: int = 0
+    collapses: int = 0
+    rollbacks: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+class OnlineAdapter:
+    """See the module docstring. Not thread-safe: one thread steps it (see `worker`)."""
+
+    def __init__(
+        self,
+        model: DeepLab,
+        input_spec: InputConfig,
+        stats: SourceStats,
+        options: AdaptOptions,
+        size: tuple[int, int],
+        lse_k: float = 1.0,
+        checkpoint_sha256: str = "",
+    ) -> None:
+        self.options = options.check()
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        self.input_spec = input_spec
+        self.stats = stats
+        self.size = (int(size[0]), int(size[1]))
+        self.lse_k = lse_k
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.device = next(model.parameters()).device
+        model = model.eval()
+        self.source_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        self.student = copy.deepcopy(model).eval()
+        mix_batchnorms(self.student, options.bn_prior, options.bn_momentum)
+        self._mixed = {
+            name: m for name, m in self.student.named_modules() if isinstance(m, MixedBatchNorm2d)
+        }
+        self.trainable = self._select_trainable()
+        names = {id(p): n for n, p in self.student.named_parameters()}
+        self._source_trainable = [self.source_state[names[id(p)]] for p in self.trainable]
+        self.optimizer = torch.optim.SGD(self.trainable, lr=options.lr, momentum=options.momentum)
+        self.monitor = CollapseMonitor(
+            stats.entropy,
+            stats.predicted_classes,
+            entropy_share=options.collapse_entropy,
+            classes_share=options.collapse_classes,
+        )
+        self.generator = torch.Generator().manual_seed(options.seed)
+        self.counters = Counters()
+        self._offsets = self._threshold_offsets()
+        self._prototypes = torch.as_tensor(stats.prototypes, dtype=torch.float32).to(self.device)
+        self._has_prototype = torch.as_tensor(stats.prototype_counts > 0).to(self.device)
+        self._synced = self._snapshot()
+
+    # ----------------------------------------------------------------------------------------
+    # Set-up
+    # ----------------------------------------------------------------------------------------
+
+    def _select_trainable(self) -> list[torch.nn.Parameter]:
+        """Parameters of the chosen set require grad; all others are frozen."""
+        self.student.requires_grad_(False)
+        chosen: list[torch.nn.Parameter] = []
+        if self.options.params == "all":
+            chosen = list(self.student.parameters())
+        else:
+            for layer in self._mixed.values():
+                chosen += [layer.weight, layer.bias]
+            if self.options.params == "bn+head":
+                chosen += list(self.student.head.parameters())
+        for p in chosen:
+            p.requires_grad_(True)
+        return chosen
+
+    def _threshold_offsets(self) -> torch.Tensor:
+        """The LSE value at which each class counts as present: logit(T) for a global --threshold,
+        else the per-class cut calibrated on the source (finite stand-in for never-present)."""
+        if self.options.threshold is not None:
+            t = self.options.threshold
+            cut = np.full(self.stats.num_classes, np.log(t) - np.log1p(-t))
+        else:
+            cut = np.nan_to_num(np.asarray(self.stats.lse_thresholds, np.float64), posinf=NEVER)
+        return torch.as_tensor(cut, dtype=torch.float32).to(self.device)
+
+    # ----------------------------------------------------------------------------------------
+    # One update
+    # ----------------------------------------------------------------------------------------
+
+    def prepare(self, frame: np.ndarray) -> torch.Tensor:
+        """RGB uint8 (H, W, 3) → the network input (1, 3, h, w) at the adaptation size."""
+        image = torch.from_numpy(np.ascontiguousarray(frame)).to(self.device)
+        x = normalize(image.permute(2, 0, 1)[None], self.input_spec)
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(
+                x, size=self.size, mode="bilinear", align_corners=False, antialias=True
+            )
+        return x.contiguous()
+
+    def pseudo_labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """y_c = [p_c > T_c] from logits (N, C, h, w), as float (N, C) (compared before the
+        sigmoid, which saturates at 1.0 in float32 for confident classes)."""
+        return (lse_pool(logits, self.lse_k) > self._offsets).float()
+
+    def observe(self, logits: torch.Tensor, present: torch.Tensor) -> Observation:
+        """Entropy and class counts of one frame's logits (1, C, h, w)."""
+        log_p = F.log_softmax(logits, dim=1)
+        entropy = -(log_p.exp() * log_p).sum(1).mean() / math.log(logits.shape[1])
+        share = torch.bincount(logits.argmax(1).flatten(), minlength=logits.shape[1])
+        share = share.float() / share.sum()
+        predicted = int((share >= PREDICTED_SHARE).sum())
+        return Observation(float(entropy), predicted, int(present.sum()))
+
+    def step(self, frame: np.ndarray, shifted: bool = False) -> StepReport:
+        """One update on one RGB uint8 frame (see the module docstring). `shifted`: the frame
+        starts a new condition, so it enters the test statistics with `shift_momentum`."""
+        start = time.perf_counter()
+        options = self.options
+        x = self.prepare(frame)
+        layers = list(self._mixed.values())
+        if shifted:
+            for layer in layers:
+                layer.test_momentum = max(options.bn_momentum, options.shift_momentum)
+        set_adapting(layers, True)
+        try:
+            out = self.student(x)
+        finally:
+            set_adapting(layers, False)
+            for layer in layers:
+                layer.test_momentum = options.bn_momentum
+        with torch.no_grad():  # after the student: the teacher sees this frame's statistics
+            self._copy_statistics()
+            teacher = self.teacher(x)["logits"]
+            present = self.pseudo_labels(teacher)
+        losses = self._losses(out["logits"], out["features"], teacher, present)
+        loss = sum(w * v for w, v in losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            loss.backward()
+            self.optimizer.step()
+        stochastic_restore(self.trainable, self._source_trainable, options.restore, self.generator)
+        self._update_teacher()
+        self.counters.updates += 1
+        observation = self.observe(teacher, present)
+        self.monitor.observe(observation)
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        reason = self.monitor.check(value, all_finite(self.trainable))
+        report = StepReport(
+            self.counters.updates,
+            value,
+            {name: float(v.detach()) for name, (_, v) in losses.items()},
+            observation,
+            0.0,
+        )
+        every = options.reset.every
+        if reason is not None and (options.reset.on_collapse or reason.startswith("non-finite")):
+            self.counters.collapses += 1
+            report.reset = f"collapse: {reason}"
+        elif every and self.counters.updates % every == 0:
+            report.reset = f"periodic: every {every} updates"
+        if report.reset:
+            self.reset(report.reset)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _losses(
+        self,
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        teacher: torch.Tensor,
+        present: torch.Tensor,
+    ) -> dict[str, tuple[float, torch.Tensor]]:
+        """{name: (weight, value)} of the terms with a non-zero weight."""
+        options = self.options
+        terms: dict[str, tuple[float, torch.Tensor]] = {}
+        if options.weak_weight > 0:
+            lse = lse_pool(logits, self.lse_k) - self._offsets
+            terms["weak"] = (options.weak_weight, weak_label_loss(lse, present))
+        if options.entropy_weight > 0 or options.pixel_weight > 0:
+            confidence, teacher_labels = F.softmax(teacher, dim=1).max(1)
+            confident = confidence > options.confidence
+            count = confident.sum().clamp(min=1)
+            log_p = F.log_softmax(logits, dim=1)
+        if options.entropy_weight > 0:
+            entropy = -(log_p.exp() * log_p).sum(1) / math.log(logits.shape[1])
+            terms["entropy"] = (options.entropy_weight, (entropy * confident).sum() / count)
+        if options.pixel_weight > 0:  # the teacher's confident pixels as hard labels
+            picked = log_p.gather(1, teacher_labels[:, None])[:, 0]
+            terms["pixel"] = (options.pixel_weight, -(picked * confident).sum() / count)
+        if options.prototype_weight > 0:
+            pooled = attention_pool(logits.detach(), features)  # (N, C, D)
+            use = present.bool() & self._has_prototype[None]
+            if bool(use.any()):
+                cos = F.cosine_similarity(pooled[use], self._prototypes[use.nonzero()[:, 1]], dim=1)
+                terms["prototype"] = (options.prototype_weight, (1 - cos).mean())
+        return terms
+
+    @torch.no_grad()
+    def _update_teacher(self) -> None:
+        """Teacher weights ← EMA of the student's; its BN statistics ← the student's mixed ones."""
+        teacher = dict(self.teacher.named_parameters())
+        pairs = [(teacher[n], p) for n, p in self.student.named_parameters() if p.requires_grad]
+        if pairs:
+            ema_update([t for t, _ in pairs], [s for _, s in pairs], self.options.ema)
+        self._copy_statistics()
+
+    @torch.no_grad()
+    def _copy_statistics(self) -> None:
+        buffers = dict(self.teacher.named_buffers())
+        for name, value in deployed_statistics(self._mixed).items():
+            buffers[name].copy_(value)
+
+    # ----------------------------------------------------------------------------------------
+    # Resets, rollbacks, state
+    # ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset(self, reason: str) -> None:
+        """Back to the source weights and statistics; the optimizer and monitor start over."""
+        self.student.load_state_dict(self.source_state)
+        for layer in self._mixed.values():
+            layer.reset_statistics()
+        self.teacher.load_state_dict(self.source_state)
+        self.optimizer.state.clear()
+        self.monitor.reset()
+        self.counters.resets += 1
+        key = reason.split(":")[0]
+        self.counters.reasons[key] = self.counters.reasons.get(key, 0) + 1
+
+    def _snapshot(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {
+            "student": {k: v.detach().clone() for k, v in self.student.state_dict().items()},
+            "teacher": {k: v.detach().clone() for k, v in self.teacher.state_dict().items()},
+        }
+
+    def mark_synced(self) -> None:
+        """The runtime now runs the teacher as it is: remember it for rollbacks."""
+        self._synced = self._snapshot()
+
+    @torch.no_grad()
+    def rollback(self) -> None:
+        """Back to the weights the runtime last accepted (after a failed sync)."""
+        self.student.load_state_dict(self._synced["student"])
+        self.teacher.load_state_dict(self._synced["teacher"])
+        self.optimizer.state.clear()
+        self.counters.rollbacks += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: weights, test statistics, optimizer, counters."""
+        c = self.counters
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "params": self.options.params,
+            "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
+            "teacher": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "counters": {
+                "updates": c.updates,
+                "resets": c.resets,
+                "collapses": c.collapses,
+                "rollbacks": c.rollbacks,
+                "reasons": dict(c.reasons),
+            },
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from `state_dict()` output (checked by `state.load_state` first)."""
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        counters = state["counters"]
+        self.counters = Counters(
+            int(counters["updates"]),
+            int(counters["resets"]),
+            int(counters["collapses"]),
+            int(counters["rollbacks"]),
+            {str(k): int(v) for k, v in counters["reasons"].items()},
+        )
+        self.mark_synced()

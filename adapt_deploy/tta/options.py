@@ -1,0 +1,111 @@
+"""The settings of on-device adaptation (`adapt-deploy stream --adapt ...`), checked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adapt_deploy.errors import UserError
+
+PARAM_SETS = ("bn", "bn+head", "all")
+
+
+@dataclass(frozen=True)
+class ResetPolicy:
+    """When the adapter returns to the source weights: on collapse, every N updates, both."""
+
+    on_collapse: bool = True
+    every: int | None = None  # updates
+
+    @classmethod
+    def parse(cls, text: str) -> ResetPolicy:
+        """'collapse' | 'periodic:N' | 'collapse+periodic:N' | 'none'."""
+        on_collapse, every = False, None
+        for part in filter(None, text.strip().lower().split("+")):
+            if part == "collapse":
+                on_collapse = True
+            elif part == "none":
+                continue
+            elif part.startswith("periodic:") and part[9:].isdigit() and int(part[9:]) > 0:
+                every = int(part[9:])
+            else:
+                raise UserError(
+                    f"--reset-policy: expected 'collapse', 'periodic:N', "
+                    f"'collapse+periodic:N' or 'none', got {text!r}"
+                )
+        return cls(on_collapse, every)
+
+    def __str__(self) -> str:
+        parts = (["collapse"] if self.on_collapse else []) + (
+            [f"periodic:{self.every}"] if self.every else []
+        )
+        return "+".join(parts) or "none"
+
+
+@dataclass(frozen=True)
+class AdaptOptions:
+    """What the adapter learns, how fast, how often, and how it stays safe.
+
+    Defaults are the measured default setting of bench/tta.py (see bench/results/tta.md).
+    """
+
+    every: int = 4  # offer every k-th frame (a detected shift offers the frame at once)
+    params: str = "bn"  # "bn" | "bn+head" | "all"
+    lr: float = 1e-2
+    momentum: float = 0.9  # SGD
+    threshold: float | None = None  # global presence threshold T; None: per-class, calibrated
+    weak_weight: float = 1.0  # Eq. 2 on the teacher's pseudo-weak labels
+    entropy_weight: float = 0.0  # entropy on the teacher's confident pixels
+    pixel_weight: float = 0.0  # cross-entropy to the teacher's labels on its confident pixels
+    prototype_weight: float = 0.0  # Eq. 3 pooled features toward the source prototypes
+    confidence: float = 0.9  # teacher softmax above which a pixel is confident
+    bn_prior: float = 0.0  # λ: weight of the source statistics in the normalization
+    bn_momentum: float = 0.5  # weight of each new frame in the test statistics
+    shift_momentum: float = 1.0  # the same for a frame where a shift was detected
+    ema: float = 0.9  # teacher = ema · teacher + (1 − ema) · student
+    restore: float = 0.01  # stochastic restore: share of student weights set back per update
+    reset: ResetPolicy = ResetPolicy()
+    collapse_classes: float = 0.5  # collapse: predicted classes below this share of the source's
+    collapse_entropy: float = 0.25  # collapse: mean entropy below this share of the source's
+    sync_every: int = 1  # push the teacher to the runtime every this many updates
+    budget: float = 0.15  # the worker's busy time at most this share of wall time
+    size: tuple[int, int] | None = None  # (H, W) frames are resized to; None: the bundle's
+    threads: int | None = 1  # torch CPU threads of the adapter (None: torch's default)
+    seed: int = 0
+
+    def check(self) -> AdaptOptions:
+        """UserError naming the flag whose value is out of range; returns self."""
+        bad: list[str] = []
+        if self.every < 1:
+            bad.append(f"--adapt-every must be >= 1, got {self.every}")
+        if self.params not in PARAM_SETS:
+            bad.append(f"--adapt-params must be one of {list(PARAM_SETS)}, got {self.params!r}")
+        if not self.lr > 0:
+            bad.append(f"--lr must be positive, got {self.lr}")
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            bad.append(f"--threshold must be in (0, 1) or 'auto', got {self.threshold}")
+        for name in ("weak_weight", "entropy_weight", "pixel_weight", "prototype_weight"):
+            if getattr(self, name) < 0:
+                bad.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("bn_prior", "bn_momentum", "shift_momentum", "ema", "restore", "confidence"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                bad.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.sync_every < 1:
+            bad.append(f"sync_every must be >= 1, got {self.sync_every}")
+        if not 0.0 < self.budget <= 1.0:
+            bad.append(f"--adapt-budget must be in (0, 1], got {self.budget}")
+        if bad:
+            raise UserError("; ".join(bad))
+        return self
+
+
+def parse_threshold(text: str) -> float | None:
+    """'auto' → None (calibrated per class); a number in (0, 1) → that global T."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise UserError(f"--threshold: expected 'auto' or a number in (0, 1), got {text!r}")
+    return value

@@ -1,0 +1,129 @@
+"""Setting up adaptation for a stream: the bundle's package, the adapter, its saved state, the
+runtime sync and the background worker; and saving the state at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from adapt_deploy.errors import UserError
+from adapt_deploy.export.bundle import load_meta
+from adapt_deploy.progress import Reporter
+from adapt_deploy.tta.options import AdaptOptions, ResetPolicy, parse_threshold
+from adapt_deploy.tta.shift import ShiftDetector
+from adapt_deploy.tta.worker import AdaptWorker
+
+
+@dataclass
+class AdaptSetup:
+    """`adapt-deploy stream --adapt` settings: the options and where the state lives."""
+
+    options: AdaptOptions
+    state: Path | None = None  # --adapt-state: resumed when it exists, written at the end
+    detect_shifts: bool = True
+
+
+def setup_from_flags(
+    adapt: bool,
+    every: int | None = None,
+    params: str | None = None,
+    lr: float | None = None,
+    threshold: str | None = None,
+    reset_policy: str | None = None,
+    state: Path | None = None,
+    budget: float | None = None,
+) -> AdaptSetup | None:
+    """The `stream` flags as an AdaptSetup (None without --adapt); adaptation flags given
+    without --adapt are an error rather than silently ignored."""
+    given = {
+        "--adapt-every": every,
+        "--adapt-params": params,
+        "--lr": lr,
+        "--threshold": threshold,
+        "--reset-policy": reset_policy,
+        "--adapt-state": state,
+        "--adapt-budget": budget,
+    }
+    if not adapt:
+        used = [flag for flag, value in given.items() if value is not None]
+        if used:
+            raise UserError(f"{', '.join(used)} only apply with --adapt")
+        return None
+    defaults = AdaptOptions()
+    options = replace(
+        defaults,
+        every=defaults.every if every is None else every,
+        params=params or defaults.params,
+        lr=defaults.lr if lr is None else lr,
+        threshold=None if threshold is None else parse_threshold(threshold),
+        reset=ResetPolicy.parse(reset_policy) if reset_policy else defaults.reset,
+        budget=defaults.budget if budget is None else budget,
+    )
+    return AdaptSetup(options.check(), state)
+
+
+def check_state_path(path: Path | None) -> None:
+    """Fail before streaming when the state file cannot be written where it is asked."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--adapt-state {path}: is a directory, expected a file name")
+    if not path.parent.is_dir():
+        raise UserError(f"--adapt-state {path}: the directory {path.parent} does not exist")
+
+
+def open_adaptation(
+    bundle: Path, segmenter: Any, setup: AdaptSetup, reporter: Reporter | None = None
+) -> AdaptWorker:
+    """The worker adapting `segmenter`'s model (not started). UserError, with the re-export
+    command, when the bundle lacks what adaptation needs."""
+    from adapt_deploy.models.checkpoints import load_checkpoint
+    from adapt_deploy.tta.adapter import OnlineAdapter
+    from adapt_deploy.tta.package import load_package
+    from adapt_deploy.tta.state import resume
+    from adapt_deploy.tta.sync import make_sync
+
+    reporter = reporter or Reporter()
+    setup.options.check()
+    check_state_path(setup.state)
+    meta = load_meta(Path(bundle))
+    package = load_package(Path(bundle), meta)
+    model, config = load_checkpoint(package.checkpoint)
+    size = setup.options.size or tuple(meta["evaluation"]["size"])
+    adapter = OnlineAdapter(
+        model,
+        config.input,
+        package.stats,
+        setup.options,
+        size=(int(size[0]), int(size[1])),
+        lse_k=package.lse_k,
+        checkpoint_sha256=meta["checkpoint"]["sha256"],
+    )
+    if resume(adapter, setup.state):
+        reporter.log(
+            f"resumed adaptation from {setup.state} ({adapter.counters.updates} updates so far)"
+        )
+    sync = make_sync(segmenter, model, config.input)
+    if adapter.counters.updates:  # the runtime starts from the bundle's weights: catch it up
+        result = sync.push(adapter.teacher)
+        if not result.ok:
+            raise UserError(
+                f"--adapt-state {setup.state}: the runtime rejected the saved weights "
+                f"({result.reason}); delete the file to start from the bundle's weights"
+            )
+    detector = ShiftDetector() if setup.detect_shifts else None
+    return AdaptWorker(adapter, sync, detector)
+
+
+def finish_adaptation(worker: AdaptWorker, setup: AdaptSetup, frames: int) -> list[str]:
+    """Stop the worker and save the state (only when frames were segmented); summary lines."""
+    from adapt_deploy.tta.state import save_state
+
+    summary = worker.close()
+    lines = summary.lines()
+    if setup.state is not None and frames > 0:
+        save_state(worker.adapter, setup.state)
+        lines.append(f"adaptation state: {setup.state}")
+    return lines

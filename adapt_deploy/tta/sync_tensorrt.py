@@ -1,0 +1,151 @@
+"""Pushing adapted weights into a TensorRT Segmenter by refitting a standby engine.
+
+Two engines are deserialized from the same refittable plan: the segmenter runs one while the
+other stands by. A push refits the standby with every re-folded conv weight
+(`Refitter.set_named_weights`, by ONNX initializer name, then `refit_cuda_engine`), checks it on
+the bundle's samples, and swaps it in; the engine it replaces becomes the standby. A rejected
+push leaves the standby with weights that the next push overwrites in full.
+
+NOT RUN: written against the TensorRT 10.x / 11.x Python API (Refitter, get_all_weights,
+get_weights_prototype, set_named_weights, get_missing_weights, refit_cuda_engine, Weights,
+nptype); TensorRT cannot be installed on our machines. What needs no TensorRT (the refittable
+check, the weight preparation) is tested everywhere; tests/test_tta_sync.py runs the rest
+where tensorrt and a GPU exist.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from torch import nn
+
+from adapt_deploy.config import InputConfig
+from adapt_deploy.errors import UserError
+from adapt_deploy.export.bundle import model_path
+from adapt_deploy.export.engine_files import EngineRecord
+from adapt_deploy.export.onnx_export import GraphSpec
+from adapt_deploy.export.tensorrt import detect_platform, import_tensorrt
+from adapt_deploy.runtime.backend import Backend
+from adapt_deploy.runtime.segmenter import Segmenter
+from adapt_deploy.tta.folding import FoldingMap, build_folding_map
+from adapt_deploy.tta.sync import RuntimeSync, SyncFailure
+
+
+def check_refittable(record: EngineRecord, bundle: Path) -> None:
+    """UserError, with the command that fixes it, for an engine built without --refit."""
+    if not record.refittable:
+        fp16 = " --fp16" if record.precision == "fp16" else ""
+        raise UserError(
+            f"{Path(bundle) / 'engines' / record.engine} was built without refit, so adapted "
+            "weights cannot be pushed into it; rebuild it on this machine with "
+            f"`adapt-deploy build-engine {bundle}{fp16} --refit`"
+        )
+
+
+def check_names(fmap: FoldingMap, refittable: set[str], plan: str, bundle: Path) -> None:
+    """UserError when the engine cannot refit some initializer that adaptation changes."""
+    missing = sorted({s.initializer for s in fmap.slots} - refittable)
+    if missing:
+        raise UserError(
+            f"{plan}: {len(missing)} of the weights adaptation changes are not refittable in "
+            f"this engine (e.g. {missing[:3]}); rebuild it with "
+            f"`adapt-deploy build-engine {bundle} --refit`"
+        )
+
+
+def engine_of(backend: Backend) -> Any:
+    """The ICudaEngine inside the runtime's TensorRT backend."""
+    engine = getattr(backend, "_engine", None)
+    if engine is None:
+        raise SyncFailure("the TensorRT backend holds no engine (it was closed)")
+    return engine
+
+
+def refit(
+    trt: Any,
+    engine: Any,
+    values: dict[str, np.ndarray],
+    constants: dict[str, onnx.TensorProto],
+    logger: Any,
+) -> None:
+    """Set every named weight (in the type the engine holds it) and refit the engine. Weights
+    TensorRT then still asks for (fused with ours in an engine built with REFIT) get the ONNX
+    file's values from `constants`. The arrays live until the refit is done."""
+    refitter = trt.Refitter(engine, logger)
+    keep: list[tuple[np.ndarray, Any]] = []
+
+    def put(name: str, value: np.ndarray) -> None:
+        array = np.ascontiguousarray(value)
+        if hasattr(refitter, "get_weights_prototype"):  # TensorRT 10+: the type it holds
+            prototype = refitter.get_weights_prototype(name)
+            array = np.ascontiguousarray(value.astype(trt.nptype(prototype.dtype), copy=False))
+            if array.size != prototype.size:
+                raise SyncFailure(f"{name}: {array.size} values, the engine has {prototype.size}")
+        weights = trt.Weights(array)
+        keep.append((array, weights))
+        if not refitter.set_named_weights(name, weights):
+            raise SyncFailure(f"TensorRT refused the new values of {name} (its log says why)")
+
+    for name, value in values.items():
+        put(name, value)
+    for name in refitter.get_missing_weights():
+        if name not in constants:
+            raise SyncFailure(f"the engine also needs weights {name!r}, which the ONNX lacks")
+        put(name, numpy_helper.to_array(constants[name]))
+    if not refitter.refit_cuda_engine():
+        raise SyncFailure("refit_cuda_engine failed (TensorRT's log says why)")
+    keep.clear()
+
+
+class TensorRTSync(RuntimeSync):
+    """Refit the standby engine, check it, swap; see the module docstring."""
+
+    def __init__(
+        self, segmenter: Segmenter, template: nn.Module, input_config: InputConfig, graph: GraphSpec
+    ) -> None:
+        from adapt_deploy.export.engine_files import read_engine
+        from adapt_deploy.runtime.tensorrt_backend import TensorRTBackend
+
+        super().__init__(segmenter, template, input_config, graph)
+        trt = import_tensorrt()
+        bundle, meta, precision = segmenter.bundle, segmenter.meta, segmenter.precision
+        device = int(segmenter.device.split(":")[1])
+        _, record = read_engine(bundle, meta, precision, detect_platform(trt.__version__, device))
+        check_refittable(record, bundle)
+        proto = onnx.load(str(model_path(bundle, meta, record.onnx_model)))
+        self.map = build_folding_map(template, proto)
+        self._constants = {t.name: t for t in proto.graph.initializer}
+        self._trt = trt
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._standby: Backend | None = TensorRTBackend(bundle, meta, precision, device=device)
+        names = set(trt.Refitter(engine_of(self._standby), self._logger).get_all_weights())
+        check_names(self.map, names, record.engine, bundle)
+
+    def _candidate(self) -> Backend:
+        standby = self._standby
+        if standby is None:
+            raise SyncFailure("no standby TensorRT engine (the sync was closed)")
+        try:
+            values = self.map.initializers(self._ref)
+        except ValueError as exc:  # the exporter shared or dropped an initializer
+            raise SyncFailure(f"{exc}; a built engine cannot take such weights") from None
+        activate = getattr(getattr(standby, "_memory", None), "activate", None)
+        if activate is not None:
+            activate()  # refit on this thread's current device: the engine's
+        refit(self._trt, engine_of(standby), values, self._constants, self._logger)
+        return standby
+
+    def _discard(self, candidate: Backend) -> None:
+        """Kept as the standby: the next push sets all its weights again."""
+
+    def _retire(self, old: Backend) -> None:
+        self._standby = old
+
+    def close(self) -> None:
+        if self._standby is not None:
+            self._standby.close()
+            self._standby = None

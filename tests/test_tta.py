@@ -1,0 +1,324 @@
+"""On-device adaptation end to end: the adapter on a shifted stream, collapse resets, sync to a
+real ONNX Runtime session with rollback, saved state, and `adapt-deploy stream --adapt`.
+
+The model is a tiny DeepLab trained for a few seconds on band scenes whose classes vary from
+image to image (so class presence means something), exported with its adaptation package.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import conftest
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TINY_SHAPES, corrupting, write_source_checkpoint
+from typer.testing import CliRunner
+
+from adapt_deploy.cli import app
+from adapt_deploy.data.datasets import build_dataset
+from adapt_deploy.data.normalize import normalize
+from adapt_deploy.errors import UserError
+from adapt_deploy.export.bundle import load_meta
+from adapt_deploy.export.onnx_export import DeployModel
+from adapt_deploy.export.pipeline import export_bundle
+from adapt_deploy.models.checkpoints import checkpoint_meta, load_checkpoint, save_checkpoint
+from adapt_deploy.runtime import Segmenter
+from adapt_deploy.tta import folding
+from adapt_deploy.tta.adapter import OnlineAdapter
+from adapt_deploy.tta.options import AdaptOptions, ResetPolicy
+from adapt_deploy.tta.package import load_package
+from adapt_deploy.tta.shift import ShiftDetector
+from adapt_deploy.tta.state import load_state, resume, save_state
+from adapt_deploy.tta.sync import graph_spec, make_sync
+from adapt_deploy.tta.worker import AdaptWorker
+
+SIZE = (36, 64)
+BAND_SCENE = conftest.scene  # all six bands; `varied_scene` draws a subset through it
+
+
+def varied_scene(rng: np.random.Generator, height: int, width: int):
+    """conftest's band scene with a random 3 to 6 of its classes."""
+    bands = tuple(rng.choice(conftest.BANDS, int(rng.integers(3, 7)), replace=False))
+    original = conftest.BANDS
+    conftest.BANDS = bands
+    try:
+        return BAND_SCENE(rng, height, width)
+    finally:
+        conftest.BANDS = original
+
+
+def shifted(image: np.ndarray) -> np.ndarray:
+    """A darker, bluer camera: the test domain."""
+    out = image.astype(np.float32) * 0.4 + np.array([10.0, 20.0, 60.0])
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def presence(labels: np.ndarray) -> np.ndarray:
+    counts = np.bincount(labels[labels < 19], minlength=19)[:19]
+    return counts / max(int((labels < 19).sum()), 1) >= 0.001
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(bundle with an adaptation package, its checkpoint): a tiny DeepLab trained 80 steps."""
+    work = tmp_path_factory.mktemp("tta")
+    root = work / "source"
+    scene = conftest.scene
+    conftest.scene = varied_scene  # write_gta5 draws its images with conftest.scene
+    try:
+        conftest.write_gta5(root, 24, size=SIZE)
+    finally:
+        conftest.scene = scene
+    checkpoint = write_source_checkpoint(work / "tiny_source.pt", root, SIZE)
+    model, config = load_checkpoint(checkpoint)
+    data = build_dataset(config.data.source)
+    images = torch.stack([torch.as_tensor(data[i]["image"]) for i in range(len(data))])
+    labels = torch.stack([torch.as_tensor(data[i]["label"]) for i in range(len(data))]).long()
+    torch.manual_seed(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    model.train()
+    for _ in range(80):
+        batch = torch.randint(0, len(data), (4,))
+        logits = model(normalize(images[batch], config.input))["logits"]
+        logits = F.interpolate(logits, size=SIZE, mode="bilinear", align_corners=True)
+        loss = F.cross_entropy(logits, labels[batch], ignore_index=255)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_checkpoint(checkpoint, model.eval(), checkpoint_meta(config, 80))
+    bundle = export_bundle(checkpoint, work / "bundle", shapes=TINY_SHAPES, source_data=root)
+    return bundle.bundle, checkpoint
+
+
+def adapter_for(bundle: Path, **options) -> OnlineAdapter:
+    meta = load_meta(bundle)
+    package = load_package(bundle, meta)
+    model, config = load_checkpoint(package.checkpoint)
+    return OnlineAdapter(
+        model,
+        config.input,
+        package.stats,
+        AdaptOptions(threads=1, **options),
+        SIZE,
+        package.lse_k,
+        meta["checkpoint"]["sha256"],
+    )
+
+
+def presence_accuracy(adapter: OnlineAdapter, frames: list) -> float:
+    """Share of (frame, class) pairs where the teacher's pseudo-weak label is the truth."""
+    hits = []
+    for image, labels in frames:
+        with torch.no_grad():
+            logits = adapter.teacher(adapter.prepare(shifted(image)))["logits"]
+        hits.append(adapter.pseudo_labels(logits)[0].numpy().astype(bool) == presence(labels))
+    return float(np.mean(hits))
+
+
+def test_the_adapter_raises_presence_accuracy_on_a_shifted_stream(trained):
+    bundle, _ = trained
+    adapter = adapter_for(bundle, bn_momentum=0.5)
+    rng = np.random.default_rng(5)
+    stream = [varied_scene(rng, *SIZE) for _ in range(10)]
+    held_out = [varied_scene(rng, *SIZE) for _ in range(10)]
+    before = presence_accuracy(adapter, held_out)
+    for image, _ in stream:
+        report = adapter.step(shifted(image))
+        assert report.reset is None and np.isfinite(report.loss)
+    after = presence_accuracy(adapter, held_out)
+    assert after > before + 0.05, (before, after)
+    assert adapter.counters.updates == 10
+
+
+def test_a_forced_collapse_resets_to_the_source_weights(trained):
+    bundle, _ = trained
+    # entropy minimization at a huge lr on every weight: the way TENT-like updates collapse
+    adapter = adapter_for(bundle, params="all", lr=50.0, entropy_weight=1.0, restore=0.0, ema=0.0)
+    rng = np.random.default_rng(6)
+    reports = [adapter.step(shifted(varied_scene(rng, *SIZE)[0])) for _ in range(8)]
+    resets = [r.reset for r in reports if r.reset]
+    assert resets and resets[0].startswith("collapse")
+    assert adapter.counters.resets >= 1 and adapter.counters.collapses >= 1
+    after = reports.index(next(r for r in reports if r.reset))
+    if after == len(reports) - 1:  # the reset was the last step: the weights are the source's
+        for name, value in adapter.teacher.state_dict().items():
+            torch.testing.assert_close(value, adapter.source_state[name])
+
+
+def test_a_periodic_reset_policy(trained):
+    bundle, _ = trained
+    adapter = adapter_for(bundle, reset=ResetPolicy(on_collapse=True, every=3))
+    rng = np.random.default_rng(7)
+    reports = [adapter.step(shifted(varied_scene(rng, *SIZE)[0])) for _ in range(6)]
+    assert [r.reset is not None for r in reports] == [False, False, True] * 2
+    for name, value in adapter.teacher.state_dict().items():
+        torch.testing.assert_close(value, adapter.source_state[name])
+
+
+def _teacher_outputs(adapter: OnlineAdapter, bundle: Path, frame: np.ndarray):
+    _, config = load_checkpoint(load_package(bundle, load_meta(bundle)).checkpoint)
+    deploy = DeployModel(adapter.teacher, config.input, graph_spec(load_meta(bundle)))
+    with torch.no_grad():
+        labels, presence_ = deploy(torch.from_numpy(frame)[None])
+    return labels[0].numpy(), presence_[0].numpy()
+
+
+def test_updates_reach_onnxruntime_and_a_rejected_push_rolls_back(trained, monkeypatch):
+    bundle, _ = trained
+    adapter = adapter_for(bundle, every=1, bn_momentum=0.5, sync_every=2)
+    rng = np.random.default_rng(8)
+    frames = [shifted(varied_scene(rng, *SIZE)[0]) for _ in range(6)]
+    with Segmenter.from_bundle(bundle, "onnxruntime", "cpu", "fp32", threads=1) as seg:
+        source_out = seg(frames[0])
+        model, config = load_checkpoint(load_package(bundle, load_meta(bundle)).checkpoint)
+        worker = AdaptWorker(adapter, make_sync(seg, model, config.input), inline=True)
+        for i, frame in enumerate(frames[:2]):
+            assert worker.offer(frame, source_out.presence, i) == "adapt"
+        assert worker.summary.syncs == 1 and worker.events()[-1]["event"] == "sync"
+        labels, presence_ = _teacher_outputs(adapter, bundle, frames[0])
+        got = seg(frames[0])
+        np.testing.assert_allclose(got.presence, presence_, atol=1e-4)
+        assert (got.labels == labels).mean() > 0.999
+        assert not np.allclose(got.presence, source_out.presence, atol=1e-3)
+
+        synced = {k: v.clone() for k, v in adapter.teacher.state_dict().items()}
+        monkeypatch.setattr(folding, "fold", corrupting(folding.fold))
+        for i, frame in enumerate(frames[2:4], start=2):
+            worker.offer(frame, source_out.presence, i)
+        failed = worker.events()[-1]
+        assert failed["event"] == "sync_failed" and "sample check" in failed["reason"]
+        assert worker.summary.sync_failures == 1 and adapter.counters.rollbacks == 1
+        for name, value in adapter.teacher.state_dict().items():  # back to what ORT runs
+            torch.testing.assert_close(value, synced[name])
+        np.testing.assert_array_equal(seg(frames[0]).presence, got.presence)
+
+
+def test_saved_state_resumes_and_is_tied_to_its_model(trained, tmp_path):
+    bundle, _ = trained
+    adapter = adapter_for(bundle)
+    rng = np.random.default_rng(9)
+    for _ in range(3):
+        adapter.step(shifted(varied_scene(rng, *SIZE)[0]))
+    path = tmp_path / "state.pt"
+    save_state(adapter, path)
+    again = adapter_for(bundle)
+    assert resume(again, path) and again.counters.updates == 3
+    for name, value in adapter.teacher.state_dict().items():
+        torch.testing.assert_close(again.teacher.state_dict()[name], value)
+    for name, value in adapter.student.state_dict().items():
+        torch.testing.assert_close(again.student.state_dict()[name], value)
+    assert not resume(adapter_for(bundle), tmp_path / "missing.pt")
+    other = adapter_for(bundle)
+    other.checkpoint_sha256 = "f" * 64
+    with pytest.raises(UserError, match="checkpoint_sha256"):
+        load_state(path, other)
+    with pytest.raises(UserError, match="adapt-params"):
+        load_state(path, adapter_for(bundle, params="all"))
+    (tmp_path / "junk.pt").write_bytes(b"not a state")
+    with pytest.raises(UserError, match=r"junk\.pt"):
+        load_state(tmp_path / "junk.pt", adapter)
+
+
+def _video(path: Path, count: int) -> Path:
+    rng = np.random.default_rng(10)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, SIZE[::-1])
+    for _ in range(count):
+        writer.write(cv2.cvtColor(shifted(varied_scene(rng, *SIZE)[0]), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+def test_stream_adapt_writes_events_and_resumes_its_state(trained, tmp_path):
+    bundle, _ = trained
+    video = _video(tmp_path / "drive.avi", 12)
+    state, stats = tmp_path / "state.pt", tmp_path / "stats.jsonl"
+    args = ["stream", str(video), "--bundle", str(bundle), "--stats", str(stats), "--adapt",
+            "--adapt-every", "2", "--adapt-budget", "1.0", "--adapt-state", str(state)]  # fmt: skip
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "adaptation:" in first.output and state.is_file()
+    lines = [json.loads(line) for line in stats.read_text().splitlines()]
+    frames = [r for r in lines if "event" not in r]
+    events = [r for r in lines if "event" in r]
+    assert len(frames) == 12 and {"update"} <= {e["event"] for e in events}
+    updates = torch.load(state, weights_only=True)["counters"]["updates"]
+    assert updates == sum(e["event"] == "update" for e in events) >= 1
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert "resumed adaptation" in second.output
+    assert torch.load(state, weights_only=True)["counters"]["updates"] > updates
+
+
+def test_adapt_needs_a_bundle_with_a_package(tiny_bundle, tmp_path):
+    video = _video(tmp_path / "drive.avi", 3)
+    args = ["stream", str(video), "--bundle", str(tiny_bundle), "--adapt"]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, UserError)  # main() prints it as one line, exit 1
+    assert "no adaptation package" in str(result.exception)
+    assert "--source-data" in str(result.exception)
+
+
+def test_adaptation_flags_without_adapt_are_refused(tiny_bundle, tmp_path):
+    video = _video(tmp_path / "drive.avi", 3)
+    args = ["stream", str(video), "--bundle", str(tiny_bundle), "--adapt-every", "2"]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, UserError)
+    assert "only apply with --adapt" in str(result.exception)
+
+
+def test_a_source_without_usable_frames_writes_nothing(trained, tmp_path):
+    bundle, _ = trained
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(b"not an image")
+    stats, state = tmp_path / "stats.jsonl", tmp_path / "state.pt"
+    args = ["stream", str(folder), "--bundle", str(bundle), "--stats", str(stats), "--adapt",
+            "--adapt-state", str(state)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, UserError)
+    assert "no usable frames" in str(result.exception)
+    assert not stats.exists() and not state.exists()
+
+
+def test_the_worker_skips_frames_over_budget_but_never_a_shift(trained):
+    bundle, _ = trained
+    worker = AdaptWorker(
+        adapter_for(bundle, every=1, budget=1e-6), None, ShiftDetector(warmup=5, cooldown=10)
+    ).start()
+    frame = shifted(varied_scene(np.random.default_rng(11), *SIZE)[0])
+    steady, changed = np.full(19, 0.3), np.full(19, 0.9)
+    assert worker.offer(frame, steady, 0) == "adapt"  # nothing spent yet
+    deadline = time.monotonic() + 60
+    while worker.summary.adapted < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.summary.adapted == 1
+    assert [worker.offer(frame, steady, i) for i in range(1, 6)] == ["budget"] * 5
+    assert worker.offer(frame, changed, 6) == "adapt"  # a detected shift is always adapted
+    summary = worker.close()
+    assert (summary.adapted, summary.skipped_budget, summary.shifts) == (2, 5, 1)
+    assert [e["event"] for e in worker.events()].count("update") == 2
+
+
+def test_every_loss_term_runs_and_only_the_chosen_parameters_move(trained):
+    bundle, _ = trained
+    adapter = adapter_for(
+        bundle, params="bn+head", entropy_weight=1.0, pixel_weight=1.0, prototype_weight=0.5,
+        restore=0.0, confidence=0.5,
+    )  # fmt: skip
+    rng = np.random.default_rng(12)
+    for _ in range(2):
+        report = adapter.step(shifted(varied_scene(rng, *SIZE)[0]))
+    assert set(report.losses) == {"weak", "entropy", "pixel", "prototype"}
+    assert all(np.isfinite(v) for v in report.losses.values())
+    student = adapter.student.state_dict()
+    moved = {k for k, v in adapter.source_state.items() if not torch.equal(student[k], v)}
+    assert any(k.startswith("head.") for k in moved)
+    assert any(k.endswith("bn1.weight") for k in moved)
+    assert not any(k.endswith("conv1.weight") for k in moved)  # convs are not trained
