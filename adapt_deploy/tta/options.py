@@ -69,7 +69,7 @@ class AdaptOptions:
     sync_every: int = 1  # push the teacher to the runtime every this many updates
     budget: float = 0.15  # the worker's busy time at most this share of wall time
     size: tuple[int, int] | None = None  # (H, W) frames are resized to; None: the bundle's
-    threads: int | None = 1  # torch CPU threads of the adapter (None: torch's default)
+    threads: int | None = 1  # torch CPU threads (a per-process setting; None: leave it)
     seed: int = 0
 
     def check(self) -> AdaptOptions:

@@ -92,11 +92,14 @@ def open_adaptation(
     package = load_package(Path(bundle), meta)
     model, config = load_checkpoint(package.checkpoint)
     size = setup.options.size or tuple(meta["evaluation"]["size"])
+    options = setup.options
+    if segmenter.backend == "torch":  # torch's thread pool is per process: leave inference's
+        options = replace(options, threads=None)
     adapter = OnlineAdapter(
         model,
         config.input,
         package.stats,
-        setup.options,
+        options,
         size=(int(size[0]), int(size[1])),
         lse_k=package.lse_k,
         checkpoint_sha256=meta["checkpoint"]["sha256"],
