@@ -2,18 +2,21 @@
 
 One update (`step(frame)`), as a mean teacher (CoTTA) driven by weak labels (Eq. 2, 7):
 
-1. The teacher (an EMA of the student; the weights the runtime runs) segments the frame; its
-   class presence p_c (sigmoid of LSE pooling) gives pseudo-weak labels y_c = [p_c > T_c].
-   T_c is calibrated per class on the source at export (`SourceStats.thresholds`): the
-   uncalibrated presence is above the paper's global T = 0.2 for every class in every image.
-   The cut is applied to the LSE value itself (`lse_thresholds`), where it can be resolved.
-2. The student (BN statistics mixed source/test, see `bn`) segments the same frame and is
-   trained on: the weak-label loss of its presence against y, shifted so that T_c sits at 0.5;
-   optionally the entropy of its predictions on the teacher's confident pixels, or those pixels'
-   teacher labels as pixel pseudo-labels (cross-entropy); optionally the
-   cosine distance of its attention-pooled class features (Eq. 3) to the source prototypes of
-   the present classes — a stand-in for the category discriminators, which need source images.
-3. Stochastic restore, the EMA teacher update and the collapse check (see `safety`).
+1. The student segments the frame. Its BN statistics are mixed source/test (see `bn`), and
+   this frame enters the test average here (with more weight when it starts a shift).
+2. The teacher (an EMA of the student's weights with the student's mixed statistics: what the
+   runtime runs) segments the same frame; its class presence gives pseudo-weak labels
+   y_c = [p_c > T_c]. T_c is calibrated per class on the source at export (`SourceStats`):
+   the uncalibrated presence is above the paper's global T = 0.2 for every class in every
+   image. The cut is applied to the LSE value itself (`lse_thresholds`), where it can be
+   resolved; the sigmoid is exactly 1.0 in float32 for confident classes.
+3. The student is trained on the weak-label loss of its presence against y, shifted so that
+   T_c sits at 0.5; optionally the entropy of its predictions on the teacher's confident
+   pixels, or those pixels' teacher labels as pixel pseudo-labels (cross-entropy); optionally
+   the cosine distance of its attention-pooled class features (Eq. 3) to the source prototypes
+   of the present classes, a stand-in for the category discriminators, which need source
+   images.
+4. Stochastic restore, the EMA teacher update and the collapse check (see `safety`).
 
 Only the chosen parameters train (BN affine by default), so an update is cheap.
 """
