@@ -404,7 +404,9 @@ def stream(
     ] = None,
     adapt_state: Annotated[
         Path | None,
-        typer.Option(help="Adapter state file: resumed when it exists, written at the end."),
+        typer.Option(
+            help="Adapter state file: resumed when it exists, written every minute and at the end."
+        ),
     ] = None,
     adapt_budget: Annotated[
         float | None,

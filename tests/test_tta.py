@@ -322,3 +322,14 @@ def test_every_loss_term_runs_and_only_the_chosen_parameters_move(trained):
     assert any(k.startswith("head.") for k in moved)
     assert any(k.endswith("bn1.weight") for k in moved)
     assert not any(k.endswith("conv1.weight") for k in moved)  # convs are not trained
+
+
+def test_the_worker_saves_its_state_while_adapting(trained, tmp_path):
+    bundle, _ = trained
+    path = tmp_path / "state.pt"
+    worker = AdaptWorker(adapter_for(bundle, every=1), None, inline=True, state=path, save_every=0)
+    frame = shifted(varied_scene(np.random.default_rng(13), *SIZE)[0])
+    worker.offer(frame, np.full(19, 0.5), 0)
+    assert path.is_file()  # a process killed now still resumes from this update
+    again = adapter_for(bundle)
+    assert resume(again, path) and again.counters.updates == 1

@@ -117,7 +117,7 @@ def open_adaptation(
                 f"({result.reason}); delete the file to start from the bundle's weights"
             )
     detector = ShiftDetector() if setup.detect_shifts else None
-    return AdaptWorker(adapter, sync, detector)
+    return AdaptWorker(adapter, sync, detector, state=setup.state)
 
 
 def finish_adaptation(worker: AdaptWorker, setup: AdaptSetup, frames: int) -> list[str]:

@@ -10,7 +10,8 @@ of a new condition matter most right after it starts (HAMLET adapts only then), 
 detector fires at most once per `cooldown` frames. Every `sync_every` updates, and after a
 reset, the teacher is pushed to the runtime; a push the runtime's check rejects rolls the
 adapter back to what the runtime runs.
-Events (updates, syncs, resets, shifts, errors) queue up for the stream's stats file.
+Events (updates, syncs, resets, shifts, errors) queue up for the stream's stats file. With a
+state file, the adapter's state is also saved (atomically) every `save_every` seconds.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -84,9 +86,14 @@ class AdaptWorker:
         sync: SyncLike | None,
         detector: ShiftDetector | None = None,
         inline: bool = False,
+        state: Path | None = None,
+        save_every: float = 60.0,
     ) -> None:
         self.adapter = adapter
         self.inline = inline  # update inside `offer`, every due frame, no budget (benchmarks)
+        self.state = state  # written every `save_every` seconds of updates: a kill loses little
+        self.save_every = save_every
+        self._saved = time.perf_counter()
         self.sync = sync
         self.detector = detector
         self.summary = AdaptSummary()
@@ -187,6 +194,11 @@ class AdaptWorker:
             self._events.put({"event": "reset", "frame": index, "reason": report.reset})
         if self.sync and (report.reset or self._unsynced >= self.adapter.options.sync_every):
             self._push(index)
+        if self.state is not None and time.perf_counter() - self._saved >= self.save_every:
+            from adapt_deploy.tta.state import save_state
+
+            save_state(self.adapter, self.state)
+            self._saved = time.perf_counter()
 
     def _push(self, index: int) -> None:
         assert self.sync is not None
