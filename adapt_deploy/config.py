@@ -30,6 +30,7 @@ METHODS = (
 )
 DATASET_KINDS = ("gta5", "cityscapes", "synthia")
 GAN_MODES = ("bce", "lsgan")
+PSEUDO_CALIBRATIONS = ("none", "source")
 IMAGE_LABEL_MODES = ("fraction", "any")
 COLOR_ORDERS = ("RGB", "BGR")
 
@@ -107,6 +108,7 @@ class AdaptConfig:
     cw_hidden: int = 2048  # hidden width of the category-wise discriminators' MLPs
     ndf: int = 64  # channels of the output-space discriminator's first conv (doubling after)
     pseudo_threshold: float = 0.2  # T of the pseudo-weak labels
+    pseudo_calibration: str = "none"  # none (Eq. 7, the paper) | source (adapt/calibration.py)
     lse_k: float = 1.0  # k of LSE pooling
     dropout: float = 0.1  # applied to the logits before LSE pooling
     gan: str = "bce"  # bce | lsgan
@@ -267,6 +269,11 @@ def validate(config: ExperimentConfig, source: str) -> None:
         (a.ndf > 0, "adapt.ndf", "a positive integer"),
         (0 <= a.dropout < 1, "adapt.dropout", "in [0, 1)"),
         (a.gan in GAN_MODES, "adapt.gan", f"one of {list(GAN_MODES)}"),
+        (
+            a.pseudo_calibration in PSEUDO_CALIBRATIONS,
+            "adapt.pseudo_calibration",
+            f"one of {list(PSEUDO_CALIBRATIONS)}",
+        ),
         (a.image_labels in IMAGE_LABEL_MODES, "adapt.image_labels", f"one of {IMAGE_LABEL_MODES}"),
     ]
     for name in ("source", "target", "val"):

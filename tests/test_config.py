@@ -66,6 +66,7 @@ def test_bad_config_names_the_file(tmp_path):
     [
         ({"adapt": {"lambda_weak": -0.1}}, "adapt.lambda_weak"),
         ({"adapt": {"gan": "w"}}, "adapt.gan"),
+        ({"adapt": {"pseudo_calibration": "target"}}, "adapt.pseudo_calibration"),
     ],
 )
 def test_bad_adaptation_settings_name_the_key(raw, key):

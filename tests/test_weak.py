@@ -87,3 +87,23 @@ def test_weakly_labelled_dataset_adds_labels_and_points(cityscapes_root):
     assert (item["points"] != 255).sum() >= 1
     with pytest.raises(DatasetError, match="points file lacks"):
         WeaklyLabelled(base, labels, {}, {})
+
+
+def test_source_calibrated_thresholds_separate_present_from_absent():
+    from adapt_deploy.adapt.calibration import SourceCalibratedThresholds
+
+    cal = SourceCalibratedThresholds(num_classes=3, threshold=0.2, momentum=0.5)
+    global_cut = float(torch.logit(torch.tensor(0.2)))
+    assert torch.allclose(cal.cuts(), torch.full((3,), global_cut))  # nothing seen yet
+    # class 0 present with LSE ~12 and absent with ~4; class 1 always present; class 2 absent
+    lse = torch.tensor([[12.0, 9.0, 3.0], [4.0, 9.0, 3.0]])
+    labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    cal.update(lse, labels)
+    cuts = cal.cuts()
+    assert cuts[0] == 8.0  # halfway between the present and absent means
+    assert cuts[1] == global_cut and cuts[2] == global_cut  # not seen both ways yet
+    # T = 0.2 calls both images' class 0 present; the calibrated cut only the first
+    assert (torch.sigmoid(lse[:, 0]) > 0.2).all()
+    assert cal.labels(lse)[:, 0].tolist() == [1.0, 0.0]
+    cal.update(torch.tensor([[10.0, 9.0, 3.0]]), torch.tensor([[1.0, 1.0, 0.0]]))
+    assert cal.cuts()[0] == 7.5  # present mean 12 -> 11 with momentum 0.5

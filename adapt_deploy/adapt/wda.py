@@ -11,6 +11,7 @@ from torch import nn
 
 from adapt_deploy.adapt.adaptsegnet import AdaptSegNet
 from adapt_deploy.adapt.base import Batch, Losses
+from adapt_deploy.adapt.calibration import SourceCalibratedThresholds
 from adapt_deploy.adapt.losses import (
     category_adversarial_loss,
     category_discriminator_loss,
@@ -36,17 +37,28 @@ class WeakLabelAdaptation(AdaptSegNet):
             CategoryDiscriminators(model.num_classes, model.feature_dim, config.adapt.cw_hidden),
         )
         self.dropout = nn.Dropout(config.adapt.dropout)
+        self.calibration = (
+            SourceCalibratedThresholds(model.num_classes, config.adapt.pseudo_threshold)
+            if config.adapt.pseudo_calibration == "source"
+            else None
+        )
 
     def target_weak_labels(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
-        """y_t (N, C): pseudo-weak labels from the detached logits."""
-        k = self.config.adapt.lse_k
-        return pseudo_weak_labels(lse_pool(logits.detach(), k), self.config.adapt.pseudo_threshold)
+        """y_t (N, C): pseudo-weak labels from the detached logits (Eq. 7, or with per-class
+        cuts calibrated on the source when adapt.pseudo_calibration is 'source')."""
+        lse = lse_pool(logits.detach(), self.config.adapt.lse_k)
+        if self.calibration is not None:
+            return self.calibration.labels(lse)
+        return pseudo_weak_labels(lse, self.config.adapt.pseudo_threshold)
 
     def _remember_source(self, out, batch: Batch, labels) -> None:
         super()._remember_source(out, batch, labels)
         pooled = attention_pool(out["logits"].detach(), out["features"].detach())
         self._cache["cat_source"] = pooled
         self._cache["y_source"] = batch["image_labels"].to(self.device)
+        if self.calibration is not None:
+            lse = lse_pool(out["logits"].detach(), self.config.adapt.lse_k)
+            self.calibration.update(lse, self._cache["y_source"])
 
     def target_losses(self, batch: Batch) -> Losses:
         a = self.config.adapt
