@@ -15,7 +15,9 @@ from rich.table import Table
 
 from adapt_deploy import __version__
 from adapt_deploy.errors import UserError
+from adapt_deploy.tta.options import AdaptOptions
 
+ADAPT = AdaptOptions()  # the adapter defaults the `stream --adapt` help shows
 app = typer.Typer(
     help="Domain-adaptive semantic segmentation: train, evaluate, export, stream.",
     no_args_is_help=True,
@@ -379,27 +381,29 @@ def stream(
     ] = False,
     adapt_every: Annotated[
         int | None,
-        typer.Option(help="Adapt on every K-th frame (and when a shift is detected). [default: 4]"),
+        typer.Option(
+            help=f"Adapt on every K-th frame and on detected shifts. (default {ADAPT.every})"
+        ),
     ] = None,
     adapt_params: Annotated[
         str | None,
-        typer.Option(help="What learns: bn (BN affine), bn+head, or all. [default: bn]"),
+        typer.Option(help=f"What learns: bn (BN affine), bn+head or all. (default {ADAPT.params})"),
     ] = None,
     lr: Annotated[
-        float | None, typer.Option(help="Learning rate of the adapter (SGD). [default: 0.01]")
+        float | None, typer.Option(help=f"The adapter's SGD learning rate. (default {ADAPT.lr:g})")
     ] = None,
     threshold: Annotated[
         str | None,
         typer.Option(
             help="Pseudo-weak label threshold: 'auto' (per class, calibrated on the source at "
-            "export) or a presence value in (0, 1) for every class. [default: auto]"
+            "export) or a presence value in (0, 1) for every class. (default auto)"
         ),
     ] = None,
     reset_policy: Annotated[
         str | None,
         typer.Option(
             help="When to return to the bundle's weights: collapse, periodic:N (updates), "
-            "collapse+periodic:N, or none. [default: collapse]"
+            f"collapse+periodic:N, or none. (default {ADAPT.reset})"
         ),
     ] = None,
     adapt_state: Annotated[
@@ -412,7 +416,7 @@ def stream(
         float | None,
         typer.Option(
             help="Share of wall time the adapter may be busy; frames beyond it are skipped "
-            "(counted). [default: 0.15]"
+            f"(counted). (default {ADAPT.budget:g})"
         ),
     ] = None,
 ) -> None:
