@@ -1,11 +1,14 @@
 """A perception loop around the runtime's Segmenter: frames in, labels and class presence out.
 
     python examples/perception_loop.py BUNDLE SOURCE [--backend auto] [--device 0]
-        [--max-frames N] [--out DIR]
+        [--max-frames N] [--out DIR] [--adapt]
 
 SOURCE is a video file, a camera index (0) or a folder of images. Frames are read with OpenCV
 (BGR) and passed to the Segmenter as RGB; the robot's own logic goes where this example
 computes the drivable share of the image. With --out, colour overlays are written as PNGs.
+With --adapt (a bundle exported with --source-data; needs torch), a background worker keeps
+adapting the Segmenter's model on the frames, as `adapt-deploy stream --adapt` does: the loop
+only offers each frame, it never waits for the adapter.
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ def read_frames(source: str) -> Iterator[np.ndarray]:
         capture.release()
 
 
+def start_adapter(bundle: str, seg: Segmenter):
+    """The stream's on-device adaptation worker around `seg`, started (needs torch)."""
+    from adapt_deploy.tta.options import AdaptOptions
+    from adapt_deploy.tta.session import AdaptSetup, open_adaptation
+
+    return open_adaptation(Path(bundle), seg, AdaptSetup(AdaptOptions())).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle")
@@ -50,11 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="0")
     parser.add_argument("--max-frames", type=int, default=0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--adapt", action="store_true", help="keep adapting on the frames")
     args = parser.parse_args(argv)
     device = int(args.device) if args.device.isdigit() else args.device
 
     with Segmenter.from_bundle(args.bundle, backend=args.backend, device=device) as seg:
         print(seg)
+        adapter = start_adapter(args.bundle, seg) if args.adapt else None
         table = colour_table(seg.palette)
         threshold = seg.meta.get("adaptation", {}).get("pseudo_threshold", 0.5)
         drivable = [seg.classes.index(c) for c in ("road", "sidewalk") if c in seg.classes]
@@ -65,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
             result = seg(frame)  # labels (H, W) uint8 at the frame's size, presence (C,)
             latencies.append(result.timings["total"])
+            if adapter is not None:
+                adapter.offer(frame, result.presence, i)  # queued or skipped, never waits
             share = float(np.isin(result.labels, drivable).mean())
             present = [seg.classes[c] for c in np.flatnonzero(result.presence > threshold)]
             print(
@@ -76,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 image = overlay(frame, result.labels, table, 0.5)
                 cv2.imwrite(str(args.out / f"{i:06d}.png"), image[:, :, ::-1])
         elapsed = time.perf_counter() - start
+        if adapter is not None:
+            print("\n".join(adapter.close().lines()))
     if latencies:
         print(
             f"{len(latencies)} frames, {len(latencies) / elapsed:.1f} fps end to end, "

@@ -8,6 +8,8 @@ image to image (so class presence means something), exported with its adaptation
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -333,3 +335,18 @@ def test_the_worker_saves_its_state_while_adapting(trained, tmp_path):
     assert path.is_file()  # a process killed now still resumes from this update
     again = adapter_for(bundle)
     assert resume(again, path) and again.counters.updates == 1
+
+
+def test_the_perception_loop_example_adapts_beside_its_loop(trained, tmp_path):
+    bundle, _ = trained
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    rng = np.random.default_rng(14)
+    for i in range(6):
+        image = shifted(varied_scene(rng, *SIZE)[0])
+        cv2.imwrite(str(folder / f"{i}.png"), image[:, :, ::-1])
+    example = Path(__file__).parents[1] / "examples" / "perception_loop.py"
+    command = [sys.executable, str(example), str(bundle), str(folder), "--adapt", "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "6 frames" in result.stdout and "adaptation:" in result.stdout
