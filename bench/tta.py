@@ -399,6 +399,10 @@ def report(
         "",
         f"Default setting (ours): `{options}`",
         "",
+        "seconds: wall time of a method's 10 rounds; the adapter runs torch on 1 thread (its "
+        "default, which also holds for the methods after it), the PyTorch baselines before it on "
+        "--threads.",
+        "",
         "## Mean online mIoU",
         "",
         "| method | mean | round 1 | last round | last - first | clean target at end | "
