@@ -2,7 +2,7 @@
 losses, forward and backward, batched vs the official formulation. Writes
 bench/results/components.md.
 
-    python -m bench.components [--repeats 5] [--batches 1 2]
+    python -m bench.components [--repeats 5] [--batches 1 2] [--keep-freed-memory]
 
 One step is what a WDA training iteration does with this block (weak-da-seg's trainer_weakda):
 the generator step (discriminators frozen, Eq. 5 back into the target features) and the
@@ -10,6 +10,11 @@ discriminator step (Eq. 4 on detached source and target features, source / targe
 The official formulation pools with a per-sample ``torch.mm`` loop and runs a Python loop over 19
 ``nn.Sequential`` MLPs; its losses loop over images as ``get_adv_loss`` does. Both run on the
 same weights and inputs, are checked against each other, then timed side by side.
+
+--keep-freed-memory (Linux, glibc) makes malloc keep freed blocks in its heap instead of
+returning them to the system (mallopt: no mmap, no trim) before anything is allocated, for both
+variants alike: large gradients are then reused instead of faulted in again each step. Its
+results go to bench/results/components_heap.md.
 """
 
 from __future__ import annotations
@@ -185,11 +190,26 @@ def copy_bandwidth(repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / statistics.median(times)
 
 
+def keep_freed_memory() -> None:
+    """glibc: serve every allocation from the heap and never trim it (see the module doc)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_max = -1, -4
+    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**30)):
+        raise SystemExit("mallopt refused the settings (not glibc?)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true", help="glibc keeps freed blocks (both variants)"
+    )
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        keep_freed_memory()
 
     torch.manual_seed(0)
     disc = CategoryDiscriminators(NUM_CLASSES, in_dim=DIM, hidden=DIM)
@@ -242,7 +262,10 @@ def main() -> None:
         f"({bandwidth / 1e9:.1f} GB/s read + write), that takes {floor:.3f} s. No implementation "
         "of the same step can beat the official loop by more than official / floor.",
     ]
-    path = write_results("components", "Category-wise block: batched vs official", "\n".join(lines))
+    if args.keep_freed_memory:
+        lines += ["", "Run with --keep-freed-memory: glibc kept freed blocks in its heap."]
+    name = "components_heap" if args.keep_freed_memory else "components"
+    path = write_results(name, "Category-wise block: batched vs official", "\n".join(lines))
     print(path.read_text())
 
 

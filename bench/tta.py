@@ -24,6 +24,8 @@ Methods, in one run, each from the same source weights:
 - ours_every_frame / ours_every_64: the same with k = 1 (what a faster device could afford) and
   k = 64 (about the rate the time budget leaves on our 2-core CPU at full decoding speed, where
   detected shifts still get their update).
+- ablations, not run by default: ours_bn_stats_only (no gradient: weak-label weight 0),
+  ours_with_entropy (plus the entropy term), ours_bn_prior_0.3 (source prior λ = 0.3).
 
 Every frame is scored before that frame's update. Reported: mIoU per condition and round, the
 mean, first vs last round, forgetting (the clean target frames re-scored with the final
@@ -428,7 +430,7 @@ def report(
         cells = [run.round_mean(r) for r in range(rounds)]
         lines.append(f"| {run.name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     lines += ["", "![online mIoU](tta.png)", ""]
-    if fps:
+    if fps["without"]:
         without, with_ = np.median(fps["without"]), np.median(fps["with"])
         lines += [
             "## Throughput (stream pipeline, 256x512 video, ONNX Runtime CPU, stats written)",
@@ -487,6 +489,16 @@ def main(argv: list[str] | None = None) -> None:
         "ours": lambda: Ours(bundle, options),
         "ours_every_frame": lambda: Ours(bundle, replace(options, every=1), "ours_every_frame"),
         "ours_every_64": lambda: Ours(bundle, replace(options, every=64), "ours_every_64"),
+        # ablations (python -m bench.tta --methods ... --fps-rounds 0 --name tta_ablation)
+        "ours_bn_stats_only": lambda: Ours(
+            bundle, replace(options, weak_weight=0.0), "ours_bn_stats_only"
+        ),
+        "ours_with_entropy": lambda: Ours(
+            bundle, replace(options, entropy_weight=1.0), "ours_with_entropy"
+        ),
+        "ours_bn_prior_0.3": lambda: Ours(
+            bundle, replace(options, bn_prior=0.3), "ours_bn_prior_0.3"
+        ),
     }
     runs = []
     for name in args.methods.split(","):

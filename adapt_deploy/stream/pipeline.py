@@ -328,7 +328,7 @@ def _write_all(
             rate = summary.frames / max(time.perf_counter() - start, 1e-9)
             reporter.advance(position - shown, status=f"{rate:.1f} frames/s")
             shown = position
-    if adapter is not None:
+    if adapter is not None:  # let the last update finish so its events reach the stats file
         adapter.close()
         outputs.events(adapter.events())
     summary.latency_ms = _percentiles(latency)

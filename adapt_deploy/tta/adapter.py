@@ -72,10 +72,16 @@ class Counters:
     """Totals over the adapter's life (saved with its state)."""
 
     updates: int = 0
-    resets: int = 0
-    collapses: int = 0
     rollbacks: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)  # resets by kind: collapse, periodic
+
+    @property
+    def resets(self) -> int:
+        return sum(self.reasons.values())
+
+    @property
+    def collapses(self) -> int:
+        return self.reasons.get("collapse", 0)
 
 
 class OnlineAdapter:
@@ -225,7 +231,6 @@ class OnlineAdapter:
         )
         every = options.reset.every
         if reason is not None and (options.reset.on_collapse or reason.startswith("non-finite")):
-            self.counters.collapses += 1
             report.reset = f"collapse: {reason}"
         elif every and self.counters.updates % every == 0:
             report.reset = f"periodic: every {every} updates"
@@ -268,12 +273,12 @@ class OnlineAdapter:
 
     @torch.no_grad()
     def _update_teacher(self) -> None:
-        """Teacher weights ← EMA of the student's; its BN statistics ← the student's mixed ones."""
+        """Teacher weights ← EMA of the student's (its BN statistics were copied in `step`, after
+        the student's forward, the only thing that moves them)."""
         teacher = dict(self.teacher.named_parameters())
         pairs = [(teacher[n], p) for n, p in self.student.named_parameters() if p.requires_grad]
         if pairs:
             ema_update([t for t, _ in pairs], [s for _, s in pairs], self.options.ema)
-        self._copy_statistics()
 
     @torch.no_grad()
     def _copy_statistics(self) -> None:
@@ -294,7 +299,6 @@ class OnlineAdapter:
         self.teacher.load_state_dict(self.source_state)
         self.optimizer.state.clear()
         self.monitor.reset()
-        self.counters.resets += 1
         key = reason.split(":")[0]
         self.counters.reasons[key] = self.counters.reasons.get(key, 0) + 1
 
@@ -329,8 +333,6 @@ class OnlineAdapter:
             "optimizer": self.optimizer.state_dict(),
             "counters": {
                 "updates": c.updates,
-                "resets": c.resets,
-                "collapses": c.collapses,
                 "rollbacks": c.rollbacks,
                 "reasons": dict(c.reasons),
             },
@@ -345,8 +347,6 @@ class OnlineAdapter:
         counters = state["counters"]
         self.counters = Counters(
             int(counters["updates"]),
-            int(counters["resets"]),
-            int(counters["collapses"]),
             int(counters["rollbacks"]),
             {str(k): int(v) for k, v in counters["reasons"].items()},
         )

@@ -21,7 +21,6 @@ class AdaptSetup:
 
     options: AdaptOptions
     state: Path | None = None  # --adapt-state: resumed when it exists, written at the end
-    detect_shifts: bool = True
 
 
 def setup_from_flags(
@@ -116,8 +115,7 @@ def open_adaptation(
                 f"--adapt-state {setup.state}: the runtime rejected the saved weights "
                 f"({result.reason}); delete the file to start from the bundle's weights"
             )
-    detector = ShiftDetector() if setup.detect_shifts else None
-    return AdaptWorker(adapter, sync, detector, state=setup.state)
+    return AdaptWorker(adapter, sync, ShiftDetector(), state=setup.state)
 
 
 def finish_adaptation(worker: AdaptWorker, setup: AdaptSetup, frames: int) -> list[str]:

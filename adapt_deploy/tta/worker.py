@@ -19,7 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -58,13 +58,14 @@ class AdaptSummary:
     sync_failures: int = 0
     resets: int = 0
     busy_seconds: float = 0.0
-    step_seconds: list[float] = field(default_factory=list)
-    sync_seconds: list[float] = field(default_factory=list)
+    step_seconds: float = 0.0  # totals: a stream may run for days
+    sync_seconds: float = 0.0
     error: str | None = None
 
     def lines(self) -> list[str]:
-        step = 1000 * float(np.mean(self.step_seconds)) if self.step_seconds else 0.0
-        sync = 1000 * float(np.mean(self.sync_seconds)) if self.sync_seconds else 0.0
+        pushes = self.syncs + self.sync_failures
+        step = 1000 * self.step_seconds / self.adapted if self.adapted else 0.0
+        sync = 1000 * self.sync_seconds / pushes if pushes else 0.0
         lines = [
             f"adaptation: {self.adapted} updates on {self.due} due frames ({self.skipped_busy} "
             f"skipped busy, {self.skipped_budget} over budget), {self.shifts} shifts detected, "
@@ -173,7 +174,7 @@ class AdaptWorker:
         report = self.adapter.step(frame, shifted)
         s = self.summary
         s.adapted += 1
-        s.step_seconds.append(report.seconds)
+        s.step_seconds += report.seconds
         obs = report.observation
         self._events.put(
             {
@@ -204,7 +205,7 @@ class AdaptWorker:
         assert self.sync is not None
         result = self.sync.push(self.adapter.teacher)
         s = self.summary
-        s.sync_seconds.append(result.seconds)
+        s.sync_seconds += result.seconds
         event: dict[str, Any] = {
             "event": "sync" if result.ok else "sync_failed",
             "frame": index,
