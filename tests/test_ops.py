@@ -112,6 +112,13 @@ def test_attention_pool_gradcheck_both_inputs() -> None:
     assert torch.autograd.gradcheck(attention_pool, (logits, features))
 
 
+def test_attention_pool_gradcheck_features_only() -> None:
+    """Detached logits take the features-only backward: still exact for any upstream gradient."""
+    logits, features = _inputs(n=2, c=2, d=3, h=3, w=4)
+    features.requires_grad_()
+    assert torch.autograd.gradcheck(lambda f: attention_pool(logits, f), (features,))
+
+
 def test_attention_pool_gradient_only_for_features_with_detached_logits() -> None:
     """The method's use: logits detached, gradient flows into the features only."""
     logits, features = _inputs()

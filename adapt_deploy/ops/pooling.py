@@ -72,23 +72,27 @@ def _lse_pool_backward_reference(grad: Tensor, logits: Tensor, k: float) -> Tens
     return grad_logits.reshape(n, c, h, w).to(logits.dtype)
 
 
+def _attention_and_grad_features(
+    grad: Tensor, logits: Tensor, features: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The recomputed attention P (N, C, HW) and dF = Pᵀ g summed over classes, (N, D, H, W)."""
+    n, c, h, w = logits.shape
+    dtype = _compute_dtype(logits.dtype)
+    attn = torch.softmax(logits.to(dtype).reshape(n, c, h * w), dim=-1)
+    grad_features = torch.bmm(grad.to(dtype).transpose(1, 2), attn)  # (N, D, HW)
+    return attn, grad_features.reshape(features.shape).to(features.dtype)
+
+
 def _attention_pool_backward_reference(
     grad: Tensor, logits: Tensor, features: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Closed-form gradients: dF = Pᵀ g summed over classes, dA = P ⊙ (gF − rowsum(P ⊙ gF))."""
     n, c, h, w = logits.shape
-    d = features.shape[1]
-    dtype = _compute_dtype(logits.dtype)
-    attn = torch.softmax(logits.to(dtype).reshape(n, c, h * w), dim=-1)  # (N, C, HW)
-    feats = features.to(dtype).reshape(n, d, h * w)  # (N, D, HW)
-    g = grad.to(dtype)  # (N, C, D)
-    grad_features = torch.bmm(g.transpose(1, 2), attn)  # (N, D, HW)
-    grad_attn = torch.bmm(g, feats)  # (N, C, HW): g · F per position
+    attn, grad_features = _attention_and_grad_features(grad, logits, features)
+    feats = features.to(attn.dtype).reshape(n, features.shape[1], h * w)  # (N, D, HW)
+    grad_attn = torch.bmm(grad.to(attn.dtype), feats)  # (N, C, HW): g · F per position
     grad_logits = attn * (grad_attn - (attn * grad_attn).sum(dim=-1, keepdim=True))
-    return (
-        grad_logits.reshape(n, c, h, w).to(logits.dtype),
-        grad_features.reshape(n, d, h, w).to(features.dtype),
-    )
+    return grad_logits.reshape(n, c, h, w).to(logits.dtype), grad_features
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,6 +183,10 @@ def _attention_pool_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Ten
     logits, features = ctx.saved_tensors
     if not any(ctx.needs_input_grad):
         return None, None
+    if not ctx.needs_input_grad[0] and features.device.type == "cpu":
+        # Detached attention (WDA's generator step): dF alone saves a second pass over F. On
+        # CPU the backward op is this reference anyway; elsewhere a fused kernel may serve it.
+        return None, _attention_and_grad_features(grad, logits, features)[1]
     grad_logits, grad_features = torch.ops.adapt_deploy.attention_pool_backward(
         grad, logits, features
     )

@@ -1,0 +1,126 @@
+"""batched_linear: exact gradients, and weight-gradient memory reused only when nobody holds it."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from adapt_deploy.models.batched_linear import GradientWorkspace, batched_linear
+from adapt_deploy.models.discriminators import CategoryDiscriminators
+
+
+def inputs(rows: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+    """x (B, M, in), weight (B, in, out), bias (B, out), all requiring grad."""
+    g = torch.Generator().manual_seed(rows)
+    shapes = ((3, rows, 5), (3, 5, 4), (3, 4))
+    return tuple(torch.randn(s, generator=g, dtype=dtype).requires_grad_(True) for s in shapes)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 6])  # the thin-row formulations and plain bmm
+def test_gradients_match_finite_differences(rows: int) -> None:
+    workspace = GradientWorkspace()
+    x, weight, bias = inputs(rows)
+    assert torch.autograd.gradcheck(lambda *t: batched_linear(*t, workspace), (x, weight, bias))
+    assert torch.autograd.gradgradcheck(lambda *t: batched_linear(*t, workspace), (x, weight, bias))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 6])
+def test_equals_baddbmm_forward_and_backward(rows: int) -> None:
+    x, weight, bias = inputs(rows, torch.float32)
+    out = batched_linear(x, weight, bias, GradientWorkspace())
+    expected = torch.baddbmm(bias.unsqueeze(1), x, weight)
+    torch.testing.assert_close(out, expected)
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, weight, bias), upstream)
+    want = torch.autograd.grad(expected, (x, weight, bias), upstream)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def backward_once(weight: torch.Tensor, bias: torch.Tensor, ws: GradientWorkspace, seed: int):
+    """One backward of sum(batched_linear) for a fresh x; returns the expected weight gradient."""
+    x = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(seed), dtype=weight.dtype)
+    batched_linear(x, weight, bias, ws).sum().backward()
+    return torch.bmm(x.transpose(1, 2), torch.ones(3, 2, 4, dtype=weight.dtype))
+
+
+def test_memory_is_reused_once_the_gradient_is_dropped() -> None:
+    _, weight, bias = inputs(2)
+    ws = GradientWorkspace()
+    backward_once(weight, bias, ws, seed=0)
+    first_memory = weight.grad.data_ptr()
+    weight.grad = None  # zero_grad(set_to_none=True)
+    expected = backward_once(weight, bias, ws, seed=1)
+    assert ws.reuses == 1
+    assert weight.grad.data_ptr() == first_memory  # adopted by autograd, no copy
+    torch.testing.assert_close(weight.grad, expected)
+
+
+def test_a_gradient_still_held_is_never_overwritten() -> None:
+    _, weight, bias = inputs(2)
+    ws = GradientWorkspace()
+    first = backward_once(weight, bias, ws, seed=0)
+    kept = weight.grad
+    weight.grad = None
+    second = backward_once(weight, bias, ws, seed=1)
+    assert ws.reuses == 0
+    torch.testing.assert_close(kept, first)
+    torch.testing.assert_close(weight.grad, second)
+
+
+def test_gradients_accumulate_when_not_cleared() -> None:
+    _, weight, bias = inputs(2)
+    ws = GradientWorkspace()
+    first = backward_once(weight, bias, ws, seed=0)
+    second = backward_once(weight, bias, ws, seed=1)
+    torch.testing.assert_close(weight.grad, first + second)
+    third = backward_once(weight, bias, ws, seed=2)  # the workspace is free again here
+    torch.testing.assert_close(weight.grad, first + second + third)
+
+
+def test_autograd_grad_results_survive_later_backwards() -> None:
+    x, weight, bias = inputs(2)
+    ws = GradientWorkspace()
+    (kept,) = torch.autograd.grad(batched_linear(x, weight, bias, ws).sum(), weight)
+    expected = kept.clone()
+    (again,) = torch.autograd.grad(batched_linear(x * 2, weight, bias, ws).sum(), weight)
+    torch.testing.assert_close(kept, expected)
+    torch.testing.assert_close(again, 2 * expected)
+
+
+def test_workspace_follows_dtype_changes() -> None:
+    _, weight, bias = inputs(1)
+    ws = GradientWorkspace()
+    backward_once(weight, bias, ws, seed=0)
+    weight32 = weight.detach().float().requires_grad_(True)
+    bias32 = bias.detach().float().requires_grad_(True)
+    expected = backward_once(weight32, bias32, ws, seed=1)
+    assert weight32.grad.dtype == torch.float32
+    torch.testing.assert_close(weight32.grad, expected)
+
+
+def test_discriminator_copies_and_state_carry_no_workspace_memory() -> None:
+    d = CategoryDiscriminators(num_classes=3, in_dim=6, hidden=5)
+    d(torch.randn(2, 3, 6)).sum().backward()
+    d.zero_grad(set_to_none=True)
+    d(torch.randn(2, 3, 6)).sum().backward()
+    assert [w.reuses for w in d.gradient_workspaces] == [1, 1, 1]
+    assert set(d.state_dict()) == {f"{n}{k}" for n in ("weight", "bias") for k in (1, 2, 3)}
+    for clone in (copy.deepcopy(d), pickle.loads(pickle.dumps(d))):
+        assert all(w._buffer is None and w.reuses == 0 for w in clone.gradient_workspaces)
+        torch.testing.assert_close(clone.weight1, d.weight1)
+
+
+def test_compiled_discriminator_matches_eager() -> None:
+    torch.manual_seed(0)
+    d = CategoryDiscriminators(num_classes=3, in_dim=6, hidden=5)
+    x = torch.randn(2, 3, 6)
+    compiled = torch.compile(d, fullgraph=True, backend="aot_eager")
+    compiled(x).sum().backward()
+    compiled_grad = d.weight2.grad.clone()
+    d.zero_grad(set_to_none=True)
+    d(x).sum().backward()
+    torch.testing.assert_close(compiled_grad, d.weight2.grad)
