@@ -124,3 +124,14 @@ def test_compiled_discriminator_matches_eager() -> None:
     d.zero_grad(set_to_none=True)
     d(x).sum().backward()
     torch.testing.assert_close(compiled_grad, d.weight2.grad)
+
+
+def test_autocast_gives_the_plain_ops_result() -> None:
+    x, weight, bias = inputs(2, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = batched_linear(x, weight, bias, GradientWorkspace())
+        expected = torch.baddbmm(bias.unsqueeze(1), x, weight)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+    out.float().sum().backward()
+    assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()

@@ -11,7 +11,7 @@ that gradient (``zero_grad(set_to_none=True)``, what the trainer does), the next
 into the same memory. The workspace is reused only when no other tensor shares its memory, so a
 gradient that somebody still holds (``.grad`` kept for accumulation, a ``torch.autograd.grad``
 result) is never overwritten: the workspace then takes fresh memory, exactly as autograd would.
-Gradients of gradients (``create_graph=True``) and ``torch.compile`` use the plain ops.
+Gradients of gradients (``create_graph=True``), ``torch.compile`` and autocast use the plain ops.
 The cost: that memory stays allocated between steps (2 x 319 MB at the paper's size), memory a
 training step needs at its peak anyway; ``GradientWorkspace.release`` lets it go.
 """
@@ -133,9 +133,11 @@ def batched_linear(
     """``bias[b] + x[b] @ weight[b]`` for x (B, M, in), weight (B, in, out), bias (B, out).
 
     With a ``workspace`` the weight gradient reuses that workspace's memory between steps (see
-    the module doc); without one, or under ``torch.compile``, it is a plain ``torch.baddbmm``.
+    the module doc); without one, under ``torch.compile`` or under autocast (whose casts the
+    plain op's autograd already handles), it is a plain ``torch.baddbmm``.
     """
-    if workspace is None or torch.compiler.is_compiling():
+    plain = torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)
+    if workspace is None or plain:
         return torch.baddbmm(bias.unsqueeze(1), x, weight)
     return _BatchedLinear.apply(x, weight, bias, workspace)
 
