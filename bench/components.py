@@ -260,8 +260,8 @@ def main() -> None:
         "`adapt_deploy.adapt.losses`. Target: batched at least 3x faster.",
         "",
         f"Weight-gradient memory reused in {reuses} of {backwards} discriminator backward passes "
-        "(every one after the first: the benchmark clears gradients with "
-        "`zero_grad(set_to_none=True)` between steps, as the trainer does).",
+        "(at most all but the first, which takes fresh memory; the benchmark clears gradients "
+        "with `zero_grad(set_to_none=True)` between steps, as the trainer does).",
         "",
         f"Memory floor: the step must stream the hidden layers' weights at least 7 times and "
         f"write their gradients once ({hidden_layer_bytes() / 1e9:.2f} GB, whatever the batch); "
