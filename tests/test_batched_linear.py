@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
 
 import pytest
 import torch
@@ -135,3 +136,58 @@ def test_autocast_gives_the_plain_ops_result() -> None:
     torch.testing.assert_close(out, expected)
     out.float().sum().backward()
     assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
+
+
+def test_a_storage_object_still_held_is_never_overwritten() -> None:
+    _, weight, bias = inputs(2)
+    ws = GradientWorkspace()
+    first = backward_once(weight, bias, ws, seed=0)
+    kept = weight.grad.untyped_storage()  # a Python storage object, no tensor
+    weight.grad = None
+    backward_once(weight, bias, ws, seed=1)
+    assert ws.reuses == 0
+    view = torch.empty(0, dtype=first.dtype).set_(kept, 0, first.shape)
+    torch.testing.assert_close(view, first)
+
+
+def test_concurrent_backwards_never_share_memory() -> None:
+    x, weight, bias = inputs(2)
+    ws = GradientWorkspace()
+    (expected,) = torch.autograd.grad(torch.baddbmm(bias.unsqueeze(1), x, weight).sum(), weight)
+    wrong: list[int] = []
+
+    def worker() -> None:
+        for _ in range(300):
+            (got,) = torch.autograd.grad(batched_linear(x, weight, bias, ws).sum(), weight)
+            if not torch.equal(got, expected):
+                wrong.append(1)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
+def test_functional_transforms_and_forward_mode_use_the_plain_op() -> None:
+    x, weight, bias = inputs(2)
+    ws = GradientWorkspace()
+    loss = lambda w: batched_linear(x, w, bias, ws).sum()  # noqa: E731
+    got = torch.func.grad(loss)(weight)
+    torch.testing.assert_close(got, torch.autograd.grad(loss(weight), weight)[0])
+    tangent = torch.randn_like(weight)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(weight.detach(), tangent)
+        out = batched_linear(x.detach(), dual, bias.detach(), ws)
+        jvp = torch.autograd.forward_ad.unpack_dual(out).tangent
+    torch.testing.assert_close(jvp, torch.bmm(x.detach(), tangent))
+
+
+def test_other_devices_keep_the_plain_op() -> None:
+    ws = GradientWorkspace()
+    x = torch.randn(3, 2, 5, device="meta")
+    weight = torch.randn(3, 5, 4, device="meta", requires_grad=True)
+    bias = torch.randn(3, 4, device="meta", requires_grad=True)
+    batched_linear(x, weight, bias, ws).sum().backward()
+    assert weight.grad.shape == weight.shape and ws._buffer is None
