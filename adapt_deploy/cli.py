@@ -245,6 +245,14 @@ def export_cmd(
     adapt_images: Annotated[
         int, typer.Option(help="Source images the adaptation package's statistics use.")
     ] = 200,
+    adapt_package: Annotated[
+        bool,
+        typer.Option(
+            help="Add the adaptation package (the checkpoint's weights and source statistics) "
+            "that `stream --adapt` needs; --no-adapt-package keeps the training weights out "
+            "of the bundle."
+        ),
+    ] = True,
 ) -> None:
     """Export a checkpoint to a deployment bundle: ONNX, parity-checked, with samples."""
     from adapt_deploy.export.pipeline import build_engines_after_export, export_bundle, parse_shape
@@ -264,6 +272,7 @@ def export_cmd(
         reporter=reporter,
         source_data=source_data,
         adapt_images=adapt_images,
+        adapt_package=adapt_package,
     )
     summary = result.meta["parity"]["summary"]
     for precision, row in summary.items():
@@ -362,6 +371,13 @@ def stream(
         str, typer.Option(help="auto, onnxruntime (CUDA with onnxruntime-gpu), tensorrt, torch.")
     ] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32 or fp16.")] = "auto",
+    device: Annotated[
+        str,
+        typer.Option(
+            help="GPU index (0, 1, ...; the CPU when no GPU backend is usable), cuda:N (that GPU "
+            "or an error) or cpu."
+        ),
+    ] = "0",
     max_frames: Annotated[int | None, typer.Option(help="Stop after this many frames.")] = None,
     show: Annotated[bool, typer.Option(help="Show the overlay in a window (q quits).")] = False,
     alpha: Annotated[float, typer.Option(help="Overlay opacity of the class colours.")] = 0.5,
@@ -425,7 +441,17 @@ def stream(
     from adapt_deploy.tta.session import setup_from_flags
 
     options = StreamOptions(
-        out, labels_dir, stats, backend, precision, max_frames, show, alpha, fps, reconnect_timeout
+        out,
+        labels_dir,
+        stats,
+        backend,
+        precision,
+        max_frames,
+        show,
+        alpha,
+        fps,
+        reconnect_timeout,
+        device=device,
     )
     setup = setup_from_flags(
         adapt, adapt_every, adapt_params, lr, threshold, reset_policy, adapt_state, adapt_budget

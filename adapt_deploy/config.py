@@ -275,6 +275,11 @@ def validate(config: ExperimentConfig, source: str) -> None:
             f"one of {list(PSEUDO_CALIBRATIONS)}",
         ),
         (a.image_labels in IMAGE_LABEL_MODES, "adapt.image_labels", f"one of {IMAGE_LABEL_MODES}"),
+        (
+            a.pseudo_calibration == "none" or config.train.method == "wda_uda",
+            "adapt.pseudo_calibration",
+            "'none' unless train.method is wda_uda (the only method with pseudo-weak labels)",
+        ),
     ]
     for name in ("source", "target", "val"):
         ds: DatasetConfig = getattr(config.data, name)

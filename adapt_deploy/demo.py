@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from adapt_deploy.config import ExperimentConfig, load_config
+from adapt_deploy.config import ConfigError, ExperimentConfig, from_dict, load_config
 from adapt_deploy.data.synthetic_writer import SynthSpec, write_benchmark
 from adapt_deploy.engine.evaluate import EvalResult, format_iou_table
 from adapt_deploy.engine.train import train
@@ -148,12 +148,20 @@ def _train_or_reuse(
 
 
 def _completed_run(run_dir: Path, config: ExperimentConfig) -> tuple[EvalResult, float] | None:
-    """The evaluation of a finished run with exactly this config, if there is one."""
+    """The evaluation of a finished run with exactly this config, if there is one.
+
+    The saved config is read through `from_dict`, so keys added to the config since the run
+    was made count as their defaults (what the run did), as `train --resume` reads it.
+    """
     eval_file, config_file = run_dir / "eval.json", run_dir / "config.yaml"
     seconds_file = run_dir / "seconds.json"
     if not (eval_file.is_file() and config_file.is_file() and seconds_file.is_file()):
         return None
-    if yaml.safe_load(config_file.read_text()) != config.to_dict():
+    try:
+        saved_config = from_dict(yaml.safe_load(config_file.read_text()), source=str(config_file))
+    except (ConfigError, yaml.YAMLError):
+        return None
+    if saved_config.to_dict() != config.to_dict():
         return None
     saved = json.loads(eval_file.read_text())
     if "confusion" not in saved or "protocol" not in saved:

@@ -4,27 +4,34 @@ Writes bench/results/adaptation.md (mIoU mean ± std and gap closed per method).
     python -m bench.adaptation [--work DIR] [--seeds 0 1 2] [--methods ...] [--set key=value]
                                [--protocol finetune|scratch] [--name adaptation] [--threads N]
 
-Finished runs are reused (work/runs/METHOD_seedS/result.json), so one process per seed
-(`--seeds S --threads 1`, after a first call has written the data and labels) can share a work
-dir on a multi-core machine; a last call with every seed then only collects the tables.
+Finished runs are reused when they hold exactly this call's config (work/runs/METHOD_seedS/
+config.yaml, eval.json, seconds.json: adapt_deploy.demo's test) and, under --protocol finetune,
+started from the seed's current source-only model (pretrain_seedS trained again makes every run
+of that seed stale); a killed run of the same config is continued; anything else is trained
+afresh. So one process per seed (`--seeds S --threads 1`, after a first call has written the
+data and labels) can share a work dir on a multi-core machine; a last call with every seed then
+only collects the tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
-import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from adapt_deploy.config import METHODS, ExperimentConfig
 from adapt_deploy.data.synthetic.styles import RECOLOURED_CLASSES
 from adapt_deploy.data.synthetic_writer import SynthSpec, write_benchmark
 from adapt_deploy.data.weak import points_path, stats_path, write_class_stats, write_points
-from adapt_deploy.demo import ADAPT_STAGE, demo_config
-from adapt_deploy.engine.train import train
+from adapt_deploy.demo import ADAPT_STAGE, _completed_run, demo_config
+from adapt_deploy.engine.evaluate import EvalResult
+from adapt_deploy.engine.train import TRAINER_STATE, train
+from adapt_deploy.export.bundle import sha256_file
 from adapt_deploy.progress import RichReporter
 from bench.common import write_results
 
@@ -34,27 +41,84 @@ PAPER = {  # GTA5 -> Cityscapes, DeepLab-v2 ResNet-101 (Paul et al., ECCV 2020)
 }  # fmt: skip
 
 
+SECONDS_FILE = "seconds.json"  # {"train_seconds": s}, as adapt_deploy.demo writes it
+INIT_FILE = "init.sha256"  # sha256 of the checkpoint the run started from (model.init)
+
+
 def _train_once(
-    run_dir: Path, config: ExperimentConfig, reporter: RichReporter, label: str
-) -> dict:
-    """Train `config` into `run_dir` unless its result.json exists; continue a killed run."""
-    done = run_dir / "result.json"
-    if not done.is_file():
-        reporter.log(f"{label} -> {run_dir}")
-        start = time.perf_counter()
-        interrupted = (run_dir / "trainer_state.pt").is_file()
-        result = train(config, run_dir, reporter=reporter, resume=interrupted)
-        record = {"miou": 100 * result.evaluation.miou, "seconds": time.perf_counter() - start}
-        done.write_text(json.dumps(record))
-    record = json.loads(done.read_text())
-    record["iou"] = json.loads((run_dir / "eval.json").read_text())["iou"]  # class -> IoU or None
-    return record
+    run_dir: Path,
+    config: ExperimentConfig,
+    reporter: RichReporter,
+    label: str,
+    stale: bool = False,
+) -> tuple[dict, bool]:
+    """The record (mIoU, seconds, IoU per class) of `config` trained into `run_dir`, and
+    whether it was trained now.
+
+    A finished run there is reused when it holds exactly this config (adapt_deploy.demo's
+    `_completed_run`: config.yaml equal to `config`), unless `stale` (what it starts from was
+    trained again in this call) or the checkpoint it started from changed since; a killed run
+    of the same config is continued; anything else there is deleted and trained afresh.
+    """
+    _adopt_legacy_run(run_dir)
+    stale = stale or _init_changed(run_dir, config)
+    cached = None if stale else _completed_run(run_dir, config)
+    if cached is not None:
+        return _record(*cached), False
+    resume = (
+        not stale
+        and (run_dir / TRAINER_STATE).is_file()
+        and not (run_dir / "eval.json").is_file()
+        and _same_config(run_dir, config)
+    )
+    if run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)
+    reporter.log(f"{label} -> {run_dir}" + (" (continuing a killed run)" if resume else ""))
+    result = train(config, run_dir, reporter=reporter, resume=resume)
+    assert result.evaluation is not None
+    if config.model.init:
+        (run_dir / INIT_FILE).write_text(sha256_file(Path(config.model.init)) + "\n")
+    (run_dir / SECONDS_FILE).write_text(json.dumps({"train_seconds": result.seconds}))
+    return _record(result.evaluation, result.seconds), True
+
+
+def _record(evaluation: EvalResult, seconds: float) -> dict:
+    return {
+        "miou": 100 * evaluation.miou,
+        "seconds": seconds,
+        "iou": evaluation.to_dict()["iou"],  # class -> IoU in percent, or None
+    }
+
+
+def _same_config(run_dir: Path, config: ExperimentConfig) -> bool:
+    """The run's config.yaml is `config` (the comparison adapt_deploy.demo makes)."""
+    path = run_dir / "config.yaml"
+    return path.is_file() and yaml.safe_load(path.read_text()) == config.to_dict()
+
+
+def _init_changed(run_dir: Path, config: ExperimentConfig) -> bool:
+    """The run recorded the checkpoint it started from, and that file differs now."""
+    recorded, init = run_dir / INIT_FILE, config.model.init
+    if not (init and recorded.is_file() and Path(init).is_file()):
+        return False
+    return recorded.read_text().strip() != sha256_file(Path(init))
+
+
+def _adopt_legacy_run(run_dir: Path) -> None:
+    """Runs of earlier versions of this benchmark recorded result.json ({miou, seconds}, the
+    seconds being train()'s wall time, evaluation included) instead of seconds.json: write the
+    seconds.json the reuse test reads, so a finished run of the same config is still reused."""
+    legacy, seconds = run_dir / "result.json", run_dir / SECONDS_FILE
+    if legacy.is_file() and (run_dir / "eval.json").is_file() and not seconds.is_file():
+        record = json.loads(legacy.read_text())
+        seconds.write_text(json.dumps({"train_seconds": record["seconds"]}))
 
 
 def run(
     work: Path, seeds: list[int], methods: list[str], overrides: list[str], protocol: str
 ) -> dict:
-    """Train every (method, seed) into work/runs (finished runs are reused) and collect mIoU.
+    """Train every (method, seed) into work/runs (finished runs of the same config and
+    starting point are reused) and collect mIoU.
 
     protocol "finetune": per seed a source-only model is trained first (runs/pretrain_seedS) and
     every method, source_only and oracle included, starts from it for the same adaptation stage
@@ -73,15 +137,20 @@ def run(
     for seed in seeds:
         seeded = [f"train.seed={seed}", f"adapt.point_seed={seed}"]
         stage = seeded + overrides
+        retrained = False
         if protocol == "finetune":
             pretrain = work / "runs" / f"pretrain_seed{seed}"
             config = demo_config("source_only", data, seeded)
-            _train_once(pretrain, config, reporter, f"source-only pretraining, seed {seed}")
+            _, retrained = _train_once(
+                pretrain, config, reporter, f"source-only pretraining, seed {seed}"
+            )
             stage = [f"model.init={pretrain / 'checkpoint.pt'}", *ADAPT_STAGE, *stage]
         for method in methods:
             run_dir = work / "runs" / f"{method}_seed{seed}"
             config = demo_config(method, data, stage)
-            record = _train_once(run_dir, config, reporter, f"{method} seed {seed}")
+            record, _ = _train_once(
+                run_dir, config, reporter, f"{method} seed {seed}", stale=retrained
+            )
             results.setdefault(method, {})[seed] = record
     return results
 

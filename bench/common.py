@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: machine description and the results file."""
+"""Shared by the benchmarks: machine description, the results file, a random-weight bundle."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+WORK = Path(__file__).parent / ".work"
+# The input normalization of the shipped configs (ImageNet mean and std, RGB, 0-255 units).
+RGB_INPUT = {"color_order": "RGB", "mean": [123.7, 116.3, 103.5], "std": [58.4, 57.1, 57.4]}
 
 
 def machine_info() -> dict[str, str]:
@@ -39,3 +42,34 @@ def write_results(name: str, title: str, body: str) -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(f"# {title}\n\n{machine}\n\n{body.rstrip()}\n")
     return path
+
+
+def random_bundle(width: int = 16, size: tuple[int, int] = (256, 512)) -> Path:
+    """A randomly initialised DeepLab-v2 ResNet-18 at `width` (seed 0) exported with `size` =
+    (H, W) as its evaluation size, written once under bench/.work/bundles/ and reused: for
+    benchmarks of speed and memory, which do not depend on the weights."""
+    import torch
+
+    from adapt_deploy.config import from_dict
+    from adapt_deploy.export.pipeline import export_bundle
+    from adapt_deploy.models.checkpoints import build_model, checkpoint_meta, save_checkpoint
+
+    name = f"r18w{width}_{size[0]}x{size[1]}"
+    bundle = WORK / "bundles" / name
+    if (bundle / "meta.json").is_file():
+        return bundle
+    torch.manual_seed(0)
+    config = from_dict(
+        {
+            "name": f"bench_random_{name}",
+            "input": RGB_INPUT,
+            "model": {"backbone": "resnet18", "width": width, "num_classes": 19},
+            "data": {
+                "val": {"kind": "cityscapes", "root": ".", "split": "val", "size": list(size)}
+            },
+        }
+    )
+    checkpoint = WORK / "bundles" / f"{name}.pt"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(checkpoint, build_model(config.model), checkpoint_meta(config, 0))
+    return export_bundle(checkpoint, bundle, force=True).bundle

@@ -2,7 +2,7 @@
 losses, forward and backward, batched vs the official formulation. Writes
 bench/results/components.md.
 
-    python -m bench.components [--repeats 9] [--batches 1 2] [--keep-freed-memory]
+    python -m bench.components [--runs 10] [--repeats 9] [--batches 1 2] [--keep-freed-memory]
 
 One step is what a WDA training iteration does with this block (weak-da-seg's trainer_weakda):
 the generator step (discriminators frozen, Eq. 5 back into the target features) and the
@@ -200,14 +200,74 @@ def keep_freed_memory() -> None:
         raise SystemExit("mallopt refused the settings (not glibc?)")
 
 
+def measure(
+    disc: CategoryDiscriminators, models: nn.ModuleList, x: Inputs, repeats: int
+) -> tuple[float, float]:
+    """(official, batched) seconds per step: medians of `repeats` interleaved runs."""
+    run_official = (partial(official_step, models, x), partial(_clear, models, x))
+    run_batched = (partial(batched_step, disc, x), partial(_clear, disc, x))
+    timed(*run_official), timed(*run_batched)  # warm-up
+    # Interleaved so that load from other processes hits both alike.
+    official, batched = [], []
+    for _ in range(repeats):
+        official.append(timed(*run_official))
+        batched.append(timed(*run_batched))
+    return statistics.median(official), statistics.median(batched)
+
+
+def _median_ms(step: Callable[[], object], repeats: int = 7) -> float:
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def thin_row_forms(max_rows: int = 4) -> list[str]:
+    """Markdown: the backward's matmul forms at 1..max_rows rows per class, a hidden layer's
+    shapes; what models/batched_linear.py chooses between (and what a fresh output costs)."""
+    weight = torch.randn(NUM_CLASSES, DIM, DIM)
+    kept = torch.empty_like(weight)
+    kept.fill_(0.0)  # touched once, as the kept gradient memory is after the first step
+    lines = [
+        "| rows per class | weight grad: mul + addcmul, kept memory (ms) | bmm, kept memory "
+        "(ms) | bmm, fresh tensor (ms) | input grad: (W·gᵀ)ᵀ (ms) | bmm(g, Wᵀ) (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rows in range(1, max_rows + 1):
+        x, g = torch.randn(NUM_CLASSES, rows, DIM), torch.randn(NUM_CLASSES, rows, DIM)
+
+        def elementwise(x: torch.Tensor = x, g: torch.Tensor = g) -> None:
+            torch.mul(x[:, 0, :, None], g[:, 0, None, :], out=kept)
+            for m in range(1, x.shape[1]):
+                kept.addcmul_(x[:, m, :, None], g[:, m, None, :])
+
+        cells = [
+            _median_ms(elementwise),
+            _median_ms(lambda x=x, g=g: torch.bmm(x.transpose(1, 2), g, out=kept)),
+            _median_ms(lambda x=x, g=g: torch.bmm(x.transpose(1, 2), g)),
+            _median_ms(lambda g=g: torch.bmm(weight, g.transpose(1, 2)).transpose(1, 2)),
+            _median_ms(lambda g=g: torch.bmm(g, weight.transpose(1, 2))),
+        ]
+        lines.append(f"| {rows} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9, help="timed runs per variant")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=9, help="timed runs per variant and run")
+    parser.add_argument(
+        "--runs", type=int, default=1, help="whole measurements per batch (ratio: their median)"
+    )
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="batch sizes")
     parser.add_argument(
         "--keep-freed-memory", action="store_true", help="glibc keeps freed blocks (both variants)"
     )
     args = parser.parse_args()
+    if min(args.repeats, args.runs, *args.batches) < 1:
+        parser.error("--repeats, --runs and --batches must be at least 1")
     if args.keep_freed_memory:
         keep_freed_memory()
 
@@ -220,35 +280,36 @@ def main() -> None:
         error = check_equal(disc, models, x)
         if error > 1e-4:
             raise SystemExit(f"batch {batch}: gradients differ by {error:.2e} (relative)")
-        run_official = (partial(official_step, models, x), partial(_clear, models, x))
-        run_batched = (partial(batched_step, disc, x), partial(_clear, disc, x))
-        timed(*run_official), timed(*run_batched)  # warm-up
-        # Interleaved so that load from other processes hits both alike.
-        official, batched = [], []
-        for _ in range(args.repeats):
-            official.append(timed(*run_official))
-            batched.append(timed(*run_batched))
-        t_official, t_batched = statistics.median(official), statistics.median(batched)
-        rows.append((batch, t_official, t_batched, error))
-        print(f"batch {batch}: official {t_official:.3f} s, batched {t_batched:.3f} s")
+        runs = [measure(disc, models, x, args.repeats) for _ in range(args.runs)]
+        ratios = [o / b for o, b in runs]
+        t_official = statistics.median(o for o, _ in runs)
+        t_batched = statistics.median(b for _, b in runs)
+        rows.append((batch, t_official, t_batched, ratios, error))
+        print(
+            f"batch {batch}: official {t_official:.3f} s, batched {t_batched:.3f} s, "
+            f"speed-up per run {', '.join(f'{r:.2f}' for r in ratios)}"
+        )
 
     reuses = min(w.reuses for w in disc.gradient_workspaces)
-    backwards = len(args.batches) * (args.repeats + 2)  # check, warm-up, timed runs
+    backwards = len(args.batches) * (1 + args.runs * (args.repeats + 1))  # check, warm-ups, runs
     bandwidth = copy_bandwidth()
     floor = hidden_layer_bytes() / bandwidth
     lines = [
         f"C={NUM_CLASSES} discriminators {DIM}→{DIM}→{DIM}→1, features and logits at "
         f"{HEIGHT}x{WIDTH}, CPU, fp32; one step = generator step (Eq. 5 into the target "
         "features) + discriminator step (Eq. 4 into the discriminators), forward and backward. "
-        f"One warm-up, then the median of {args.repeats} runs, the two variants interleaved.",
+        f"{args.runs} run(s) per batch; each: one warm-up, then the median of {args.repeats} "
+        "steps, the two variants interleaved. Times: median over runs; speed-up: median of the "
+        "runs' ratios.",
         "",
-        "| batch | official loop (s) | batched (s) | speed-up | memory floor (s) | "
-        "official / floor | max rel. grad diff |",
-        "|---|---|---|---|---|---|---|",
+        "| batch | official loop (s) | batched (s) | speed-up | speed-up, each run | "
+        "memory floor (s) | official / floor | max rel. grad diff |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {b} | {o:.3f} | {t:.3f} | {o / t:.2f}x | {floor:.3f} | {o / floor:.1f}x | {e:.1e} |"
-        for b, o, t, e in rows
+        f"| {b} | {o:.3f} | {t:.3f} | {statistics.median(r):.2f}x | "
+        f"{', '.join(f'{v:.2f}' for v in r)} | {floor:.3f} | {o / floor:.1f}x | {e:.1e} |"
+        for b, o, t, r, e in rows
     ]
     lines += [
         "",
@@ -268,6 +329,14 @@ def main() -> None:
         f"at this machine's copy bandwidth, measured in the same run "
         f"({bandwidth / 1e9:.1f} GB/s read + write), that takes {floor:.3f} s. No implementation "
         "of the same step can beat the official loop by more than official / floor.",
+    ]
+    lines += [
+        "",
+        "The backward's matmul forms at a hidden layer's shapes (median of 7 calls; "
+        "`models/batched_linear.py` uses the first and fourth columns up to 3 rows per class; "
+        "a fresh tensor pays first-touch page faults, kept memory does not):",
+        "",
+        *thin_row_forms(),
     ]
     if args.keep_freed_memory:
         lines += ["", "Run with --keep-freed-memory: glibc kept freed blocks in its heap."]

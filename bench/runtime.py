@@ -2,8 +2,9 @@
 
     python -m bench.runtime [--bundle DIR] [--width 16] [--frames 30] [--threads N]
 
-Without --bundle it exports a randomly initialised ResNet-18 DeepLab (width 16; speed does not
-depend on the weights) to a temp bundle. Cases: a 256x512 frame run at its own size, a 1080p
+Without --bundle it uses a randomly initialised ResNet-18 DeepLab (--width, 16 by default;
+speed does not depend on the weights), exported once into bench/.work/bundles/ (shared with
+bench.stream). Cases: a 256x512 frame run at its own size, a 1080p
 frame resized to 256x512 (`size=`) with its labels mapped back, and a batch of four 256x512
 frames. The baseline is `session.run` on the same model and input in the same loop, one call
 each in turn, so a shared machine's load hits both alike; the ratio is taken within this run.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,19 +22,7 @@ import numpy as np
 
 from adapt_deploy.export.verify import OrtRunner
 from adapt_deploy.runtime import Segmenter
-from bench.common import write_results
-
-
-def export_random_bundle(width: int, out: Path) -> Path:
-    import sys
-
-    from adapt_deploy.export.pipeline import export_bundle
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from helpers import write_checkpoint
-
-    checkpoint = write_checkpoint(out / f"resnet18_w{width}.pt", width=width)
-    return export_bundle(checkpoint, out / "bundle").bundle
+from bench.common import random_bundle, write_results
 
 
 def measure(bundle: Path, frames: int, threads: int | None) -> list[str]:
@@ -87,15 +75,20 @@ def measure(bundle: Path, frames: int, threads: int | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path)
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--frames", type=int, default=30)
-    parser.add_argument("--threads", type=int)
+    parser.add_argument(
+        "--bundle", type=Path, help="bundle to measure (default: a random-weight ResNet-18)"
+    )
+    parser.add_argument(
+        "--width", type=int, default=16, help="width of the random ResNet-18 (without --bundle)"
+    )
+    parser.add_argument("--frames", type=int, default=30, help="timed frames per case")
+    parser.add_argument(
+        "--threads", type=int, help="ONNX Runtime CPU threads (default: ONNX Runtime's choice)"
+    )
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = args.bundle or export_random_bundle(args.width, Path(tmp))
-        what = str(args.bundle) if args.bundle else f"random ResNet-18 DeepLab, width {args.width}"
-        rows = measure(bundle, args.frames, args.threads)
+    bundle = args.bundle or random_bundle(args.width)
+    what = str(args.bundle) if args.bundle else f"random ResNet-18 DeepLab, width {args.width}"
+    rows = measure(bundle, args.frames, args.threads)
     body = "\n".join(
         [
             f"Bundle: {what}; ONNX Runtime CPU fp32, {args.frames} frames per case, "

@@ -6,7 +6,8 @@
 Input: a 1-minute synthetic dashcam drive (900 frames at 15 fps, 256x512, mp4v) written by the
 synthetic benchmark's video writer into bench/.work/stream/, reused.
 Model: --bundle, or a randomly initialised DeepLab-v2 ResNet-18 at width 16 exported for
-256x512 (reused): accuracy is irrelevant here, trained weights cost the same time.
+256x512 (bench/.work/bundles/, reused and shared with bench.runtime): accuracy is irrelevant
+here, trained weights cost the same time.
 
 Speed: backend-only (the Segmenter on frames already decoded into memory) and end-to-end
 (`stream`: decode, segment, overlay, write the MP4, label PNGs and JSONL stats) alternate in
@@ -32,10 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from adapt_deploy.data.synthetic_writer import SynthSpec, write_benchmark
+from adapt_deploy.progress import RichReporter
 from adapt_deploy.runtime import Segmenter
 from adapt_deploy.stream import Frame, Source, StreamOptions, stream
 from adapt_deploy.stream.sources import VideoFile
-from bench.common import write_results
+from bench.common import random_bundle, write_results
 
 WORK = Path(__file__).parent / ".work" / "stream"
 VIDEO_SPEC = SynthSpec(
@@ -52,37 +54,6 @@ def dashcam_video() -> Path:
     except FileExistsError:  # written by another version of the renderer: this is our cache
         write_benchmark(data, VIDEO_SPEC, force=True)
     return data / "videos" / "drive_00.mp4"
-
-
-def random_bundle() -> Path:
-    """A random-init ResNet-18 (width 16) DeepLab exported for 256x512, written once."""
-    import torch
-
-    from adapt_deploy.config import from_dict
-    from adapt_deploy.export.pipeline import export_bundle
-    from adapt_deploy.models.checkpoints import build_model, checkpoint_meta, save_checkpoint
-
-    bundle = WORK / "bundle_r18w16"
-    if (bundle / "meta.json").is_file():
-        return bundle
-    torch.manual_seed(0)
-    config = from_dict(
-        {
-            "name": "bench_stream",
-            "input": {
-                "color_order": "RGB",
-                "mean": [123.7, 116.3, 103.5],
-                "std": [58.4, 57.1, 57.4],
-            },
-            "model": {"backbone": "resnet18", "width": 16, "num_classes": 19},
-            "data": {
-                "val": {"kind": "cityscapes", "root": ".", "split": "val", "size": [256, 512]}
-            },
-        }
-    )
-    checkpoint = WORK / "r18w16.pt"
-    save_checkpoint(checkpoint, build_model(config.model), checkpoint_meta(config, 0))
-    return export_bundle(checkpoint, bundle).bundle
 
 
 def rss_mb() -> float:
@@ -160,8 +131,10 @@ def measure_speed(seg: Segmenter, video: Path, block: int, rounds: int, scratch:
 
 
 def measure_memory(seg: Segmenter, video: Path, count: int, scratch: Path) -> dict:
+    """RSS over `count` frames of the looped video with all outputs; a progress bar on stderr
+    (the speed blocks run without one, so it costs their ratio nothing)."""
     source = LoopedVideo(video, count)
-    summary = stream(source, seg, all_outputs(scratch / "memory"))
+    summary = stream(source, seg, all_outputs(scratch / "memory"), reporter=RichReporter())
     samples = source.rss
     base = next((mb for i, mb in samples if i >= RSS_EVERY), samples[0][1])
     return {
@@ -223,11 +196,19 @@ def render(args: argparse.Namespace, seg: Segmenter, speed: dict, memory: dict) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bundle", type=Path, default=None)
+    parser.add_argument(
+        "--bundle", type=Path, default=None, help="bundle to stream (default: random ResNet-18)"
+    )
     parser.add_argument("--frames", type=int, default=10_000, help="frames for the RSS run")
     parser.add_argument("--block", type=int, default=150, help="frames per speed block")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--backend", default="auto")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="times the two kinds of speed block alternate"
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        help="runtime backend: auto, onnxruntime, tensorrt or torch (Segmenter.from_bundle)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)

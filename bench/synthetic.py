@@ -45,7 +45,10 @@ def main() -> None:
         lines += [demo.markdown()]
         lines += [f"- {m}: {s:.0f} s of training" for m, s in demo.seconds.items()]
         how = "from scratch" if args.work is None else f"reusing finished runs in {args.work}"
-        lines += [f"- whole demo (synthesis, training, evaluation): {wall:.0f} s, {how}"]
+        steps = "synthesis, source-only pretraining, training and evaluation of each method"
+        if demo.stream is not None:
+            steps += ", export of wda_uda and streaming the demo video through it"
+        lines += [f"- whole demo ({steps}): {wall:.0f} s, {how}"]
         so, orc = demo.results["source_only"].miou, demo.results["oracle"].miou
         wda = demo.results["wda_uda"].miou
         lines += [

@@ -67,6 +67,10 @@ def test_bad_config_names_the_file(tmp_path):
         ({"adapt": {"lambda_weak": -0.1}}, "adapt.lambda_weak"),
         ({"adapt": {"gan": "w"}}, "adapt.gan"),
         ({"adapt": {"pseudo_calibration": "target"}}, "adapt.pseudo_calibration"),
+        (  # wda_image uses the target's image labels: no pseudo-weak labels to calibrate
+            {"adapt": {"pseudo_calibration": "source"}, "train": {"method": "wda_image"}},
+            "adapt.pseudo_calibration",
+        ),
     ],
 )
 def test_bad_adaptation_settings_name_the_key(raw, key):

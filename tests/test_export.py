@@ -17,7 +17,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import CAFFE_INPUT, RGB_INPUT, tiny_config, write_checkpoint
+from conftest import write_gta5
+from helpers import (
+    CAFFE_INPUT,
+    RGB_INPUT,
+    tiny_config,
+    write_checkpoint,
+    write_source_checkpoint,
+)
 from onnx import TensorProto
 from typer.testing import CliRunner
 
@@ -407,3 +414,19 @@ def test_parse_shape():
 def test_opset_outside_what_the_graph_and_runtimes_support_is_refused(tmp_path, checkpoint):
     with pytest.raises(UserError, match="--opset must be between 18 and 21, got 17"):
         export_bundle(checkpoint, tmp_path / "b", opset=17)
+
+
+def test_no_adapt_package_keeps_the_training_weights_out(tmp_path: Path):
+    source = write_gta5(tmp_path / "source", 2)
+    checkpoint = write_source_checkpoint(tmp_path / "c.pt", source)
+    out = tmp_path / "bundle"
+    runner = CliRunner()
+    args = ["export", str(checkpoint), "--out", str(out), "--no-adapt-package"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "package" not in load_meta(out)["adaptation"] and not (out / "adapt").exists()
+    both = ["--source-data", str(source), "--no-adapt-package"]
+    result = runner.invoke(app, ["export", str(checkpoint), "--out", str(tmp_path / "b2"), *both])
+    # a UserError: main() prints it as one line (tests/test_cli.py)
+    assert isinstance(result.exception, UserError)
+    assert "drop --no-adapt-package" in str(result.exception) and not (tmp_path / "b2").exists()

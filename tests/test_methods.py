@@ -4,7 +4,7 @@ import torch
 from adapt_deploy.adapt import METHOD_CLASSES
 from adapt_deploy.config import METHODS, load_config
 from adapt_deploy.data.weak import write_class_stats, write_points
-from adapt_deploy.engine.train import train
+from adapt_deploy.engine.train import build_learner, train
 from adapt_deploy.errors import DatasetError
 from adapt_deploy.models.checkpoints import read_checkpoint
 
@@ -61,3 +61,17 @@ def test_points_are_required_beyond_the_statistics(tmp_path, tiny_config_file, c
     config = load_config(tiny_config_file, ["train.method=wda_point"])
     with pytest.raises(DatasetError, match="adapt-deploy data points"):
         train(config, tmp_path / "run")
+
+
+def test_source_calibration_resumes_with_its_running_averages(tmp_path, tiny_config_file):
+    overrides = ["train.method=wda_uda", "adapt.pseudo_calibration=source"]
+    config = load_config(tiny_config_file, [*overrides, "train.iterations=2"])
+    train(config, tmp_path / "run", evaluate_at_end=False)
+    saved = torch.load(tmp_path / "run" / "trainer_state.pt", weights_only=True)["method"]
+    assert not saved["calibration"]["present"].isnan().all()  # two source batches folded in
+
+    learner = build_learner(config, torch.device("cpu"))
+    learner.load_state_dict(torch.load(tmp_path / "run" / "trainer_state.pt", weights_only=True))
+    restored = learner.method.calibration.state_dict()
+    for side in ("present", "absent"):
+        torch.testing.assert_close(restored[side], saved["calibration"][side], equal_nan=True)

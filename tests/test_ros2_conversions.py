@@ -21,6 +21,7 @@ from adapt_deploy.runtime import Segmenter, colour_table
 ROS2 = Path(__file__).resolve().parents[1] / "export" / "ros2"
 sys.path.insert(0, str(ROS2))
 
+from adapt_deploy_ros import segmenter_node  # noqa: E402
 from adapt_deploy_ros.conversions import (  # noqa: E402
     ImageMessageError,
     array_to_image_fields,
@@ -29,7 +30,7 @@ from adapt_deploy_ros.conversions import (  # noqa: E402
     presence_to_multiarray,
     rgb_to_rgb8_msg,
 )
-from adapt_deploy_ros.segmenter_node import parse_device, process_image  # noqa: E402
+from adapt_deploy_ros.segmenter_node import process_image  # noqa: E402
 
 RGB = np.random.default_rng(0).integers(0, 256, (5, 7, 3), np.uint8)
 
@@ -120,7 +121,6 @@ def test_process_image_segments_a_message(tiny_bundle: Path):
 
 
 def test_node_without_ros_says_to_source_it():
-    assert parse_device("0") == 0 and parse_device("cuda:1") == "cuda:1"
     code = (
         "import sys; sys.modules['rclpy'] = None\n"
         "from adapt_deploy_ros import segmenter_node\n"
@@ -130,3 +130,111 @@ def test_node_without_ros_says_to_source_it():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 1
     assert "needs ROS 2" in result.stderr and "source /opt/ros/" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The node's wiring against a stand-in for rclpy
+# --------------------------------------------------------------------------------------------
+
+
+class FakePublisher:
+    def __init__(self, subscribers: int) -> None:
+        self.subscribers = subscribers
+        self.sent: list = []
+
+    def get_subscription_count(self) -> int:
+        return self.subscribers
+
+    def publish(self, msg) -> None:
+        self.sent.append(msg)
+
+
+class FakeNode:
+    """What SegmenterNode uses of an rclpy node; `fail_on` names a publisher that fails."""
+
+    def __init__(self, params: dict, subscribers: int = 0, fail_on: str | None = None) -> None:
+        self.params, self.subscribers, self.fail_on = params, subscribers, fail_on
+        self.publishers: dict[str, FakePublisher] = {}
+        self.destroyed = False
+
+    def declare_parameter(self, name, default):
+        self.params.setdefault(name, default)
+
+    def get_parameter(self, name):
+        return SimpleNamespace(value=self.params[name])
+
+    def get_logger(self):
+        return SimpleNamespace(info=lambda text: None, error=lambda text: None)
+
+    def create_publisher(self, msg_type, topic, qos):
+        if topic == self.fail_on:
+            raise RuntimeError(f"cannot create the {topic} publisher")
+        self.publishers[topic] = FakePublisher(self.subscribers)
+        return self.publishers[topic]
+
+    def create_subscription(self, msg_type, topic, callback, qos):
+        return SimpleNamespace(topic=topic, callback=callback)
+
+    def destroy_node(self):
+        self.destroyed = True
+
+
+def fake_ros(node: FakeNode) -> dict:
+    rclpy = SimpleNamespace(
+        init=lambda args: None,
+        create_node=lambda name: node,
+        spin=lambda n: None,
+        ok=lambda: True,
+        shutdown=lambda: None,
+    )
+    qos = SimpleNamespace(BEST_EFFORT=1, TRANSIENT_LOCAL=1)
+    return {
+        "rclpy": rclpy,
+        "QoSProfile": lambda **kwargs: kwargs,
+        "ReliabilityPolicy": qos,
+        "DurabilityPolicy": qos,
+        "Image": dict,
+        "Float32MultiArray": dict,
+        "MultiArrayDimension": dict,
+        "MultiArrayLayout": dict,
+        "String": dict,
+    }
+
+
+def test_node_with_a_bad_bundle_exits_with_one_line(tmp_path: Path, monkeypatch):
+    node = FakeNode({"bundle": str(tmp_path / "missing")})
+    monkeypatch.setattr(segmenter_node, "_import_ros", lambda: fake_ros(node))
+    with pytest.raises(SystemExit) as exited:
+        segmenter_node.main([])
+    message = str(exited.value.code)
+    assert message.startswith(segmenter_node.NODE_NAME) and "missing" in message
+    assert "\n" not in message and node.destroyed
+
+
+def test_node_closes_its_segmenter_when_setup_fails(tiny_bundle: Path, monkeypatch):
+    opened: list[Segmenter] = []
+    real = Segmenter.from_bundle.__func__
+
+    def from_bundle(cls, *args, **kwargs):
+        opened.append(real(cls, *args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(Segmenter, "from_bundle", classmethod(from_bundle))
+    node = FakeNode({"bundle": str(tiny_bundle), "device": "cpu"}, fail_on="presence")
+    with pytest.raises(RuntimeError, match="presence publisher"):
+        segmenter_node.SegmenterNode(fake_ros(node))
+    assert len(opened) == 1 and opened[0]._impl is None and node.destroyed
+
+
+def test_node_blends_the_overlay_only_for_subscribers(tiny_bundle: Path):
+    image = np.random.default_rng(3).integers(0, 256, (40, 60, 3), np.uint8)
+    msg = SimpleNamespace(**message(image, "rgb8"), header={"frame_id": "camera"})
+    for subscribers, overlays in ((0, 0), (1, 1)):
+        node = FakeNode({"bundle": str(tiny_bundle), "device": "0"}, subscribers)
+        wired = segmenter_node.SegmenterNode(fake_ros(node))
+        try:
+            wired.on_image(msg)
+        finally:
+            wired.close()
+        sent = {topic: len(p.sent) for topic, p in node.publishers.items()}
+        assert sent == {"labels": 1, "overlay": overlays, "presence": 1, "classes": 1}

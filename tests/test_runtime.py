@@ -143,6 +143,103 @@ def test_parse_device():
             parse_device(bad)
 
 
+def test_parse_device_reads_an_index_given_as_text():
+    """As the CLI, the ROS parameter and the example pass it: the same as the int."""
+    assert parse_device("0") == Device(0) == parse_device(0)
+    assert parse_device(" 1 ") == Device(1)
+    for bad in ("-1", "1.5", "", "0x1", "١"):  # the last: ARABIC-INDIC DIGIT ONE
+        with pytest.raises(UserError, match=r"^--device: expected"):
+            parse_device(bad, "--device")
+
+
+class FakeMemory:
+    """Records what the TensorRT backend does with its CUDA memory."""
+
+    def __init__(self, device: int) -> None:
+        self.allocated, self.closed, self.active = 0, False, False
+        self.stream = 1
+
+    def activate(self) -> None:
+        self.active = True
+
+    def device(self, nbytes: int) -> int:
+        self.allocated += 1
+        return 4096 * self.allocated
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeEngine:
+    num_io_tensors = 3
+
+    def create_execution_context(self):
+        return self
+
+    def set_input_shape(self, name, shape) -> bool:
+        return True
+
+    def get_tensor_name(self, i: int) -> str:
+        return ["input", "labels", "other"][i]  # no "presence": _allocate fails after mallocs
+
+    def get_tensor_dtype(self, name):
+        return np.float32
+
+    def get_tensor_shape(self, name):
+        return (1, 8, 8)
+
+    def set_tensor_address(self, name, address) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("engine", "message"), [(None, "deserialize"), (FakeEngine(), "no tens")])
+def test_tensorrt_backend_frees_its_cuda_memory_when_it_fails_to_open(monkeypatch, engine, message):
+    from types import SimpleNamespace
+
+    from adapt_deploy.runtime import tensorrt_backend
+
+    memories: list[FakeMemory] = []
+
+    def logger(level: int) -> None:
+        return None
+
+    logger.WARNING = 2  # type: ignore[attr-defined]
+    runtime = SimpleNamespace(deserialize_cuda_engine=lambda plan: engine)
+    trt = SimpleNamespace(
+        __version__="10.8.0.43", Logger=logger, Runtime=lambda log: runtime, nptype=lambda t: t
+    )
+    record = SimpleNamespace(engine="x.plan", input_name="input", profile={"max": [1, 8, 8]})
+    monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(tensorrt_backend, "detect_platform", lambda version, device: H100)
+    monkeypatch.setattr(tensorrt_backend, "read_engine", lambda *a: (b"plan", record))
+    monkeypatch.setattr(
+        tensorrt_backend,
+        "open_memory",
+        lambda device: memories.append(FakeMemory(device)) or memories[-1],
+    )
+    meta = {"input": {"layout": "NHWC"}}
+    with pytest.raises(EngineError, match=message):
+        tensorrt_backend.TensorRTBackend(Path("bundle"), meta, "fp32", device=1)
+    assert len(memories) == 1 and memories[0].active and memories[0].closed
+    assert memories[0].allocated == (0 if engine is None else 3)  # freed by close()
+
+
+def test_cuda_errors_are_named_as_text():
+    from types import SimpleNamespace
+
+    from adapt_deploy.runtime.cuda_memory import CudaPythonMemory, error_name
+
+    errors = SimpleNamespace(cudaSuccess=0)
+    cudart = SimpleNamespace(
+        cudaError_t=errors,
+        cudaGetErrorName=lambda err: (0, b"cudaErrorInvalidDevice"),
+        cudaSetDevice=lambda device: (101,),
+    )
+    assert error_name(cudart, 101) == "cudaErrorInvalidDevice"
+    with pytest.raises(RuntimeError, match=r"device 7: cudaErrorInvalidDevice$"):
+        CudaPythonMemory(cudart, 7)
+
+
 def test_tensorrt_requested_or_present_without_tensorrt(tiny_bundle: Path, tmp_path: Path):
     if shutil.which("nvidia-smi") or _importable("tensorrt"):
         pytest.skip("this machine may have TensorRT or a GPU")
@@ -396,6 +493,21 @@ def test_overlay_blends_class_colours():
     assert table[200].tolist() == [0, 0, 0]
 
 
+def test_overlay_through_opencv_matches_numpy(monkeypatch):
+    pytest.importorskip("cv2")
+    from adapt_deploy.runtime import colors
+
+    rng = np.random.default_rng(5)
+    image, labels = frame(30, 40, seed=5), rng.integers(0, 19, (30, 40), np.uint8)
+    table = colour_table(rng.integers(0, 256, (19, 3)))
+    fast = [overlay(x, labels, table, 0.3) for x in (image, image[:, :, 1], image[:, ::-1])]
+    monkeypatch.setattr(colors, "_opencv", lambda: None)
+    slow = [overlay(x, labels, table, 0.3) for x in (image, image[:, :, 1], image[:, ::-1])]
+    for a, b in zip(fast, slow, strict=True):
+        assert a.shape == b.shape == (30, 40, 3) and a.dtype == b.dtype == np.uint8
+        assert np.abs(a.astype(int) - b).max() <= 1
+
+
 def test_perception_loop_example_runs_on_an_image_folder(tiny_bundle: Path, tmp_path: Path):
     cv2 = pytest.importorskip("cv2")
     (tmp_path / "frames").mkdir()
@@ -409,3 +521,24 @@ def test_perception_loop_example_runs_on_an_image_folder(tiny_bundle: Path, tmp_
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == ["000000.png", "000001.png", "000002.png"]
     assert cv2.imread(str(tmp_path / "out" / "000002.png")).shape == (120, 280, 3)
+
+
+def test_perception_loop_example_reads_sources_as_the_stream_does(tiny_bundle, tmp_path):
+    """Natural order (2 before 10), an unreadable image skipped, a wrong bundle in one line."""
+    cv2 = pytest.importorskip("cv2")
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, width in ((1, 160), (2, 200), (10, 240)):
+        cv2.imwrite(str(folder / f"{i}.png"), frame(120, width, seed=i))
+    (folder / "5.png").write_bytes(b"not a png")
+    example = [sys.executable, str(REPO / "examples" / "perception_loop.py")]
+    command = [*example, str(tiny_bundle), str(folder), "--out", str(tmp_path / "out")]
+    result = subprocess.run([*command, "--device", "cpu"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "3 frames" in result.stdout
+    widths = {p.name: cv2.imread(str(p)).shape[1] for p in (tmp_path / "out").iterdir()}
+    assert widths == {"000000.png": 160, "000001.png": 200, "000003.png": 240}
+    missing = subprocess.run([*example, str(tmp_path / "nowhere"), str(folder)],
+                             capture_output=True, text=True)  # fmt: skip
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and "nowhere" in missing.stderr

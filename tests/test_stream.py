@@ -22,9 +22,19 @@ from typer.testing import CliRunner
 from adapt_deploy.cli import app
 from adapt_deploy.errors import UserError
 from adapt_deploy.runtime import Segmenter
-from adapt_deploy.stream import SourceError, StreamOptions, open_source, stream
+from adapt_deploy.runtime.colors import colour_table, overlay
+from adapt_deploy.stream import (
+    SourceError,
+    StreamOptions,
+    StreamSummary,
+    open_source,
+    pipeline,
+    stream,
+)
+from adapt_deploy.stream import demo as stream_demo
 from adapt_deploy.stream.channel import Channel
-from adapt_deploy.stream.render import colour_table, overlay
+from adapt_deploy.stream.outputs import OutputError
+from adapt_deploy.stream.sources import LiveStream
 
 SIZE = (64, 128)  # (H, W)
 FPS = 10.0
@@ -289,6 +299,46 @@ def test_a_live_source_keeps_the_newest_frame_and_reconnects(segmenter, tmp_path
     assert indices == sorted(indices) and len(indices) == 40
 
 
+class DroppingCamera(LiveStream):
+    """A camera that delivers `frames` frames a tenth of a second apart, then drops and never
+    comes back: its reader waits in LiveStream's reconnect loop until told to stop."""
+
+    def __init__(self, frames: int, reconnect_timeout: float) -> None:
+        self.left, self.opened, self.dropped, self.closed = frames, 0, False, False
+        super().__init__(0, fps=FPS, reconnect_timeout=reconnect_timeout)
+
+    def _open(self):
+        self.opened += 1
+        return self if self.opened == 1 else None  # it is its own capture: read, get, release
+
+    def read(self):
+        if self.left == 0:
+            self.dropped = True
+            return False, None
+        self.left -= 1
+        time.sleep(0.1)  # far slower than inference: no frame is replaced before it is taken
+        return True, cv2.cvtColor(drive_frame(self.left), cv2.COLOR_RGB2BGR)
+
+    def get(self, prop: int) -> float:
+        return FPS
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+        super().close()
+
+
+def test_a_stream_that_ends_while_its_live_source_reconnects_closes_it_at_once(segmenter):
+    source = DroppingCamera(frames=3, reconnect_timeout=30.0)
+    start = time.monotonic()
+    summary = stream(source, segmenter, StreamOptions(max_frames=3))
+    assert summary.frames == 3 and source.dropped  # the reader went on to reconnect
+    assert time.monotonic() - start < 3.0 and source.closed
+    assert not [t for t in threading.enumerate() if t.name == "stream-reader"]
+
+
 def test_newest_wins_channel_drops_the_oldest_and_close_drains():
     channel: Channel[int] = Channel(1, newest_wins=True)
     for i in range(5):
@@ -349,6 +399,60 @@ def stream_until(tiny_bundle: Path, tmp_path: Path, out: Path, lines: int) -> su
 def test_show_without_a_gui_is_a_clear_error(video, segmenter):
     with pytest.raises(UserError, match="--show needs an OpenCV built with a GUI"):
         stream(open_source(str(video)), segmenter, StreamOptions(show=True))
+
+
+def test_a_failing_window_leaves_an_existing_stats_file_alone(
+    video, segmenter, tmp_path, monkeypatch
+):
+    def no_gui():
+        raise OutputError("--show needs an OpenCV built with a GUI")
+
+    monkeypatch.setattr(pipeline, "Window", no_gui)
+    stats = tmp_path / "s.jsonl"
+    stats.write_text('{"index": 0}\n')
+    options = StreamOptions(show=True, stats=stats, out=tmp_path / "o.mkv")
+    with pytest.raises(OutputError, match="--show"):
+        stream(open_source(str(video)), segmenter, options)
+    assert stats.read_text() == '{"index": 0}\n' and not (tmp_path / "o.mkv").exists()
+
+
+def test_destinations_and_options_are_checked_once(tiny_bundle, video, tmp_path, monkeypatch):
+    calls: list[tuple] = []
+    check = pipeline.check_destinations
+    monkeypatch.setattr(pipeline, "check_destinations", lambda *a: calls.append(a) or check(*a))
+    options = StreamOptions(stats=tmp_path / "s.jsonl", max_frames=2, device="cpu")
+    summary = pipeline.run_stream(str(video), tiny_bundle, options)
+    assert summary.frames == 2 and len(calls) == 1
+
+
+def test_stream_device_option(tiny_bundle, video, tmp_path):
+    assert "--device" in CliRunner().invoke(app, ["stream", "--help"]).output
+    args = ["stream", str(video), "--bundle", str(tiny_bundle), "--max-frames", "2"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0 and "2 frames" in result.output, result.output
+    command = [sys.executable, "-m", "adapt_deploy.cli", *args, "--device", "gpu"]
+    bad = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "error: --device: expected a GPU index (0, 1, ...), 'cuda', 'cuda:N' or 'cpu'; got 'gpu'"
+    ]
+
+
+def test_the_demo_streams_again_when_its_saved_summary_is_unusable(tmp_path):
+    made_from = {"bundle": "b", "video": "v"}
+    path = tmp_path / "summary.json"
+    summary = StreamSummary("drive.mp4", False, frames=3)
+    from dataclasses import asdict
+
+    path.write_text(json.dumps({**asdict(summary), "made_from": made_from}))
+    assert stream_demo._saved_summary(path, made_from) == summary
+    assert stream_demo._saved_summary(path, {**made_from, "video": "w"}) is None
+    for text in ('{"frames": 3, "made_from": 1', "[]", '"text"', "{}", '{"fps_x": 1}'):
+        path.write_text(text.replace("1}", json.dumps(made_from) + "}"))
+        assert stream_demo._saved_summary(path, made_from) is None, text
+    renamed = {**asdict(summary), "frame_count": 3, "made_from": made_from}
+    path.write_text(json.dumps(renamed))  # a summary of an older or newer version
+    assert stream_demo._saved_summary(path, made_from) is None
 
 
 def test_sigterm_finishes_the_mp4_with_the_frames_so_far(tiny_bundle, tmp_path):

@@ -35,9 +35,10 @@ from adapt_deploy.tta import folding
 from adapt_deploy.tta.adapter import OnlineAdapter
 from adapt_deploy.tta.options import AdaptOptions, ResetPolicy
 from adapt_deploy.tta.package import load_package
+from adapt_deploy.tta.session import AdaptSetup, open_adaptation
 from adapt_deploy.tta.shift import ShiftDetector
 from adapt_deploy.tta.state import load_state, resume, save_state
-from adapt_deploy.tta.sync import graph_spec, make_sync
+from adapt_deploy.tta.sync import OnnxRuntimeSync, SyncResult, graph_spec, make_sync
 from adapt_deploy.tta.worker import AdaptWorker
 
 SIZE = (36, 64)
@@ -225,6 +226,58 @@ def test_saved_state_resumes_and_is_tied_to_its_model(trained, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a state")
     with pytest.raises(UserError, match=r"junk\.pt"):
         load_state(tmp_path / "junk.pt", adapter)
+
+
+def test_a_resumed_adapter_uses_this_runs_lr_and_momentum(trained, tmp_path):
+    bundle, _ = trained
+    adapter = adapter_for(bundle, lr=1e-2, momentum=0.9)
+    adapter.step(shifted(varied_scene(np.random.default_rng(15), *SIZE)[0]))
+    path = tmp_path / "state.pt"
+    save_state(adapter, path)
+    again = adapter_for(bundle, lr=1e-3, momentum=0.5)  # stream --adapt-state ... --lr 1e-3
+    assert resume(again, path)
+    assert [(g["lr"], g["momentum"]) for g in again.optimizer.param_groups] == [(1e-3, 0.5)]
+    assert again.optimizer.state  # the saved momentum buffers are kept
+
+
+@pytest.mark.parametrize("params", ["bn", "bn+head", "all"])
+def test_rollback_restores_everything_a_full_restore_would(trained, params):
+    bundle, _ = trained
+    adapter = adapter_for(bundle, params=params, restore=0.1)
+    rng = np.random.default_rng(16)
+    adapter.step(shifted(varied_scene(rng, *SIZE)[0]))
+    adapter.mark_synced()
+    synced = {
+        role: {k: v.clone() for k, v in model.state_dict().items()}
+        for role, model in (("student", adapter.student), ("teacher", adapter.teacher))
+    }
+    adapter.step(shifted(varied_scene(rng, *SIZE)[0]))
+    adapter.reset("periodic: test")  # rollbacks also undo a reset since the last sync
+    adapter.step(shifted(varied_scene(rng, *SIZE)[0]))
+    teacher = adapter.teacher.state_dict()
+    assert any(not torch.equal(v, synced["teacher"][k]) for k, v in teacher.items())
+    adapter.rollback()
+    for role, model in (("student", adapter.student), ("teacher", adapter.teacher)):
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(value, synced[role][name], rtol=0, atol=0, msg=name)
+
+
+def test_saved_weights_the_runtime_rejects_stop_the_set_up_and_close_the_sync(
+    trained, tmp_path, monkeypatch
+):
+    bundle, _ = trained
+    adapter = adapter_for(bundle)
+    adapter.step(shifted(varied_scene(np.random.default_rng(17), *SIZE)[0]))
+    path = tmp_path / "state.pt"
+    save_state(adapter, path)
+    closed = []
+    monkeypatch.setattr(OnnxRuntimeSync, "close", lambda self: closed.append(self))
+    rejected = SyncResult(False, 0.0, reason="the new weights fail the sample check")
+    monkeypatch.setattr(OnnxRuntimeSync, "push", lambda self, model: rejected)
+    seg = Segmenter.from_bundle(bundle, "onnxruntime", "cpu", "fp32", threads=1)
+    with seg, pytest.raises(UserError, match="rejected the saved weights"):
+        open_adaptation(bundle, seg, AdaptSetup(AdaptOptions(threads=1), path))
+    assert len(closed) == 1
 
 
 def _video(path: Path, count: int) -> Path:

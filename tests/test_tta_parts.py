@@ -1,6 +1,11 @@
-"""The pieces of on-device adaptation: mixed BatchNorm, options, shift detector, safety."""
+"""The pieces of on-device adaptation: mixed BatchNorm, options, shift detector, safety, and
+how the worker stops."""
 
 from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,10 +13,13 @@ import torch
 from torch import nn
 
 from adapt_deploy.errors import UserError
+from adapt_deploy.tta.adapter import StepReport
 from adapt_deploy.tta.bn import MixedBatchNorm2d, mix_batchnorms, set_adapting
 from adapt_deploy.tta.options import AdaptOptions, ResetPolicy, parse_threshold
 from adapt_deploy.tta.safety import CollapseMonitor, Observation, ema_update, stochastic_restore
+from adapt_deploy.tta.session import AdaptSetup, finish_adaptation
 from adapt_deploy.tta.shift import ShiftDetector
+from adapt_deploy.tta.worker import AdaptWorker
 
 
 def _bn(channels: int = 4, seed: int = 0) -> nn.BatchNorm2d:
@@ -138,3 +146,84 @@ def test_collapse_monitor_reasons():
     for _ in range(20):
         monitor.observe(Observation(entropy=0.01, predicted_classes=2, present_classes=1))
     assert "predicted classes" in (monitor.check(0.3, True) or "")
+
+
+class SlowAdapter:
+    """What AdaptWorker uses of an OnlineAdapter, with an update that runs until `release`."""
+
+    def __init__(self) -> None:
+        self.options = AdaptOptions(every=1, budget=1.0)
+        self.teacher = None
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def step(self, frame: np.ndarray, shifted: bool) -> StepReport:
+        self.entered.set()
+        assert self.release.wait(30)
+        return StepReport(1, 0.0, {}, Observation(0.5, 5, 5), 0.01)
+
+    def mark_synced(self) -> None:
+        pass
+
+
+class CountingSync:
+    def __init__(self) -> None:
+        self.pushes = self.closes = 0
+
+    def push(self, model: object) -> SimpleNamespace:
+        self.pushes += 1
+        return SimpleNamespace(ok=True, seconds=0.0, reason=None)
+
+    def close(self) -> None:
+        self.closes += 1
+
+
+FRAME, PRESENCE = np.zeros((8, 8, 3), np.uint8), np.full(19, 0.5)
+
+
+def _busy_worker() -> tuple[AdaptWorker, SlowAdapter, CountingSync]:
+    """A started worker in the middle of an update."""
+    adapter, sync = SlowAdapter(), CountingSync()
+    worker = AdaptWorker(adapter, sync).start()
+    assert worker.offer(FRAME, PRESENCE, 0) == "adapt"
+    assert adapter.entered.wait(30)
+    return worker, adapter, sync
+
+
+def test_close_reports_an_unfinished_update_and_closes_the_sync_once_it_ends():
+    worker, adapter, sync = _busy_worker()
+    summary = worker.close(timeout=0.05)
+    assert summary.still_running and sync.closes == 0  # the update may still push
+    assert "closed with an update still running" in summary.lines()[-1]
+    began = time.perf_counter()
+    assert worker.close().still_running  # closing again does not wait another 60 s
+    assert time.perf_counter() - began < 1.0
+    assert worker.offer(FRAME, PRESENCE, 1) == "stopped"
+    adapter.release.set()
+    deadline = time.monotonic() + 30
+    while worker.close().still_running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not worker.summary.still_running
+    assert (sync.pushes, sync.closes) == (1, 1)  # the update pushed, then the sync was closed
+    worker.close()
+    assert sync.closes == 1
+
+
+def test_close_of_a_worker_never_started_closes_its_sync():
+    sync = CountingSync()
+    worker = AdaptWorker(SlowAdapter(), sync, inline=True)
+    assert not worker.close().still_running and sync.closes == 1
+    assert worker.offer(FRAME, PRESENCE, 0) == "stopped"  # inline: no update after close
+
+
+def test_the_state_is_not_saved_while_an_update_is_still_running(tmp_path):
+    worker, adapter, _ = _busy_worker()
+    worker.close(timeout=0.05)  # what `stream` does when the update does not end in time
+    setup = AdaptSetup(AdaptOptions(), tmp_path / "state.pt")
+    began = time.perf_counter()
+    lines = finish_adaptation(worker, setup, frames=3)  # SlowAdapter cannot be saved: no try
+    assert time.perf_counter() - began < 1.0
+    assert not setup.state.exists()
+    assert lines[-1] == (
+        f"adaptation state not saved: an update was still running; {setup.state} was not written"
+    )
+    adapter.release.set()

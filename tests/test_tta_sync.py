@@ -201,6 +201,15 @@ def test_a_failed_push_leaves_the_runtime_as_it_was(tiny_bundle, source, monkeyp
         assert sync.push(adapted(model, seed=3)).ok
 
 
+def test_a_push_of_another_model_fails_without_raising(tiny_bundle, source):
+    model, config = source
+    with Segmenter.from_bundle(tiny_bundle, "torch", device="cpu") as seg:
+        before = seg(FRAME)
+        result = make_sync(seg, model, config.input).push(nn.Conv2d(3, 8, 3))
+        assert not result.ok and "does not match the bundle's model" in result.reason
+        np.testing.assert_array_equal(seg(FRAME).presence, before.presence)
+
+
 def test_swap_backend_refuses_another_kind_of_backend(tiny_bundle, source):
     model, config = source
     deploy = DeployModel(copy.deepcopy(model), config.input, graph_spec(load_meta(tiny_bundle)))
@@ -261,3 +270,72 @@ def test_push_refits_a_tensorrt_engine(tiny_bundle, source, tmp_path):
         assert result.ok, result.reason
         assert_matches(seg(FRAME), reference(moved, seg, config), seg.meta["tolerances"]["fp32"])
         sync.close()
+
+
+class FakeTensorRT:
+    """The part of the tensorrt module TensorRTSync's set-up touches; the engine can refit
+    `refittable` (by ONNX initializer name)."""
+
+    __version__ = "10.8.0"
+
+    def __init__(self, refittable: set[str]) -> None:
+        names = sorted(refittable)
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, level: int) -> None:
+                pass
+
+        class Refitter:
+            def __init__(self, engine: object, logger: object) -> None:
+                pass
+
+            def get_all_weights(self) -> list[str]:
+                return names
+
+        self.Logger, self.Refitter = Logger, Refitter
+
+
+@pytest.mark.parametrize("refittable", [True, False])
+def test_a_tensorrt_sync_whose_set_up_fails_closes_its_standby_engine(
+    tiny_bundle, source, monkeypatch, refittable
+):
+    from types import SimpleNamespace
+
+    from adapt_deploy.export import engine_files
+    from adapt_deploy.runtime import tensorrt_backend
+    from adapt_deploy.tta import sync_tensorrt
+
+    model, config = source
+    meta = load_meta(tiny_bundle)
+    proto = onnx.load(str(model_path(tiny_bundle, meta, "fp32")))
+    names = {slot.initializer for slot in build_folding_map(model, proto).slots}
+    closed: list[object] = []
+
+    class Standby:  # the TensorRTBackend the sync holds as its standby
+        _engine = object()
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def close(self) -> None:
+            closed.append(self)
+
+    record = SimpleNamespace(refittable=True, onnx_model="fp32", engine="m.plan", precision="fp32")
+    trt = FakeTensorRT(names if refittable else set())
+    monkeypatch.setattr(sync_tensorrt, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(sync_tensorrt, "detect_platform", lambda version, device: None)
+    monkeypatch.setattr(engine_files, "read_engine", lambda *args: (b"", record))
+    monkeypatch.setattr(tensorrt_backend, "TensorRTBackend", Standby)
+    seg = SimpleNamespace(bundle=tiny_bundle, meta=meta, precision="fp32", device="cuda:0")
+    graph = graph_spec(meta)
+    if refittable:
+        sync = sync_tensorrt.TensorRTSync(seg, model, config.input, graph)
+        assert not closed
+        sync.close()
+        sync.close()
+    else:
+        with pytest.raises(UserError, match="not refittable"):
+            sync_tensorrt.TensorRTSync(seg, model, config.input, graph)
+    assert len(closed) == 1  # at once, not when garbage collected

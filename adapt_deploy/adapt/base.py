@@ -67,6 +67,13 @@ class Method:
             for name, d in self.discriminators.items()
         }
 
+    def extra_state(self) -> dict[str, Any]:
+        """State of the method itself (not its modules) that a resumed run must continue from."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``extra_state`` returned (empty for runs saved without any)."""
+
     def add_discriminator(self, name: str, module: nn.Module) -> nn.Module:
         """Register a discriminator (moved to the device, in train mode)."""
         self.discriminators[name] = module.to(self.device).train()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 
 class SourceCalibratedThresholds:
@@ -37,6 +38,14 @@ class SourceCalibratedThresholds:
             side[fresh] = mean[fresh]
             blend = seen & ~fresh
             side[blend] += self.momentum * (mean[blend] - side[blend])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The two running averages: what a resumed run needs to keep the same cuts."""
+        return {"present": self.present.clone(), "absent": self.absent.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.present.copy_(state["present"])
+        self.absent.copy_(state["absent"])
 
     def cuts(self) -> torch.Tensor:
         """(C,) LSE cut per class: halfway between the two averages, else the global T."""

@@ -4,7 +4,7 @@ discriminators on attention-pooled features (Eq. 3-5) and, with points, point su
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -42,6 +42,14 @@ class WeakLabelAdaptation(AdaptSegNet):
             if config.adapt.pseudo_calibration == "source"
             else None
         )
+
+    def extra_state(self) -> dict[str, Any]:
+        """The source calibration's running averages, when it is on."""
+        return {} if self.calibration is None else {"calibration": self.calibration.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.calibration is not None and "calibration" in state:
+            self.calibration.load_state_dict(state["calibration"])
 
     def target_weak_labels(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         """y_t (N, C): pseudo-weak labels from the detached logits (Eq. 7, or with per-class

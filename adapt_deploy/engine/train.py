@@ -96,6 +96,7 @@ class Learner:
             "optimizer": self.optimizer.state_dict(),
             "discriminators": {k: d.state_dict() for k, d in self.method.discriminators.items()},
             "d_optimizers": {k: o.state_dict() for k, o in self.d_optimizers.items()},
+            "method": self.method.extra_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -105,6 +106,7 @@ class Learner:
             d.load_state_dict(state["discriminators"][k])
         for k, o in self.d_optimizers.items():
             o.load_state_dict(state["d_optimizers"][k])
+        self.method.load_extra_state(state.get("method", {}))  # absent in older trainer states
 
 
 def build_learner(

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from adapt_deploy.atomic import current_umask
 from adapt_deploy.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -287,9 +288,8 @@ def staged_directory(out: Path, force: bool = False) -> Iterator[Path]:
     check_destination(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary directory
+    # mkdtemp makes it private; a bundle is an ordinary directory.
+    tmp.chmod(0o777 & ~current_umask())
     try:
         yield tmp
         check_destination(out, force)

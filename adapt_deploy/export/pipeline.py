@@ -180,12 +180,14 @@ def export_bundle(
     reporter: Reporter | None = None,
     source_data: Path | None = None,
     adapt_images: int = 200,
+    adapt_package: bool = True,
 ) -> ExportResult:
     """Export a checkpoint to a checked bundle at `out` (see DESIGN.md §4, Bundle).
 
     With labelled source data (`source_data`, else the checkpoint config's data.source root
     when it exists) the bundle also gets its adaptation package (adapt/: the checkpoint and
-    source statistics over `adapt_images` images), which `stream --adapt` needs.
+    source statistics over `adapt_images` images), which `stream --adapt` needs. Without
+    `adapt_package` it gets none: the training weights stay out of the bundle.
     """
     reporter = reporter or Reporter()
     layout = layout.upper()
@@ -195,6 +197,8 @@ def export_bundle(
         raise UserError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
     check_destination(Path(out), force)  # before any work
     _check_source_data(source_data, adapt_images)
+    if source_data is not None and not adapt_package:
+        raise UserError("--source-data is for the adaptation package: drop --no-adapt-package")
     checkpoint = Path(checkpoint)
     ckpt_meta = read_checkpoint(checkpoint)["meta"]
     model, config = load_checkpoint(checkpoint)
@@ -204,7 +208,11 @@ def export_bundle(
     graph = GraphSpec(layout=layout, logits=logits, lse_k=config.adapt.lse_k)
     deploy = DeployModel(model, config.input, graph)
     spec = input_meta(config.input, graph)
-    stats_config, source = _source_dataset(config, source_data, reporter)
+    if adapt_package:
+        stats_config, source = _source_dataset(config, source_data, reporter)
+    else:
+        stats_config, source = config, None
+        reporter.log("no adaptation package in this bundle (--no-adapt-package)")
     checkpoint_sha = sha256_file(checkpoint)
 
     with staged_directory(Path(out), force) as tmp:

@@ -99,6 +99,12 @@ def import_cudart() -> ModuleType | None:
     return cudart
 
 
+def error_name(cudart: Any, err: Any) -> str:
+    """cudaGetErrorName of `err` as text (cuda-python returns it as bytes)."""
+    name = cudart.cudaGetErrorName(err)[1]
+    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+
+
 def _gpu_from_cuda_python(device: int) -> tuple[str, str] | None:
     """Via cuda-python (what TensorRT's samples use); None when cuda-python is absent."""
     cudart = import_cudart()
@@ -106,8 +112,7 @@ def _gpu_from_cuda_python(device: int) -> tuple[str, str] | None:
         return None
     err, props = cudart.cudaGetDeviceProperties(device)
     if err != cudart.cudaError_t.cudaSuccess:
-        _, name = cudart.cudaGetErrorName(err)
-        reason = name.decode() if isinstance(name, bytes) else str(name)
+        reason = error_name(cudart, err)
         raise TensorRTMissingError(f"no usable CUDA GPU (cudaGetDeviceProperties: {reason})")
     name = props.name
     if isinstance(name, bytes):

@@ -29,10 +29,9 @@ import torch
 from torch import Tensor
 
 # Up to this many rows per batch entry (M), MKL's bmm is slow for the shapes of the backward,
-# and other formulations of the same product are faster. Measured on the 2-core CPU machine
-# with (19, 2048, 2048) weights, ms, for M = 1 / 2 / 3 / 4:
-#   weight gradient xᵀ·g: mul + addcmul 10 / 11 / 18 / 23-38, bmm 17 / 36 / 35 / 34-36
-#   input gradient g·Wᵀ: (W·gᵀ)ᵀ 7.8 / 10 / 15 / 22, bmm(g, Wᵀ) 9.5 / 18 / 25 / 14.5
+# and other formulations of the same product are faster: the weight gradient as mul + addcmul,
+# the input gradient as (W·gᵀ)ᵀ. bench/components.py times each form at M = 1..4 (the table at
+# the end of bench/results/components.md); past 3 rows bmm catches up.
 _MAX_THIN_ROWS = 3
 
 

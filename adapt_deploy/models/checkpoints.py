@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from adapt_deploy import __version__
+from adapt_deploy.atomic import atomic_file
 from adapt_deploy.config import ExperimentConfig, ModelConfig, from_dict
 from adapt_deploy.data.labels import CLASS_NAMES
 from adapt_deploy.errors import UserError
@@ -23,17 +22,8 @@ def build_model(cfg: ModelConfig) -> DeepLab:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file in the same directory, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, durable=True) as f:
+        torch.save(obj, f)
 
 
 def checkpoint_meta(config: ExperimentConfig, iteration: int) -> dict[str, Any]:

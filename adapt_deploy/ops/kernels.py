@@ -164,6 +164,11 @@ def fused_kernels_active() -> bool:
     return _CHOICE.status().active
 
 
+def fused_kernels_chosen() -> bool:
+    """Whether the fused kernels are in use, without making the choice (False until it is)."""
+    return _CHOICE.made and _CHOICE.status().active
+
+
 def note_reference_use() -> None:
     """Called by the reference on every call: makes the choice where no GPU can change it.
 

@@ -183,9 +183,10 @@ def _attention_pool_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Ten
     logits, features = ctx.saved_tensors
     if not any(ctx.needs_input_grad):
         return None, None
-    if not ctx.needs_input_grad[0] and features.device.type == "cpu":
-        # Detached attention (WDA's generator step): dF alone saves a second pass over F. On
-        # CPU the backward op is this reference anyway; elsewhere a fused kernel may serve it.
+    if not ctx.needs_input_grad[0] and not (features.is_cuda and _kernels.fused_kernels_chosen()):
+        # Detached attention (WDA's generator step): where the backward op would be the
+        # reference anyway, dF alone saves its second pass over F. The fused kernel (which
+        # computes both in one pass) keeps the op.
         return None, _attention_and_grad_features(grad, logits, features)[1]
     grad_logits, grad_features = torch.ops.adapt_deploy.attention_pool_backward(
         grad, logits, features

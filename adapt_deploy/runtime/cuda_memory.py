@@ -16,7 +16,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from adapt_deploy.export.tensorrt import INSTALL_HINT, TensorRTMissingError, import_cudart
+from adapt_deploy.export.tensorrt import (
+    INSTALL_HINT,
+    TensorRTMissingError,
+    error_name,
+    import_cudart,
+)
 
 
 class CudaMemory(Protocol):
@@ -46,7 +51,7 @@ class CudaPythonMemory:
     def _call(self, result: tuple[Any, ...]) -> Any:
         err, *values = result
         if err != self._rt.cudaError_t.cudaSuccess:
-            name = self._rt.cudaGetErrorName(err)[1]
+            name = error_name(self._rt, err)
             raise RuntimeError(f"CUDA error on device {self._device}: {name}")
         return values[0] if len(values) == 1 else tuple(values)
 

@@ -1,8 +1,8 @@
 """Resizing: bilinear for frames going in, nearest for labels coming out.
 
 Both use half-pixel centres (OpenCV's INTER_LINEAR convention), so a label map resized back
-lines up with the frame it came from. Frames go through OpenCV when it imports (about 12x
-faster; imported on the first resize, never when the runtime is imported) and through the numpy
+lines up with the frame it came from. Frames go through OpenCV when it imports (faster;
+imported on the first resize, never when the runtime is imported) and through the numpy
 implementation here otherwise; the two differ by at most one grey level. Labels always use
 numpy. Index and weight tables are cached per (source, destination) size.
 """

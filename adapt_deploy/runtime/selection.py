@@ -33,20 +33,23 @@ class Device:
     required: bool = False
 
 
-def parse_device(device: int | str) -> Device:
-    """0, 1, ... : that GPU when a GPU backend is usable, else the CPU; "cuda" / "cuda:N": that
-    GPU or an error; "cpu": the CPU even where a GPU is present."""
+def parse_device(device: int | str, name: str = "device") -> Device:
+    """0, 1, ... (or "0", "1", ...): that GPU when a GPU backend is usable, else the CPU;
+    "cuda" / "cuda:N": that GPU or an error; "cpu": the CPU even where a GPU is present.
+    `name` is what a UserError calls the value (an option such as "--device")."""
     if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
         return Device(device)
     if isinstance(device, str):
         text = device.strip().lower()
         if text == "cpu":
             return Device(None)
+        if text.isascii() and text.isdigit():
+            return Device(int(text))
         match = re.fullmatch(r"cuda(?::(\d+))?", text)
         if match:
             return Device(int(match.group(1) or 0), required=True)
     raise UserError(
-        f"device: expected a GPU index (0, 1, ...), 'cuda', 'cuda:N' or 'cpu'; got {device!r}"
+        f"{name}: expected a GPU index (0, 1, ...), 'cuda', 'cuda:N' or 'cpu'; got {device!r}"
     )
 
 

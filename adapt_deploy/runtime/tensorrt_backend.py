@@ -16,6 +16,7 @@ machines (no GPU); tests cover the selection logic and the errors around it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -51,20 +52,28 @@ class TensorRTBackend:
         trt = import_tensorrt()  # TensorRTMissingError with the install hint
         here = detect_platform(trt.__version__, device)
         plan, record = read_engine(bundle, meta, precision, here)  # refuses foreign engines
-        self._memory = open_memory(device)
         self.precision = precision
         self.device = f"cuda:{device}"
         self._plan = record.engine
         self._layout = meta["input"]["layout"]
         self._input = record.input_name
         self._profile = record.profile
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(plan)
-        if self._engine is None:
-            raise EngineError(f"{record.engine}: TensorRT could not deserialize the plan")
-        self._context = self._engine.create_execution_context()
-        self._allocate(trt, tuple(self._profile["max"]))
+        self._engine: Any = None
+        self._context: Any = None
+        self._memory = open_memory(device)
+        try:
+            self._memory.activate()  # TensorRT deserializes onto the current device
+            self._logger = trt.Logger(trt.Logger.WARNING)
+            self._runtime = trt.Runtime(self._logger)
+            self._engine = self._runtime.deserialize_cuda_engine(plan)
+            if self._engine is None:
+                raise EngineError(f"{record.engine}: TensorRT could not deserialize the plan")
+            self._context = self._engine.create_execution_context()
+            self._allocate(trt, tuple(self._profile["max"]))
+        except BaseException:  # the stream and whatever was allocated go back now
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                self.close()
+            raise
 
     def _allocate(self, trt: Any, max_shape: tuple[int, ...]) -> None:
         """Device memory for every I/O tensor at the profile's max shape; pinned host buffers."""

@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from adapt_deploy.atomic import atomic_write_json
 from adapt_deploy.export.bundle import load_meta, sha256_file
 from adapt_deploy.progress import Reporter
 from adapt_deploy.stream.pipeline import StreamOptions, StreamSummary, stream
@@ -40,12 +41,24 @@ def stream_demo_video(
     overlay, summary_file = directory / "overlay.mp4", directory / "summary.json"
     made_from = {"bundle": sha256_file(bundle / "meta.json"), "video": sha256_file(video)}
     if overlay.is_file() and summary_file.is_file():
-        saved = json.loads(summary_file.read_text())
-        if saved.pop("made_from", None) == made_from:
+        saved = _saved_summary(summary_file, made_from)
+        if saved is not None:
             reporter.log(f"  reusing the overlay video {overlay}")
-            return StreamSummary(**saved)
+            return saved
     options = StreamOptions(out=overlay, stats=directory / "stats.jsonl")
     with Segmenter.from_bundle(bundle) as segmenter:
         summary = stream(open_source(str(video)), segmenter, options, reporter)
-    summary_file.write_text(json.dumps({**asdict(summary), "made_from": made_from}, indent=2))
+    atomic_write_json(summary_file, {**asdict(summary), "made_from": made_from})
     return summary
+
+
+def _saved_summary(path: Path, made_from: dict[str, str]) -> StreamSummary | None:
+    """The summary saved at `path` when it was made from `made_from`; None when it was not, or
+    when the file is unreadable or from another version (the stream then runs again)."""
+    try:
+        saved = json.loads(path.read_text())
+        if saved.pop("made_from", None) != made_from:
+            return None
+        return StreamSummary(**saved)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None

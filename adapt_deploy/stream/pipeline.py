@@ -30,6 +30,8 @@ import numpy as np
 
 from adapt_deploy.errors import UserError
 from adapt_deploy.progress import Reporter
+from adapt_deploy.runtime.colors import colour_table, overlay
+from adapt_deploy.runtime.selection import parse_device
 from adapt_deploy.stream.channel import Channel
 from adapt_deploy.stream.outputs import (
     LabelWriter,
@@ -38,7 +40,6 @@ from adapt_deploy.stream.outputs import (
     Window,
     check_destinations,
 )
-from adapt_deploy.stream.render import colour_table, overlay
 from adapt_deploy.stream.sources import Frame, Source, open_source
 
 if TYPE_CHECKING:
@@ -72,9 +73,11 @@ class StreamOptions:
     fps: float | None = None  # of an image folder, or of a source that does not say
     reconnect_timeout: float = 30.0
     queue_size: int = 2  # frames waiting between two stages; more only adds latency
+    device: int | str = 0  # a GPU index, "cuda:N" or "cpu", as Segmenter.from_bundle takes
 
     def check(self) -> None:
         """UserError naming the option when a value is out of range."""
+        parse_device(self.device, "--device")
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"--alpha must be between 0 and 1, got {self.alpha}")
         if self.max_frames is not None and self.max_frames < 1:
@@ -132,13 +135,22 @@ class StreamSummary:
 
 
 class _Outputs:
-    """The stream's sinks, opened together and closed together."""
+    """The stream's sinks, opened together and closed together. The window opens first: when
+    it cannot, no file has been opened (an existing stats file is not truncated)."""
 
     def __init__(self, options: StreamOptions, fps: float, segmenter: SegmenterLike) -> None:
-        self.video = VideoSink(options.out, fps) if options.out else None
-        self.labels = LabelWriter(options.labels_dir) if options.labels_dir else None
-        self.stats = StatsWriter(options.stats, segmenter.classes) if options.stats else None
-        self.window = Window() if options.show else None
+        self.window: Window | None = None
+        self.video: VideoSink | None = None
+        self.labels: LabelWriter | None = None
+        self.stats: StatsWriter | None = None
+        try:
+            self.window = Window() if options.show else None
+            self.video = VideoSink(options.out, fps) if options.out else None
+            self.labels = LabelWriter(options.labels_dir) if options.labels_dir else None
+            self.stats = StatsWriter(options.stats, segmenter.classes) if options.stats else None
+        except BaseException:
+            self.close()
+            raise
         self.table = colour_table(segmenter.palette)
         self.alpha = options.alpha
         named = {"overlay": options.out, "labels": options.labels_dir, "stats": options.stats}
@@ -183,12 +195,31 @@ def stream(
 ) -> StreamSummary:
     """Run `source` through `segmenter` into the outputs of `options`; closes `source`.
 
-    `stop` (set from another thread or a signal handler) ends the stream cleanly. `adapter`
-    (started here, closed by the caller) adapts the segmenter's model on the frames.
+    `stop` (set from another thread or a signal handler) ends the stream cleanly; it is set on
+    return, so a live source waiting to reconnect gives up at once. `adapter` (started and
+    closed here, its last events written) adapts the segmenter's model on the frames; saving
+    its state is the caller's (`tta.session.finish_adaptation`).
     """
     options = options or StreamOptions()
+    _check(options)
+    return _stream(source, segmenter, options, reporter, stop, adapter)
+
+
+def _check(options: StreamOptions) -> None:
+    """The options' values and every destination, before anything is opened."""
     options.check()
     check_destinations(options.out, options.labels_dir, options.stats)
+
+
+def _stream(
+    source: Source,
+    segmenter: SegmenterLike,
+    options: StreamOptions,
+    reporter: Reporter | None,
+    stop: threading.Event | None,
+    adapter: AdaptWorker | None,
+) -> StreamSummary:
+    """`stream` with `options` already checked."""
     reporter = reporter or Reporter()
     stop = stop or threading.Event()
     summary = StreamSummary(source.name, source.live)
@@ -220,11 +251,12 @@ def stream(
         infer.start()
         _write_all(results, outputs, summary, source, options, reporter, stop, adapter)
     finally:
+        stop.set()  # a live source reconnecting waits on it: the reader ends now, not later
         frames.close()
         results.close()
         if infer.ident is not None:
             infer.join()
-        if adapter is not None:
+        if adapter is not None:  # for a failed stream; after _write_all's close it does not wait
             adapter.close()
         if outputs is not None:
             outputs.close()
@@ -358,7 +390,7 @@ class SignalStop:
         self._previous: dict[int, Callable | int | None] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.event.is_set():
+        if self.signum is not None:  # the second signal (the stream sets `event` as it ends)
             raise KeyboardInterrupt
         self.signum = signum
         self.event.set()
@@ -387,8 +419,7 @@ def run_stream(
     ended it, if one did. A source that yields no frame is a UserError."""
     from adapt_deploy.runtime import Segmenter
 
-    options.check()
-    check_destinations(options.out, options.labels_dir, options.stats)
+    _check(options)
     if adapt is not None:
         from adapt_deploy.tta.session import check_state_path
 
@@ -397,7 +428,7 @@ def run_stream(
     segmenter = worker = None
     try:
         segmenter = Segmenter.from_bundle(
-            bundle, backend=options.backend, precision=options.precision
+            bundle, backend=options.backend, device=options.device, precision=options.precision
         )
         if adapt is not None:
             from adapt_deploy.tta.session import open_adaptation
@@ -409,7 +440,7 @@ def run_stream(
             segmenter.close()
         raise
     with segmenter, SignalStop() as signals:
-        summary = stream(source, segmenter, options, reporter, signals.event, worker)
+        summary = _stream(source, segmenter, options, reporter, signals.event, worker)
     if summary.frames == 0 and signals.signum is None and summary.stopped_by is None:
         _no_frames(spec, summary, options)
     if worker is not None and adapt is not None:

@@ -129,7 +129,10 @@ class OnlineAdapter:
         self._offsets = self._threshold_offsets()
         self._prototypes = torch.as_tensor(stats.prototypes, dtype=torch.float32).to(self.device)
         self._has_prototype = torch.as_tensor(stats.prototype_counts > 0).to(self.device)
-        self._synced = self._snapshot()
+        self._changing = self._changing_tensors()
+        self._synced = {
+            role: [t.detach().clone() for t in ts] for role, ts in self._changing.items()
+        }
 
     # ----------------------------------------------------------------------------------------
     # Set-up
@@ -149,6 +152,20 @@ class OnlineAdapter:
         for p in chosen:
             p.requires_grad_(True)
         return chosen
+
+    def _changing_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The state-dict tensors of student and teacher that adapting can change: the trainable
+        parameters (and their EMA in the teacher) and every buffer (the BN statistics). The other
+        parameters always hold the source values, so a rollback need not copy them."""
+        trained = {n for n, p in self.student.named_parameters() if p.requires_grad}
+        return {
+            role: [
+                v
+                for k, v in model.state_dict(keep_vars=True).items()
+                if not isinstance(v, torch.nn.Parameter) or k in trained
+            ]
+            for role, model in (("student", self.student), ("teacher", self.teacher))
+        }
 
     def _threshold_offsets(self) -> torch.Tensor:
         """The LSE value at which each class counts as present: logit(T) for a global --threshold,
@@ -302,21 +319,20 @@ class OnlineAdapter:
         key = reason.split(":")[0]
         self.counters.reasons[key] = self.counters.reasons.get(key, 0) + 1
 
-    def _snapshot(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {
-            "student": {k: v.detach().clone() for k, v in self.student.state_dict().items()},
-            "teacher": {k: v.detach().clone() for k, v in self.teacher.state_dict().items()},
-        }
-
+    @torch.no_grad()
     def mark_synced(self) -> None:
-        """The runtime now runs the teacher as it is: remember it for rollbacks."""
-        self._synced = self._snapshot()
+        """The runtime now runs the teacher as it is: remember it for rollbacks (only the
+        tensors that can change, copied into the same memory every time)."""
+        for role, live in self._changing.items():
+            for saved, value in zip(self._synced[role], live, strict=True):
+                saved.copy_(value)
 
     @torch.no_grad()
     def rollback(self) -> None:
         """Back to the weights the runtime last accepted (after a failed sync)."""
-        self.student.load_state_dict(self._synced["student"])
-        self.teacher.load_state_dict(self._synced["teacher"])
+        for role, live in self._changing.items():
+            for value, saved in zip(live, self._synced[role], strict=True):
+                value.copy_(saved)
         self.optimizer.state.clear()
         self.counters.rollbacks += 1
 
@@ -344,6 +360,9 @@ class OnlineAdapter:
         self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # that restored the saved run's lr, momentum
+            group["lr"] = self.options.lr
+            group["momentum"] = self.options.momentum
         counters = state["counters"]
         self.counters = Counters(
             int(counters["updates"]),

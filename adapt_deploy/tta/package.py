@@ -31,7 +31,6 @@ class AdaptationPackage:
     checkpoint: Path
     stats: SourceStats
     lse_k: float
-    pseudo_threshold: float
 
 
 def write_package(bundle_dir: Path, checkpoint: Path, stats: SourceStats) -> dict[str, Any]:
@@ -114,5 +113,4 @@ def load_package(bundle: Path, meta: dict[str, Any]) -> AdaptationPackage:
         checkpoint=bundle / package["checkpoint"],
         stats=stats,
         lse_k=lse_k,
-        pseudo_threshold=float(adaptation.get("pseudo_threshold", stats.global_threshold)),
     )

@@ -111,6 +111,7 @@ def open_adaptation(
     if adapter.counters.updates:  # the runtime starts from the bundle's weights: catch it up
         result = sync.push(adapter.teacher)
         if not result.ok:
+            sync.close()
             raise UserError(
                 f"--adapt-state {setup.state}: the runtime rejected the saved weights "
                 f"({result.reason}); delete the file to start from the bundle's weights"
@@ -119,12 +120,20 @@ def open_adaptation(
 
 
 def finish_adaptation(worker: AdaptWorker, setup: AdaptSetup, frames: int) -> list[str]:
-    """Stop the worker and save the state (only when frames were segmented); summary lines."""
+    """Stop the worker (`stream` already has: this does not wait again) and save the state, only
+    when frames were segmented and no update is still running; summary lines."""
     from adapt_deploy.tta.state import save_state
 
     summary = worker.close()
     lines = summary.lines()
-    if setup.state is not None and frames > 0:
+    if setup.state is None or frames == 0:
+        return lines
+    if summary.still_running:  # saving now could catch the adapter half-way through an update
+        kept = "keeps its previous contents" if Path(setup.state).exists() else "was not written"
+        lines.append(
+            f"adaptation state not saved: an update was still running; {setup.state} {kept}"
+        )
+    else:
         save_state(worker.adapter, setup.state)
         lines.append(f"adaptation state: {setup.state}")
     return lines

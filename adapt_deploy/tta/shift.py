@@ -29,7 +29,6 @@ class ShiftDetector:
         self._dist_var = 0.0
         self._seen = 0
         self._quiet = 0
-        self.fired = 0
 
     def update(self, presence: np.ndarray) -> bool:
         p = np.clip(np.asarray(presence, np.float64), 1e-6, 1 - 1e-6)
@@ -51,5 +50,4 @@ class ShiftDetector:
         self._dist_mean += (1 - s) * delta
         self._dist_var = s * (self._dist_var + (1 - s) * delta * delta)
         self._quiet = self.cooldown if shifted else max(0, self._quiet - 1)
-        self.fired += shifted
         return shifted

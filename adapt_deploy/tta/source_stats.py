@@ -4,8 +4,10 @@ The exported `presence` (sigmoid of LSE pooling, Eq. 1) is not calibrated: at th
 T = 0.2 nearly every class is "present" in every image, so the pseudo-weak labels [p_c > T]
 (Eq. 7) carry little information. Here each class gets the threshold that maximizes the F1 of
 [p_c > t] against ground-truth presence on the source. It is found on the LSE value before the
-sigmoid (`lse_thresholds`): LSE reaches 15-25 on confident classes, where the float32 sigmoid is
-exactly 1.0 and cannot be cut. `thresholds` is the same cut as a presence value, for reading.
+sigmoid (`lse_thresholds`): the float32 sigmoid is exactly 1.0 for inputs above about 16.6, so
+no cut on p_c can separate classes scored higher (how often confident classes score that high
+is not measured by any benchmark here). `thresholds` is the same cut as a presence value, for
+reading.
 Plus the reference numbers an adapter needs to notice drift: class prototypes (attention
 pooling, Eq. 3), prediction entropy, how many classes are called present and predicted per image.
 """
@@ -23,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from adapt_deploy.atomic import atomic_write
 from adapt_deploy.config import ExperimentConfig
 from adapt_deploy.data.labels import IGNORE_INDEX
 from adapt_deploy.data.normalize import normalize
@@ -106,13 +107,10 @@ class SourceStats:
         np.savez(buffer, **{f.name: np.asarray(getattr(self, f.name)) for f in fields(self)})
         return buffer.getvalue()
 
-    def save(self, path: Path) -> None:
-        """Write the .npz atomically."""
-        atomic_write(Path(path), self.to_bytes())
-
     @classmethod
     def load(cls, path: Path) -> SourceStats:
-        """Read what `save` wrote; UserError naming the file when it is not such a file."""
+        """Read what `to_bytes` wrote (`package.write_package` stores it); UserError naming the
+        file when it is not such a file."""
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as data:

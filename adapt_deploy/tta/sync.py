@@ -5,10 +5,11 @@
 - torch: a new backend around a copy of the pushed model.
 - onnxruntime: a new InferenceSession, built off the hot path, from the bundle's graph with
   its conv initializers replaced by the re-folded weights (`folding`). The graph is serialized
-  with the new values rather than overridden with `SessionOptions.add_initializer`: on ONNX
-  Runtime 1.31's CPU provider such overrides of conv weights are silently ignored at the
-  default ENABLE_ALL optimization level (measured: honoured up to ENABLE_EXTENDED for
-  model.onnx and up to ENABLE_LAYOUT for model_fp16.onnx).
+  with the new values rather than overridden with `SessionOptions.add_initializer`: in a one-off
+  check on ONNX Runtime 1.31's CPU provider, such overrides of conv weights had no effect and
+  raised no error at the default ENABLE_ALL optimization level (they took effect up to
+  ENABLE_EXTENDED for model.onnx, up to ENABLE_LAYOUT for model_fp16.onnx). No test or
+  benchmark reproduces that check.
 - tensorrt: refit of a standby engine (`sync_tensorrt`).
 
 Every push first snapshots the pushed model into a private CPU copy (the caller may keep
@@ -114,9 +115,9 @@ class RuntimeSync:
         failure the runtime keeps its weights and `ok` is False with the reason."""
         start = time.perf_counter()
         with self._lock:
-            self._load(model)
             candidate: Backend | None = None
             try:
+                self._load(model)
                 candidate = self._candidate()
                 agreement, diff, problems = self._check(candidate)
             except Exception as exc:  # a failed push must never take the runtime down

@@ -122,8 +122,12 @@ class TensorRTSync(RuntimeSync):
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._standby: Backend | None = TensorRTBackend(bundle, meta, precision, device=device)
-        names = set(trt.Refitter(engine_of(self._standby), self._logger).get_all_weights())
-        check_names(self.map, names, record.engine, bundle)
+        try:
+            names = set(trt.Refitter(engine_of(self._standby), self._logger).get_all_weights())
+            check_names(self.map, names, record.engine, bundle)
+        except BaseException:
+            self.close()  # else the standby engine holds its GPU memory until collected
+            raise
 
     def _candidate(self) -> Backend:
         standby = self._standby

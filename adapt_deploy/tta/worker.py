@@ -9,7 +9,8 @@ its budget. A frame where a shift was detected is never skipped for the budget: 
 of a new condition matter most right after it starts (HAMLET adapts only then), and the
 detector fires at most once per `cooldown` frames. Every `sync_every` updates, and after a
 reset, the teacher is pushed to the runtime; a push the runtime's check rejects rolls the
-adapter back to what the runtime runs.
+adapter back to what the runtime runs. `close()` waits for the update under way, then
+releases the sync (a TensorRT sync holds a standby engine).
 Events (updates, syncs, resets, shifts, errors) queue up for the stream's stats file. With a
 state file, the adapter's state is also saved (atomically) every `save_every` seconds.
 """
@@ -43,6 +44,8 @@ class SyncLike(Protocol):
 
     def push(self, model: Any) -> SyncResultLike: ...
 
+    def close(self) -> None: ...
+
 
 @dataclass
 class AdaptSummary:
@@ -61,6 +64,7 @@ class AdaptSummary:
     step_seconds: float = 0.0  # totals: a stream may run for days
     sync_seconds: float = 0.0
     error: str | None = None
+    still_running: bool = False  # close() gave up waiting: an update was still under way
 
     def lines(self) -> list[str]:
         pushes = self.syncs + self.sync_failures
@@ -75,6 +79,8 @@ class AdaptSummary:
         ]
         if self.error:
             lines.append(f"adaptation stopped after an error: {self.error}")
+        if self.still_running:
+            lines.append("adaptation was closed with an update still running")
         return lines
 
 
@@ -103,8 +109,8 @@ class AdaptWorker:
         self._busy = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stream-adapt", daemon=True)
         self._started = 0.0
-        self._seen = 0
         self._unsynced = 0
+        self._closed = False
 
     def start(self) -> AdaptWorker:
         self._started = time.perf_counter()
@@ -119,10 +125,9 @@ class AdaptWorker:
         if shifted:
             s.shifts += 1
             self._events.put({"event": "shift", "frame": index})
-        self._seen += 1
-        if s.error is not None:
+        if s.error is not None or self._closed:
             return "stopped"
-        if not shifted and (self._seen - 1) % self.adapter.options.every:
+        if not shifted and (s.offered - 1) % self.adapter.options.every:
             return "not due"
         s.due += 1
         if self.inline:
@@ -222,8 +227,16 @@ class AdaptWorker:
         self._events.put(event)
 
     def close(self, timeout: float = 60.0) -> AdaptSummary:
-        """Stop taking frames, let the current update (and its push) finish."""
+        """Stop taking frames, wait up to `timeout` s for the current update (and its push) to
+        finish, then close the sync. `summary.still_running`: it did not finish, so the adapter
+        is still in use (do not save it) and the sync stays open. Later calls do not wait; one
+        that finds the thread ended closes the sync then."""
         self._slot.close()
         if self._thread.ident is not None:
-            self._thread.join(timeout)
+            self._thread.join(0.0 if self._closed else timeout)
+        self._closed = True
+        self.summary.still_running = self._thread.is_alive()
+        if not self.summary.still_running and self.sync is not None:
+            self.sync.close()
+            self.sync = None  # closed once; no update can push any more
         return self.summary

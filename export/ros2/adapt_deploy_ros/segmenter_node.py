@@ -4,7 +4,8 @@ presence (std_msgs/Float32MultiArray) out, each stamped with the input's header.
 Topics (relative, so namespaces and remapping apply):
   image     sensor_msgs/Image            subscribed (rgb8, bgr8, rgba8, bgra8, mono8)
   labels    sensor_msgs/Image            mono8, pixel = trainId, at the input's size
-  overlay   sensor_msgs/Image            rgb8 class colours blended over the input
+  overlay   sensor_msgs/Image            rgb8 class colours blended over the input (only
+                                         computed while something subscribes)
   presence  std_msgs/Float32MultiArray   per-class presence in [0, 1], dimension "classes"
   classes   std_msgs/String              JSON list of class names (transient local, once)
 Parameters: bundle (required), backend ("auto"), device ("0", "cuda:N" or "cpu"),
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from adapt_deploy.errors import UserError
 from adapt_deploy_ros.conversions import image_msg_to_array
 
 NODE_NAME = "adapt_deploy_segmenter"
@@ -54,12 +56,6 @@ def process_image(segmenter: Any, msg: Any, table: np.ndarray, alpha: float | No
     return Outputs(result.labels, blended, result.presence, result.timings)
 
 
-def parse_device(text: str) -> int | str:
-    """The `device` parameter: "0" -> 0; "cpu", "cuda:1" as they are."""
-    text = str(text).strip()
-    return int(text) if text.isdigit() else text
-
-
 def _import_ros() -> dict[str, Any]:
     try:
         import rclpy
@@ -85,7 +81,6 @@ class SegmenterNode:
     """The node's wiring: parameters, a Segmenter, one subscription and four publishers."""
 
     def __init__(self, ros: dict[str, Any]) -> None:
-        from adapt_deploy.runtime import Segmenter, colour_table
         from adapt_deploy_ros.conversions import (
             labels_to_mono8_msg,
             presence_to_multiarray,
@@ -93,7 +88,20 @@ class SegmenterNode:
         )
 
         self.ros = ros
-        self.node = node = ros["rclpy"].create_node(NODE_NAME)
+        self._to_labels, self._to_rgb = labels_to_mono8_msg, rgb_to_rgb8_msg
+        self._to_presence = presence_to_multiarray
+        self.segmenter: Any = None
+        self.node = ros["rclpy"].create_node(NODE_NAME)
+        try:
+            self._setup(ros, self.node)
+        except BaseException:  # the Segmenter (a GPU session, maybe) and the node go back now
+            self.close()
+            raise
+
+    def _setup(self, ros: dict[str, Any], node: Any) -> None:
+        """Parameters, the Segmenter, publishers and the subscription."""
+        from adapt_deploy.runtime import Segmenter, colour_table
+
         for name, default in (
             ("bundle", ""),
             ("backend", "auto"),
@@ -109,15 +117,13 @@ class SegmenterNode:
         self.segmenter = Segmenter.from_bundle(
             param["bundle"],
             backend=param["backend"],
-            device=parse_device(param["device"]),
+            device=param["device"],  # "0", "cuda:1", "cpu" (parse_device reads them)
             precision=node.get_parameter("precision").value,
         )
         node.get_logger().info(f"{self.segmenter}; {'; '.join(self.segmenter.notes)}")
         self.table = colour_table(self.segmenter.palette)
         alpha = float(node.get_parameter("overlay_alpha").value)
         self.alpha = alpha if node.get_parameter("publish_overlay").value else None
-        self._to_labels, self._to_rgb = labels_to_mono8_msg, rgb_to_rgb8_msg
-        self._to_presence = presence_to_multiarray
 
         qos = ros["QoSProfile"]
         latest = qos(depth=1, reliability=ros["ReliabilityPolicy"].BEST_EFFORT)
@@ -131,8 +137,9 @@ class SegmenterNode:
 
     def on_image(self, msg: Any) -> None:
         ros = self.ros
+        wanted = self.alpha is not None and self.pub_overlay.get_subscription_count() > 0
         try:
-            out = process_image(self.segmenter, msg, self.table, self.alpha)
+            out = process_image(self.segmenter, msg, self.table, self.alpha if wanted else None)
         except Exception as exc:  # a bad message must not take the node down
             self.node.get_logger().error(f"dropped an image: {exc}")
             return
@@ -148,7 +155,9 @@ class SegmenterNode:
         self.pub_presence.publish(presence)
 
     def close(self) -> None:
-        self.segmenter.close()
+        if self.segmenter is not None:
+            self.segmenter.close()
+            self.segmenter = None
         self.node.destroy_node()
 
 
@@ -163,6 +172,8 @@ def main(args: list[str] | None = None) -> None:
         rclpy.spin(node.node)
     except KeyboardInterrupt:
         pass
+    except UserError as exc:  # a wrong bundle path or parameter: one line, no traceback
+        raise SystemExit(f"{NODE_NAME}: {exc}") from None
     finally:
         if node is not None:
             node.close()

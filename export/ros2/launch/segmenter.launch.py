@@ -39,7 +39,10 @@ def generate_launch_description() -> LaunchDescription:
                 # a string parameter: "0" would otherwise be read as an int
                 "device": ParameterValue(LaunchConfiguration("device"), value_type=str),
                 "precision": LaunchConfiguration("precision"),
-                "overlay_alpha": LaunchConfiguration("overlay_alpha"),
+                # a double parameter: "1" would otherwise be read as an int
+                "overlay_alpha": ParameterValue(
+                    LaunchConfiguration("overlay_alpha"), value_type=float
+                ),
                 "publish_overlay": LaunchConfiguration("publish_overlay"),
             }
         ],

@@ -1,0 +1,104 @@
+"""bench/adaptation.py: which finished or killed runs are reused, continued or trained again.
+
+`train` is replaced by a stand-in that writes what a run leaves (config.yaml, checkpoint,
+trainer state, eval.json), so the reuse rules are checked in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bench.adaptation as adaptation
+from adapt_deploy.config import dump_config
+from adapt_deploy.demo import demo_config
+from adapt_deploy.engine.evaluate import EvalResult
+from adapt_deploy.engine.train import TRAINER_STATE, TrainResult
+from adapt_deploy.progress import Reporter
+
+CLASSES = [f"class{i}" for i in range(19)]
+
+
+class FakeTrain:
+    """Records every call; a run's 'weights' are its call number, so a retrain changes them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+
+    def __call__(self, config, out: Path, reporter=None, resume: bool = False) -> TrainResult:
+        self.calls.append((out.name, resume))
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(config, out / "config.yaml")
+        (out / "checkpoint.pt").write_text(f"weights {len(self.calls)}")
+        (out / TRAINER_STATE).write_text("state")
+        evaluation = EvalResult(np.eye(19, dtype=np.int64) * (len(self.calls) + 1), CLASSES)
+        (out / "eval.json").write_text(json.dumps(evaluation.to_dict()))
+        return TrainResult(out / "checkpoint.pt", 10, 5.0, evaluation)
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeTrain:
+    stand_in = FakeTrain()
+    monkeypatch.setattr(adaptation, "train", stand_in)
+    return stand_in
+
+
+def _once(run_dir: Path, config, stale: bool = False) -> tuple[dict, bool]:
+    return adaptation._train_once(run_dir, config, Reporter(), run_dir.name, stale=stale)
+
+
+def test_finished_run_is_reused_only_for_the_same_config(tmp_path: Path, fake: FakeTrain) -> None:
+    run_dir = tmp_path / "runs" / "source_only_seed0"
+    config = demo_config("source_only", tmp_path / "data", ["train.seed=0"])
+    record, trained = _once(run_dir, config)
+    assert trained and record["miou"] == 100.0 and record["seconds"] == 5.0
+    assert record["iou"]["class0"] == 100.0
+    assert _once(run_dir, config) == (record, False)
+    other = demo_config("source_only", tmp_path / "data", ["train.seed=0", "optim.lr=0.001"])
+    assert _once(run_dir, other)[1] is True  # another --set: trained again
+    assert _once(run_dir, other)[1] is False
+    assert _once(run_dir, other, stale=True)[1] is True  # what it starts from was retrained
+    assert fake.calls == [(run_dir.name, False)] * 3
+
+
+def test_pretraining_again_makes_its_dependents_stale(tmp_path: Path, fake: FakeTrain) -> None:
+    pretrain = tmp_path / "runs" / "pretrain_seed0"
+    method = tmp_path / "runs" / "wda_uda_seed0"
+    source = demo_config("source_only", tmp_path / "data", ["train.seed=0"])
+    stage = [f"model.init={pretrain / 'checkpoint.pt'}", "train.seed=0"]
+    config = demo_config("wda_uda", tmp_path / "data", stage)
+    _once(pretrain, source)
+    assert _once(method, config)[1] is True
+    assert _once(method, config)[1] is False
+    # Pretraining redone (here in another call): the method's recorded starting point changed.
+    _once(pretrain, demo_config("source_only", tmp_path / "data", ["train.seed=0", "optim.lr=1"]))
+    assert _once(method, config)[1] is True
+    assert _once(method, config)[1] is False
+
+
+def test_killed_run_is_continued_only_with_the_same_config(tmp_path: Path, fake: FakeTrain) -> None:
+    run_dir = tmp_path / "runs" / "oracle_seed0"
+    config = demo_config("oracle", tmp_path / "data", ["train.seed=0"])
+    run_dir.mkdir(parents=True)
+    dump_config(config, run_dir / "config.yaml")
+    (run_dir / TRAINER_STATE).write_text("state at iteration 5")
+    assert _once(run_dir, config)[1] is True
+    assert fake.calls[-1] == (run_dir.name, True)
+    (run_dir / "eval.json").unlink()
+    (run_dir / adaptation.SECONDS_FILE).unlink()
+    other = demo_config("oracle", tmp_path / "data", ["train.seed=1"])
+    assert _once(run_dir, other)[1] is True
+    assert fake.calls[-1] == (run_dir.name, False)  # deleted and trained afresh
+
+
+def test_runs_of_the_earlier_format_are_still_reused(tmp_path: Path, fake: FakeTrain) -> None:
+    run_dir = tmp_path / "runs" / "source_only_seed0"
+    config = demo_config("source_only", tmp_path / "data", ["train.seed=0"])
+    _once(run_dir, config)
+    (run_dir / adaptation.SECONDS_FILE).unlink()
+    (run_dir / "result.json").write_text(json.dumps({"miou": 50.0, "seconds": 7.0}))
+    record, trained = _once(run_dir, config)
+    assert not trained and record["seconds"] == 7.0 and len(fake.calls) == 1
