@@ -9,7 +9,8 @@ import threading
 import pytest
 import torch
 
-from adapt_deploy.models.batched_linear import GradientWorkspace, batched_linear
+from adapt_deploy.gradient_memory import GradientWorkspace
+from adapt_deploy.models.batched_linear import batched_linear
 from adapt_deploy.models.discriminators import CategoryDiscriminators
 
 

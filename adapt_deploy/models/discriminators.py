@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from adapt_deploy.models.batched_linear import GradientWorkspace, batched_linear
+from adapt_deploy.gradient_memory import GradientWorkspace
+from adapt_deploy.models.batched_linear import batched_linear
 
 
 class FCDiscriminator(nn.Module):

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adapt_deploy.gradient_memory import GradientWorkspace, reuse_applies
 from adapt_deploy.ops import kernels as _kernels
 
 __all__ = [
@@ -73,14 +74,28 @@ def _lse_pool_backward_reference(grad: Tensor, logits: Tensor, k: float) -> Tens
 
 
 def _attention_and_grad_features(
-    grad: Tensor, logits: Tensor, features: Tensor
+    grad: Tensor, logits: Tensor, features: Tensor, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """The recomputed attention P (N, C, HW) and dF = Pᵀ g summed over classes, (N, D, H, W)."""
+    """The recomputed attention P (N, C, HW) and dF = Pᵀ g summed over classes, (N, D, H, W);
+    dF is written into `out` when given (features' shape, the compute dtype)."""
     n, c, h, w = logits.shape
     dtype = _compute_dtype(logits.dtype)
     attn = torch.softmax(logits.to(dtype).reshape(n, c, h * w), dim=-1)
-    grad_features = torch.bmm(grad.to(dtype).transpose(1, 2), attn)  # (N, D, HW)
+    flat = None if out is None else out.view(n, features.shape[1], h * w)
+    grad_features = torch.bmm(grad.to(dtype).transpose(1, 2), attn, out=flat)  # (N, D, HW)
     return attn, grad_features.reshape(features.shape).to(features.dtype)
+
+
+# The feature gradient of the features-only backward: 68 MB per image at the paper's shapes,
+# reused between steps on CPU once the backbone's backward has dropped it (gradient_memory.py).
+_FEATURE_GRADIENT = GradientWorkspace()
+
+
+def _grad_features_only(grad: Tensor, logits: Tensor, features: Tensor) -> Tensor:
+    """dF for detached logits, in kept memory where that applies."""
+    keep = reuse_applies(features) and _compute_dtype(features.dtype) == features.dtype
+    out = _FEATURE_GRADIENT.take(features) if keep and not torch.is_grad_enabled() else None
+    return _attention_and_grad_features(grad, logits, features, out)[1]
 
 
 def _attention_pool_backward_reference(
@@ -187,7 +202,7 @@ def _attention_pool_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Ten
         # Detached attention (WDA's generator step): where the backward op would be the
         # reference anyway, dF alone saves its second pass over F. The fused kernel (which
         # computes both in one pass) keeps the op.
-        return None, _attention_and_grad_features(grad, logits, features)[1]
+        return None, _grad_features_only(grad, logits, features)
     grad_logits, grad_features = torch.ops.adapt_deploy.attention_pool_backward(
         grad, logits, features
     )
