@@ -316,8 +316,9 @@ def main() -> None:
         "Official: weak-da-seg's per-sample `torch.mm` pooling, a Python loop over 19 "
         "`nn.Sequential` MLPs called three times (generator, source, target) and its per-image "
         "loss loop. Batched: `adapt_deploy.ops.attention_pool`, `CategoryDiscriminators` "
-        "(one batched matmul per layer, source and target in one call, the weight gradients "
-        "written into memory kept between steps: `adapt_deploy.models.batched_linear`) and "
+        "(one batched matmul per layer, source and target in one call: "
+        "`adapt_deploy.models.batched_linear`; the weight gradients and the feature gradient "
+        "written into memory kept between steps: `adapt_deploy.gradient_memory`) and "
         "`adapt_deploy.adapt.losses`. Target: batched at least 3x faster.",
         "",
         f"Weight-gradient memory reused in {reuses} of {backwards} discriminator backward passes "
