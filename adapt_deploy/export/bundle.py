@@ -223,6 +223,11 @@ def load_meta(bundle: Path) -> dict[str, Any]:
     return validate_meta(meta, path)
 
 
+def presence_lse_k(meta: dict[str, Any]) -> float:
+    """The LSE pooling's k of the bundle's presence output (1 in bundles that predate the key)."""
+    return float(meta.get("adaptation", {}).get("lse_k", 1.0))
+
+
 def model_path(bundle: Path, meta: dict[str, Any], precision: str) -> Path:
     """The ONNX file of one precision; BundleError when the bundle was exported without it."""
     if precision not in meta["models"]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.bundle import META_FILE, sha256_file
+from adapt_deploy.export.bundle import META_FILE, presence_lse_k, sha256_file
 from adapt_deploy.runtime.backend import Shape, ShapeCache, graph_shape, input_dtype
 
 
@@ -57,8 +57,7 @@ class TorchBackend:
 
         model, config = load_checkpoint(find_checkpoint(bundle, meta))
         self._layout = meta["input"]["layout"]
-        lse_k = float(meta.get("adaptation", {}).get("lse_k", 1.0))
-        graph = GraphSpec(layout=self._layout, lse_k=lse_k)
+        graph = GraphSpec(layout=self._layout, lse_k=presence_lse_k(meta))
         self.model = DeployModel(model, config.input, graph).to(device).eval()
         self.device = device
         self._torch = torch

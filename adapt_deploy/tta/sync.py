@@ -34,7 +34,7 @@ from torch import nn
 
 from adapt_deploy.config import InputConfig
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.bundle import model_path
+from adapt_deploy.export.bundle import model_path, presence_lse_k
 from adapt_deploy.export.onnx_export import DeployModel, GraphSpec
 from adapt_deploy.export.parity import torch_outputs
 from adapt_deploy.export.verify import DEFAULT_TOLERANCES, compare_outputs, failures, load_sample
@@ -66,7 +66,7 @@ def graph_spec(meta: dict[str, Any]) -> GraphSpec:
     return GraphSpec(
         layout=meta["input"]["layout"],
         logits=any(o.get("name") == "logits" for o in meta["outputs"]),
-        lse_k=float(meta.get("adaptation", {}).get("lse_k", 1.0)),
+        lse_k=presence_lse_k(meta),
     )
 
 
