@@ -64,3 +64,37 @@ def corrupting(fold: Callable) -> Callable:
         return folded
 
     return corrupted
+
+
+def open_fake_tensorrt_backend(
+    monkeypatch,
+    engine: object,
+    memory: Callable[[int], object],
+    input_name: str,
+    max_shape: list[int],
+    device: int = 0,
+):
+    """`TensorRTBackend` set up on `engine` (None: the plan does not deserialize) with stand-ins
+    for tensorrt, the GPU and CUDA memory (`memory(device)` makes it). TensorRT cannot be
+    installed here, so its Python API is what is faked; the backend's own code runs."""
+    from types import SimpleNamespace
+
+    from adapt_deploy.export.engine_files import Platform
+    from adapt_deploy.runtime import tensorrt_backend
+
+    def logger(level: int) -> None:
+        return None
+
+    logger.WARNING = 2  # type: ignore[attr-defined]
+    runtime = SimpleNamespace(deserialize_cuda_engine=lambda plan: engine)
+    trt = SimpleNamespace(
+        __version__="10.8.0.43", Logger=logger, Runtime=lambda log: runtime, nptype=lambda t: t
+    )
+    record = SimpleNamespace(engine="x.plan", input_name=input_name, profile={"max": max_shape})
+    here = Platform("10.8.0.43", "NVIDIA H100 80GB HBM3", "9.0")
+    monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(tensorrt_backend, "detect_platform", lambda version, device: here)
+    monkeypatch.setattr(tensorrt_backend, "read_engine", lambda *a: (b"plan", record))
+    monkeypatch.setattr(tensorrt_backend, "open_memory", memory)
+    meta = {"input": {"layout": "NHWC"}}
+    return tensorrt_backend.TensorRTBackend(Path("bundle"), meta, "fp32", device=device)

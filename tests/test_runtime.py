@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import CAFFE_INPUT, write_checkpoint
+from helpers import CAFFE_INPUT, open_fake_tensorrt_backend, write_checkpoint
 
 from adapt_deploy.errors import UserError
 from adapt_deploy.export.bundle import BundleError, load_meta
@@ -194,32 +194,14 @@ class FakeEngine:
 
 @pytest.mark.parametrize(("engine", "message"), [(None, "deserialize"), (FakeEngine(), "no tens")])
 def test_tensorrt_backend_frees_its_cuda_memory_when_it_fails_to_open(monkeypatch, engine, message):
-    from types import SimpleNamespace
-
-    from adapt_deploy.runtime import tensorrt_backend
-
     memories: list[FakeMemory] = []
 
-    def logger(level: int) -> None:
-        return None
+    def memory(device: int) -> FakeMemory:
+        memories.append(FakeMemory(device))
+        return memories[-1]
 
-    logger.WARNING = 2  # type: ignore[attr-defined]
-    runtime = SimpleNamespace(deserialize_cuda_engine=lambda plan: engine)
-    trt = SimpleNamespace(
-        __version__="10.8.0.43", Logger=logger, Runtime=lambda log: runtime, nptype=lambda t: t
-    )
-    record = SimpleNamespace(engine="x.plan", input_name="input", profile={"max": [1, 8, 8]})
-    monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: trt)
-    monkeypatch.setattr(tensorrt_backend, "detect_platform", lambda version, device: H100)
-    monkeypatch.setattr(tensorrt_backend, "read_engine", lambda *a: (b"plan", record))
-    monkeypatch.setattr(
-        tensorrt_backend,
-        "open_memory",
-        lambda device: memories.append(FakeMemory(device)) or memories[-1],
-    )
-    meta = {"input": {"layout": "NHWC"}}
     with pytest.raises(EngineError, match=message):
-        tensorrt_backend.TensorRTBackend(Path("bundle"), meta, "fp32", device=1)
+        open_fake_tensorrt_backend(monkeypatch, engine, memory, "input", [1, 8, 8], device=1)
     assert len(memories) == 1 and memories[0].active and memories[0].closed
     assert memories[0].allocated == (0 if engine is None else 3)  # freed by close()
 

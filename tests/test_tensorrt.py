@@ -174,12 +174,16 @@ def test_missing_bundle_directory_is_named(tmp_path):
 
 @pytest.mark.parametrize(
     ("version", "precision", "damaged"),
-    [("10.8.0.43", "fp16", "model.onnx"), ("11.0.0.1", "fp16", "model_fp16.onnx")],
+    [
+        ("10.8.0.43", "fp16", "model.onnx"),
+        ("10.12.0.36", "fp16", "model_fp16.onnx"),
+        ("11.0.0.1", "fp16", "model_fp16.onnx"),
+    ],
 )
 def test_a_model_whose_hash_does_not_match_meta_json_is_refused(
     bundle, version, precision, damaged
 ):
-    """The file the chosen TensorRT path reads is verified (TensorRT 10 fp16 reads model.onnx)."""
+    """The file the chosen TensorRT path reads is verified (before 10.12 fp16 reads model.onnx)."""
     meta = load_meta(bundle)
     with open(bundle / damaged, "ab") as f:
         f.write(b"\0")
@@ -187,12 +191,13 @@ def test_a_model_whose_hash_does_not_match_meta_json_is_refused(
         prepare_build(bundle, meta, precision, version, refit=False)
 
 
-def test_tensorrt_11_fp16_needs_the_fp16_model(tmp_path):
+@pytest.mark.parametrize("version", ["10.12.0", "11.1.0"])
+def test_strongly_typed_fp16_needs_the_fp16_model(tmp_path, version):
     bundle = write_tiny_bundle(tmp_path / "fp32only", fp16=False)
     meta = load_meta(bundle)
-    with pytest.raises(BundleError, match=r"models\.fp16.*export --fp16"):
-        prepare_build(bundle, meta, "fp16", "11.1.0", refit=False)
-    # TensorRT 10 builds fp16 from model.onnx with the builder flag: no fp16 model needed
+    with pytest.raises(BundleError, match=r"models\.fp16.*10\.12 and later.*export --fp16"):
+        prepare_build(bundle, meta, "fp16", version, refit=False)
+    # before 10.12, fp16 is built from model.onnx with the builder flag: no fp16 model needed
     assert prepare_build(bundle, meta, "fp16", "10.8.0", refit=False).onnx_path.name == (
         "model.onnx"
     )
@@ -206,12 +211,14 @@ def test_workspace_must_be_positive(bundle):
 
 
 # --------------------------------------------------------------------------------------------
-# TensorRT 10 vs 11 code paths, profile shapes
+# Weakly typed (TensorRT before 10.12) vs strongly typed (10.12 and later), profile shapes
 # --------------------------------------------------------------------------------------------
 
 
-def test_tensorrt_10_uses_the_builder_fp16_flag_on_the_fp32_model():
-    mode = build_mode("10.8.0.43", "fp16")
+@pytest.mark.parametrize("version", ["10.0.1.6", "10.8.0.43", "10.11.0.33"])
+def test_tensorrt_10_uses_the_builder_fp16_flag_on_the_fp32_model(version):
+    """Until 10.11; 10.12 deprecated the flag (see the strongly typed test below)."""
+    mode = build_mode(version, "fp16")
     assert (mode.model, mode.fp16_flag, mode.pin_fp32, mode.strongly_typed) == (
         "fp32",
         True,
@@ -219,13 +226,14 @@ def test_tensorrt_10_uses_the_builder_fp16_flag_on_the_fp32_model():
         False,
     )
     assert mode.fp16_source == "builder FP16 flag"
-    assert build_mode("10.8.0.43", "fp32") == replace(
+    assert build_mode(version, "fp32") == replace(
         mode, precision="fp32", fp16_flag=False, pin_fp32=False
     )
 
 
-@pytest.mark.parametrize("version", ["11.0.0.1", "11.4.1", "12.0"])
-def test_tensorrt_11_and_later_are_strongly_typed_from_model_fp16(version):
+@pytest.mark.parametrize("version", ["10.12.0.36", "10.14.1", "11.0.0.1", "11.4.1", "12.0"])
+def test_tensorrt_10_12_and_later_are_strongly_typed_from_model_fp16(version):
+    """TensorRT 10.12 deprecated weak typing (BuilderFlag.FP16, ILayer.precision); 11 removed it."""
     mode = build_mode(version, "fp16")
     assert (mode.model, mode.fp16_flag, mode.strongly_typed) == ("fp16", False, True)
     assert mode.fp16_source == "strongly typed model_fp16.onnx"
@@ -603,7 +611,7 @@ def _tensorrt_reason() -> str | None:
     from adapt_deploy.export.tensorrt import _gpu_from_cuda_python, _gpu_from_nvidia_smi
 
     try:
-        found = _gpu_from_cuda_python(0) or _gpu_from_nvidia_smi()
+        found = _gpu_from_cuda_python(0) or _gpu_from_nvidia_smi(0)
     except Exception:
         found = None
     return None if found else "no CUDA GPU"

@@ -322,7 +322,10 @@ def test_a_tensorrt_sync_whose_set_up_fails_closes_its_standby_engine(
         def close(self) -> None:
             closed.append(self)
 
-    record = SimpleNamespace(refittable=True, onnx_model="fp32", engine="m.plan", precision="fp32")
+    record = SimpleNamespace(
+        refittable=True, refit_mode="individual", onnx_model="fp32", engine="m.plan",
+        precision="fp32",
+    )  # fmt: skip
     trt = FakeTensorRT(names if refittable else set())
     monkeypatch.setattr(sync_tensorrt, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(sync_tensorrt, "detect_platform", lambda version, device: None)

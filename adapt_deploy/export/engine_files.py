@@ -156,7 +156,9 @@ class EngineRecord:
     input_name: str
     profile: dict[str, list[int]]  # {"min", "opt", "max"}: full input shapes
     refittable: bool
-    refit_mode: str  # "none" | "individual" | "all"
+    # "none" | "individual" (REFIT_INDIVIDUAL: refit by ONNX initializer name, what --adapt
+    # needs) | "all" (REFIT: every weight, names from TensorRT's parser; refit from the ONNX)
+    refit_mode: str
     refittable_weights: list[str]
     layers: dict[str, Any]  # {"total", "by_precision", "fp16_share"}
     build_seconds: float

@@ -14,7 +14,11 @@ BatchNorm does not survive as its own weights in the engine:
 - If the ONNX still has BatchNormalization nodes, TensorRT's ONNX parser folds each into
   scale/shift weights with generated names (onnx-tensorrt ModelRefitter.cpp,
   batchnormWeightRefitter), which cannot be marked individually. Then the engine is built with
-  BuilderFlag.REFIT (every weight refittable) and refit through OnnxParserRefitter.
+  BuilderFlag.REFIT (every weight refittable) and can only be refit from a whole ONNX file
+  through OnnxParserRefitter (as bench/tensorrt_check.py does): its Refitter lists the parser's
+  names, not the initializers on-device adaptation writes, so adaptation (--adapt,
+  tta/sync_tensorrt.check_refittable) refuses such an engine at set-up and says how to get one
+  it can push into (a BN-folded export, built with REFIT_INDIVIDUAL).
 
 TensorRT facts above are from its documentation and the onnx-tensorrt sources; the build that
 uses this plan has not been run here (no TensorRT on our machines).
@@ -81,7 +85,8 @@ def plan_refit(graph: Any) -> RefitPlan:
             unique,
             "all",
             "the ONNX keeps BatchNormalization nodes, which TensorRT folds into weights with "
-            "generated names that cannot be marked one by one: every weight is refittable",
+            "generated names that cannot be marked one by one: every weight is refittable, "
+            "from the whole ONNX only (on-device adaptation cannot push into it)",
         )
     return RefitPlan(
         unique,

@@ -8,11 +8,16 @@ module imports on any machine.
 Written against the TensorRT 10.x and 11.x Python API documentation (Builder,
 IBuilderConfig.set_flag / set_memory_pool_limit / create_timing_cache / set_timing_cache,
 IOptimizationProfile.set_shape, OnnxParser.parse_from_file, INetworkDefinition
-.mark_weights_refittable, Refitter.get_all_weights, IEngineInspector.get_engine_information)
-and cuda-python's `cuda.bindings.runtime.cudaGetDeviceProperties`. NOT RUN: TensorRT cannot be
-installed on our CI machines (no GPU; the PyPI wheels fetch their libraries from NVIDIA's
-index). tests/test_tensorrt.py runs these paths where tensorrt and a GPU exist;
-bench/tensorrt_check.py is the script for a GPU owner.
+.mark_weights_refittable, ILayer.get_input / get_output, ITensor.dtype, Refitter
+.get_all_weights, IEngineInspector.get_engine_information) and cuda-python's
+`cuda.bindings.runtime.cudaGetDeviceProperties`. NOT RUN: TensorRT cannot be installed on our
+CI machines (no GPU; the PyPI wheels fetch their libraries from NVIDIA's index).
+tests/test_tensorrt.py runs these paths where tensorrt and a GPU exist;
+bench/tensorrt_check.py is the script for a GPU owner. Run here against stand-ins only
+(tests/test_faults_tensorrt.py): which layers `_pin_fp32` pins (a fake network with the
+INetworkDefinition/ILayer/ITensor surface it reads; integer reductions, integer TopK and
+ArgMax are no longer pinned) and the nvidia-smi fallback (a fake nvidia-smi on PATH; it now
+maps CUDA's device index to nvidia-smi's and refuses when it cannot).
 """
 
 from __future__ import annotations
@@ -120,27 +125,78 @@ def _gpu_from_cuda_python(device: int) -> tuple[str, str] | None:
     return str(name).strip(), f"{props.major}.{props.minor}"
 
 
-def _gpu_from_nvidia_smi() -> tuple[str, str] | None:
-    """Via nvidia-smi, for machines without cuda-python (device as CUDA_VISIBLE_DEVICES says)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+_CUDA_UUID = ("GPU-", "MIG-")  # CUDA_VISIBLE_DEVICES entries naming a GPU (or MIG slice) by UUID
+
+
+def _visible_devices() -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES as CUDA reads it, or None when unset: its indices and UUIDs up to
+    the first invalid entry (CUDA hides that one and every later one; "" hides all GPUs)."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    entries: list[str] = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not (re.fullmatch(r"[0-9]+", entry) or entry.startswith(_CUDA_UUID)):
+            break
+        entries.append(entry)
+    return entries
+
+
+def _query_nvidia_smi(select: str | None) -> list[tuple[str, str]] | None:
+    """(name, compute capability) of the GPU `select` (an nvidia-smi -i index or UUID), or of
+    every GPU in nvidia-smi's order (PCI bus order); None when nvidia-smi cannot be run."""
+    command = ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"]
+    if select is not None:
+        command += ["-i", select]
     try:
-        result = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", "-i", visible],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if result.returncode != 0:
+        said = (result.stderr or result.stdout).strip().splitlines()
+        raise TensorRTMissingError(
+            f"{' '.join(command)} failed ({said[0] if said else f'exit {result.returncode}'})"
+        )
+    return [parse_nvidia_smi(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def _gpu_from_nvidia_smi(device: int) -> tuple[str, str] | None:
+    """CUDA device `device` via nvidia-smi, for machines without cuda-python; None without it.
+
+    nvidia-smi numbers GPUs in PCI bus order, CUDA fastest first unless
+    CUDA_DEVICE_ORDER=PCI_BUS_ID, and relative to CUDA_VISIBLE_DEVICES (whose indices are in
+    CUDA's order too). A UUID there, or the PCI order, names the GPU exactly; otherwise the
+    answer is only certain when every GPU is the same model, and anything else is refused.
+    """
+    visible = _visible_devices()
+    if visible is not None and device >= len(visible):
+        raise TensorRTMissingError(
+            f"no CUDA device {device}: CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r} makes {len(visible)} GPU(s) visible"
+        )
+    entry = visible[device] if visible is not None else str(device)
+    pci_order = os.environ.get("CUDA_DEVICE_ORDER", "").strip().upper() == "PCI_BUS_ID"
+    if entry.startswith(_CUDA_UUID) or pci_order:
+        found = _query_nvidia_smi(entry)
+        return found[0] if found else None
+    every = _query_nvidia_smi(None)
+    if not every:
         return None
-    return parse_nvidia_smi(result.stdout)
+    if visible is None and device >= len(every):
+        raise TensorRTMissingError(f"no CUDA device {device}: nvidia-smi lists {len(every)} GPU(s)")
+    if len(set(every)) == 1:
+        return every[0]  # all GPUs alike: whichever CUDA means, this is it
+    models = ", ".join(sorted({name for name, _ in every}))
+    raise TensorRTMissingError(
+        f"cannot tell which GPU CUDA device {device} is from nvidia-smi ({models}): it numbers "
+        "GPUs in PCI bus order, CUDA fastest first; install cuda-python (pip install "
+        "cuda-python) or set CUDA_DEVICE_ORDER=PCI_BUS_ID"
+    )
 
 
 def detect_platform(tensorrt_version: str, device: int = 0) -> Platform:
-    """This machine's TensorRT version, GPU name and compute capability."""
-    gpu = _gpu_from_cuda_python(device) or _gpu_from_nvidia_smi()
+    """This machine's TensorRT version and the name and compute capability of CUDA `device`."""
+    gpu = _gpu_from_cuda_python(device) or _gpu_from_nvidia_smi(device)
     if gpu is None:
         raise TensorRTMissingError(
             "cannot identify the CUDA GPU: neither cuda-python nor nvidia-smi is available; "
@@ -270,7 +326,7 @@ def _build_engine(
 
 
 def _create_network(trt: Any, builder: Any, strongly_typed: bool) -> Any:
-    """TensorRT 11 networks are always strongly typed; 10 needs the STRONGLY_TYPED flag for it."""
+    """TensorRT 11 networks are always strongly typed; 10.x needs the STRONGLY_TYPED flag."""
     if parse_version(trt.__version__)[0] >= STRONG_TYPING_MAJOR:
         return builder.create_network()
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
@@ -286,10 +342,44 @@ def _check_input_name(network: Any, inputs: BuildInputs) -> None:
         )
 
 
+def _float_types(trt: Any) -> tuple[Any, ...]:
+    """TensorRT's floating-point DataTypes (bfloat16 where this TensorRT has it)."""
+    names = ("float32", "float16", "bfloat16")
+    return tuple(getattr(trt, name) for name in names if hasattr(trt, name))
+
+
+def _read_tensors(network: Any) -> set[str]:
+    """Names of the tensors something reads: another layer's input or a network output."""
+    names = {network.get_output(i).name for i in range(network.num_outputs)}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        for j in range(layer.num_inputs):
+            tensor = layer.get_input(j)
+            if tensor is not None:  # optional inputs that are not set
+                names.add(tensor.name)
+    return names
+
+
+def _computes_in_float(layer: Any, floats: tuple[Any, ...], read: set[str]) -> bool:
+    """Whether pinning `layer` to fp32 means anything: it reads floats (its data input 0; other
+    inputs such as TopK's K are integer parameters) and writes a float tensor that is read.
+    Integer reductions and TopK are left alone (fp32 precision on integer data cannot be met
+    under OBEY_PRECISION_CONSTRAINTS), and so is an ArgMax, a TopK whose float values nobody
+    reads, only its integer indices (fp32 there only adds a reformat: comparing fp16 values in
+    fp32 gives the same indices)."""
+    data = layer.get_input(0) if layer.num_inputs else None
+    if data is None or data.dtype not in floats:
+        return False
+    outputs = (layer.get_output(j) for j in range(layer.num_outputs))
+    return any(out.dtype in floats and out.name in read for out in outputs)
+
+
 def _pin_fp32(trt: Any, network: Any) -> int:
-    """Force the layers `keep_in_fp32` selects to compute and output fp32 (TensorRT 10 + FP16)."""
+    """Force the float layers `keep_in_fp32` selects to compute and output fp32 (TensorRT before
+    10.12 with the FP16 flag); integer ones are left alone (see `_computes_in_float`)."""
     count = 0
-    floats = (trt.float32, trt.float16)
+    floats = _float_types(trt)
+    read = _read_tensors(network)
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         unary_op = None
@@ -297,6 +387,8 @@ def _pin_fp32(trt: Any, network: Any) -> int:
             layer.__class__ = trt.IUnaryLayer  # the pattern TensorRT's Python samples use
             unary_op = layer.op.name
         if not keep_in_fp32(layer.type.name, unary_op):
+            continue
+        if not _computes_in_float(layer, floats, read):
             continue
         layer.precision = trt.float32
         for j in range(layer.num_outputs):
@@ -334,7 +426,10 @@ def _configure_refit(
         return "individual"
     config.set_flag(trt.BuilderFlag.REFIT)
     reason = plan.reason if plan.mode == "all" else "this TensorRT has no REFIT_INDIVIDUAL"
-    notes.append(f"refit: every weight refittable ({reason})")
+    notes.append(
+        f"refit: every weight refittable ({reason}); such an engine refits from a whole ONNX "
+        "file (OnnxParserRefitter), on-device adaptation (--adapt) refuses it"
+    )
     return "all"
 
 

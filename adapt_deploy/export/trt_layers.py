@@ -155,17 +155,20 @@ def parse_layer_report(text: str) -> LayerReport:
 
 
 # --------------------------------------------------------------------------------------------
-# TensorRT 10 with the FP16 builder flag: which layers stay fp32
+# TensorRT before 10.12 with the FP16 builder flag: which layers stay fp32
 # --------------------------------------------------------------------------------------------
 
 # exp over logits and sums over H×W overflow in fp16 (DESIGN §5); keep them and every other
-# reduction in fp32, as model_fp16.onnx does for TensorRT 11.
+# reduction in fp32, as model_fp16.onnx does for strongly typed builds (TensorRT 10.12+). Only
+# layers that compute on floats are pinned (export.tensorrt._computes_in_float): integer
+# reductions and TopK, and the ArgMax, stay as they are.
 _FP32_LAYER_TYPES = {"REDUCE", "SOFTMAX", "NORMALIZATION", "TOPK"}
 _FP32_UNARY_OPS = {"EXP", "LOG"}
 
 
 def keep_in_fp32(layer_type: str, unary_op: str | None = None) -> bool:
-    """Whether a network layer (TensorRT LayerType name, UnaryOperation name) is pinned to fp32."""
+    """Whether a layer of this kind (TensorRT LayerType name, UnaryOperation name) computing on
+    floats is pinned to fp32."""
     if layer_type in _FP32_LAYER_TYPES:
         return True
     return layer_type == "UNARY" and unary_op in _FP32_UNARY_OPS

@@ -1,9 +1,12 @@
 """What a TensorRT build will do, decided from the bundle and a version string (no tensorrt).
 
-- TensorRT 11 has no BuilderFlag.FP16: networks are strongly typed, so an fp16 engine is built
-  from model_fp16.onnx (mixed precision, reductions in fp32) and an fp32 one from model.onnx.
-- TensorRT 10 takes the FP16 builder flag on model.onnx, with reductions, softmax and exp/log
-  pinned to fp32 (OBEY_PRECISION_CONSTRAINTS) as model_fp16.onnx keeps them.
+- TensorRT 10.12 and later build strongly typed: 10.12 deprecated weak typing (BuilderFlag.FP16,
+  ILayer.precision, ILayer.set_output_type; its release notes, "Weak typing APIs deprecated")
+  and 11 removed it. An fp16 engine is built from model_fp16.onnx (mixed precision, reductions
+  in fp32) and an fp32 one from model.onnx; 10.12-10.x create the network with the
+  STRONGLY_TYPED flag, 11 networks are always strongly typed.
+- TensorRT 10.0-10.11 take the FP16 builder flag on model.onnx, with reductions, softmax and
+  exp/log pinned to fp32 (OBEY_PRECISION_CONSTRAINTS) as model_fp16.onnx keeps them.
 - The optimization profile is the bundle's shape ranges in the input's layout.
 """
 
@@ -18,7 +21,8 @@ from adapt_deploy.export.engine_files import EngineError, parse_version
 from adapt_deploy.export.refit import RefitPlan, plan_refit_file
 
 MIN_MAJOR = 10
-STRONG_TYPING_MAJOR = 11
+STRONG_TYPING_SINCE = (10, 12)  # (major, minor) from which builds are strongly typed
+STRONG_TYPING_MAJOR = 11  # every network is strongly typed: no creation flag needed
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,7 @@ class BuildMode:
     precision: str  # the engine's: "fp32" | "fp16"
     model: str  # meta.json models key of the ONNX to parse: "fp32" | "fp16"
     strongly_typed: bool  # network created strongly typed (types come from the ONNX)
-    fp16_flag: bool  # BuilderFlag.FP16 (TensorRT 10 only)
+    fp16_flag: bool  # BuilderFlag.FP16 (TensorRT before 10.12 only)
     pin_fp32: bool  # reductions/softmax/exp/log forced to fp32 (with the FP16 flag)
 
     @property
@@ -38,17 +42,22 @@ class BuildMode:
         return "builder FP16 flag" if self.fp16_flag else "strongly typed model_fp16.onnx"
 
 
+def strongly_typed(tensorrt_version: str) -> bool:
+    """Whether this TensorRT builds strongly typed (10.12 and later; see the module docstring)."""
+    return parse_version(tensorrt_version)[:2] >= STRONG_TYPING_SINCE
+
+
 def build_mode(tensorrt_version: str, precision: str) -> BuildMode:
-    """The code path for `precision` under `tensorrt_version` (TensorRT 10 or 11 and later)."""
+    """The code path for `precision` under `tensorrt_version` (before 10.12, or 10.12 and later)."""
     major = parse_version(tensorrt_version)[0]
     if major < MIN_MAJOR:
         raise EngineError(
             f"TensorRT {tensorrt_version} is too old: adapt-deploy builds engines with "
-            f"TensorRT {MIN_MAJOR} or {STRONG_TYPING_MAJOR}; install a newer TensorRT on the target"
+            f"TensorRT {MIN_MAJOR} or later; install a newer TensorRT on the target"
         )
     if precision not in ("fp32", "fp16"):
         raise EngineError(f"unknown precision {precision!r} (expected 'fp32' or 'fp16')")
-    if major >= STRONG_TYPING_MAJOR:
+    if strongly_typed(tensorrt_version):
         return BuildMode(precision, precision, True, False, False)
     fp16 = precision == "fp16"
     return BuildMode(precision, "fp32", False, fp16, fp16)
@@ -95,9 +104,9 @@ def prepare_build(
     if mode.model not in meta["models"]:
         raise BundleError(
             f"{Path(bundle) / 'meta.json'}: TensorRT {tensorrt_version} builds {precision} "
-            f"engines from the bundle's {mode.model} ONNX model (field 'models.{mode.model}'), "
-            f"which this bundle lacks (it has {meta['precision']}); re-export with "
-            "adapt-deploy export --fp16"
+            f"engines from the bundle's {mode.model} ONNX model (field 'models.{mode.model}'; "
+            "TensorRT 10.12 and later build strongly typed), which this bundle lacks (it has "
+            f"{meta['precision']}); re-export with adapt-deploy export --fp16"
         )
     onnx_path = model_path(bundle, meta, mode.model)
     verify_hashes(bundle, meta, mode.model)

@@ -5,8 +5,13 @@ Both give the same small interface: device allocations (addresses for
 copies on one non-default stream, and a synchronize. cuda-python (`cuda.bindings.runtime`, as
 TensorRT's own samples use) is preferred; torch's CUDA tensors serve where only torch is there.
 
+Addresses of cuda-python objects (the stream TensorRT is given) are read with
+`cuda.bindings.utils.get_cuda_native_handle`: cuda-python deprecates `int(obj)` for that (its
+docs, "Tips and Tricks"); `int()` remains the fallback for releases without that function.
+
 NOT RUN: written against the cuda-python 12/13 runtime bindings and torch.cuda documentation;
-our machines have no GPU.
+our machines have no GPU. The handle reading is tested with a stand-in cudart module and
+stream whose `__int__` warns as cuda-python's does.
 """
 
 from __future__ import annotations
@@ -22,6 +27,22 @@ from adapt_deploy.export.tensorrt import (
     error_name,
     import_cudart,
 )
+
+
+def native_handle(obj: Any) -> int:
+    """The address a cuda-python object wraps (a cudaStream_t's handle) as an int: through
+    `cuda.bindings.utils.get_cuda_native_handle` where it exists and knows the type, else
+    `int(obj)` (older cuda-python, or a plain int already)."""
+    if isinstance(obj, int):
+        return obj
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:  # cuda-python before the utils module: int() is the only way
+        return int(obj)
+    try:
+        return int(get_cuda_native_handle(obj))
+    except TypeError:  # "Unknown type": a type this release registers no getter for
+        return int(obj)
 
 
 class CudaMemory(Protocol):
@@ -46,7 +67,7 @@ class CudaPythonMemory:
         self._host_ptrs: list[int] = []
         self.activate()
         self._stream = self._call(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
-        self.stream = int(self._stream)
+        self.stream = native_handle(self._stream)
 
     def _call(self, result: tuple[Any, ...]) -> Any:
         err, *values = result
@@ -59,12 +80,12 @@ class CudaPythonMemory:
         self._call(self._rt.cudaSetDevice(self._device))
 
     def device(self, nbytes: int) -> int:
-        ptr = int(self._call(self._rt.cudaMalloc(max(nbytes, 1))))
+        ptr = native_handle(self._call(self._rt.cudaMalloc(max(nbytes, 1))))
         self._device_ptrs.append(ptr)
         return ptr
 
     def host(self, nbytes: int) -> np.ndarray:
-        ptr = int(self._call(self._rt.cudaMallocHost(max(nbytes, 1))))
+        ptr = native_handle(self._call(self._rt.cudaMallocHost(max(nbytes, 1))))
         self._host_ptrs.append(ptr)
         return np.ctypeslib.as_array((ctypes.c_uint8 * max(nbytes, 1)).from_address(ptr))
 

@@ -7,11 +7,17 @@ sets the input shape, copies the input up, enqueues the engine, copies the two o
 and synchronizes the stream. The engine is loaded through `read_engine`, which refuses one
 built for another TensorRT version or GPU and checks its sha256.
 
+A tensor whose shape at the max input shape still has a -1 (data-dependent) dim is never
+allocated from that shape: an output the backend does not read is sized by TensorRT's own
+upper bound (IExecutionContext.get_max_output_size), and the input, labels and presence (read
+back by shape after each run) are refused with an EngineError naming the tensor.
+
 NOT RUN: written against the TensorRT 10.x / 11.x Python API (Runtime.deserialize_cuda_engine,
 ICudaEngine.num_io_tensors / get_tensor_name / get_tensor_mode / get_tensor_dtype,
-IExecutionContext.set_input_shape / get_tensor_shape / set_tensor_address /
-execute_async_v3) and cuda-python's runtime bindings. TensorRT cannot be installed on our
-machines (no GPU); tests cover the selection logic and the errors around it.
+IExecutionContext.set_input_shape / get_tensor_shape / get_max_output_size /
+set_tensor_address / execute_async_v3) and cuda-python's runtime bindings. TensorRT cannot be
+installed on our machines (no GPU); tests cover the selection logic, the allocation sizes and
+the errors around them with stand-ins for the engine and context.
 """
 
 from __future__ import annotations
@@ -85,7 +91,7 @@ class TensorRTBackend:
         for i in range(self._engine.num_io_tensors):
             name = self._engine.get_tensor_name(i)
             dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
-            nbytes = math.prod(self._context.get_tensor_shape(name)) * dtype.itemsize
+            nbytes = self._tensor_bytes(name, dtype.itemsize)
             self._device[name] = self._memory.device(nbytes)
             self._dtypes[name] = dtype
             if not self._context.set_tensor_address(name, self._device[name]):
@@ -99,6 +105,25 @@ class TensorRTBackend:
             name: self._memory.host(nbytes).view(self._dtypes[name])
             for name, nbytes in host_bytes.items()
         }
+
+    def _tensor_bytes(self, name: str, itemsize: int) -> int:
+        """Bytes of tensor `name` at the max input shape. A -1 dim is data-dependent: an output
+        nobody reads back is sized by `IExecutionContext.get_max_output_size` (TensorRT 10: the
+        upper bound in bytes for the current profile and input shapes, -1 when unknown); the
+        input, labels and presence, or any tensor without that bound, are refused."""
+        shape = tuple(self._context.get_tensor_shape(name))
+        if all(d >= 0 for d in shape):
+            return math.prod(shape) * itemsize
+        bound = -1
+        if name not in (self._input, "labels", "presence"):
+            bound = int(getattr(self._context, "get_max_output_size", lambda _: -1)(name))
+        if bound >= 0:
+            return bound
+        raise EngineError(
+            f"{self._plan}: tensor {name!r} has shape {list(shape)} at the profile's max input "
+            "shape: a -1 dim is data-dependent and the TensorRT backend can neither size nor "
+            "read it back; export the model with output dims that follow from the input shape"
+        )
 
     def input_buffer(self, shape: Shape) -> np.ndarray:
         full = graph_shape(shape, self._layout)

@@ -6,6 +6,15 @@ other stands by. A push refits the standby with every re-folded conv weight
 the bundle's samples, and swaps it in; the engine it replaces becomes the standby. A rejected
 push leaves the standby with weights that the next push overwrites in full.
 
+Only engines built with REFIT_INDIVIDUAL (`refit_mode` "individual" in the sidecar: the
+weights adaptation changes marked by ONNX initializer name) are accepted. In an engine built
+with REFIT every weight is refittable, and its Refitter lists and asks for (get_all_weights /
+get_missing_weights) weights under the names TensorRT's ONNX parser gave the weights it
+generated or fused, which the ONNX does not have: every push would fail. Such an engine is
+refused at set-up with the command that rebuilds it. (OnnxParserRefitter could refit it from a
+whole rewritten ONNX on every push; the rebuild is cheaper and is the path tested here, since
+build-engine --refit marks the weights of a BN-folded export individually.)
+
 NOT RUN: written against the TensorRT 10.x / 11.x Python API (Refitter, get_all_weights,
 get_weights_prototype, set_named_weights, get_missing_weights, refit_cuda_engine, Weights,
 nptype); TensorRT cannot be installed on our machines. What needs no TensorRT (the refittable
@@ -28,6 +37,7 @@ from adapt_deploy.errors import UserError
 from adapt_deploy.export.bundle import model_path
 from adapt_deploy.export.engine_files import EngineRecord
 from adapt_deploy.export.onnx_export import GraphSpec
+from adapt_deploy.export.refit import plan_refit_file
 from adapt_deploy.export.tensorrt import detect_platform, import_tensorrt
 from adapt_deploy.runtime.backend import Backend
 from adapt_deploy.runtime.segmenter import Segmenter
@@ -36,14 +46,32 @@ from adapt_deploy.tta.sync import RuntimeSync, SyncFailure
 
 
 def check_refittable(record: EngineRecord, bundle: Path) -> None:
-    """UserError, with the command that fixes it, for an engine built without --refit."""
+    """UserError, with the command that fixes it, for an engine adaptation cannot push into:
+    one built without refit, or with REFIT instead of REFIT_INDIVIDUAL (module docstring)."""
+    engine = Path(bundle) / "engines" / record.engine
+    fp16 = " --fp16" if record.precision == "fp16" else ""
+    rebuild = f"`adapt-deploy build-engine {bundle}{fp16} --refit`"
     if not record.refittable:
-        fp16 = " --fp16" if record.precision == "fp16" else ""
         raise UserError(
-            f"{Path(bundle) / 'engines' / record.engine} was built without refit, so adapted "
-            "weights cannot be pushed into it; rebuild it on this machine with "
-            f"`adapt-deploy build-engine {bundle}{fp16} --refit`"
+            f"{engine} was built without refit, so adapted weights cannot be pushed into it; "
+            f"rebuild it on this machine with {rebuild}"
         )
+    if record.refit_mode == "individual":
+        return
+    onnx_path = Path(bundle) / record.onnx_file
+    if onnx_path.is_file() and plan_refit_file(onnx_path).mode == "all":
+        raise UserError(
+            f"{engine} can only be refit as a whole (REFIT): {record.onnx_file} keeps "
+            "BatchNormalization nodes, which TensorRT folds into weights with generated names, "
+            "so adapted weights cannot be pushed by name; re-export the bundle with "
+            f"adapt-deploy export (BN folded into the convs), then rebuild with {rebuild}"
+        )
+    raise UserError(
+        f"{engine} was built with refit mode {record.refit_mode!r} (REFIT, every weight), whose "
+        "weight names are TensorRT's, not the ONNX initializers adaptation writes, so adapted "
+        f"weights cannot be pushed into it; rebuild it on this machine with {rebuild} "
+        "(REFIT_INDIVIDUAL)"
+    )
 
 
 def check_names(fmap: FoldingMap, refittable: set[str], plan: str, bundle: Path) -> None:
@@ -73,8 +101,9 @@ def refit(
     logger: Any,
 ) -> None:
     """Set every named weight (in the type the engine holds it) and refit the engine. Weights
-    TensorRT then still asks for (fused with ours in an engine built with REFIT) get the ONNX
-    file's values from `constants`. The arrays live until the refit is done."""
+    TensorRT then still asks for get the ONNX file's values from `constants` (by initializer
+    name: engines built with REFIT, whose names are the parser's, are refused at set-up by
+    `check_refittable`). The arrays live until the refit is done."""
     refitter = trt.Refitter(engine, logger)
     keep: list[tuple[np.ndarray, Any]] = []
 
