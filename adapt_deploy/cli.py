@@ -115,10 +115,14 @@ def train_cmd(
     """Train a model from a config; checkpoints are written atomically and runs can be resumed."""
     from adapt_deploy.config import load_config
     from adapt_deploy.engine.train import train
+    from adapt_deploy.signals import SignalInterrupt
 
     cfg = load_config(config, set_ or [])
     run_dir = out or Path("runs") / cfg.name
-    result = train(cfg, run_dir, resume=resume, reporter=_reporter())
+    try:
+        result = train(cfg, run_dir, resume=resume, reporter=_reporter())
+    except SignalInterrupt as exc:  # the state is saved: exit as the signal's convention says
+        raise typer.Exit(128 + exc.signum) from None
     console.print(f"checkpoint: {result.checkpoint} ({result.iterations} iterations)")
     if result.evaluation is not None:
         console.print(
@@ -379,6 +383,12 @@ def stream(
         ),
     ] = "0",
     max_frames: Annotated[int | None, typer.Option(help="Stop after this many frames.")] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Replace outputs that already exist (an output is never allowed onto an input)."
+        ),
+    ] = False,
     show: Annotated[bool, typer.Option(help="Show the overlay in a window (q quits).")] = False,
     alpha: Annotated[float, typer.Option(help="Overlay opacity of the class colours.")] = 0.5,
     fps: Annotated[
@@ -452,6 +462,7 @@ def stream(
         fps,
         reconnect_timeout,
         device=device,
+        force=force,
     )
     setup = setup_from_flags(
         adapt, adapt_every, adapt_params, lr, threshold, reset_policy, adapt_state, adapt_budget
@@ -505,9 +516,9 @@ def doctor() -> None:
     table = Table(title=f"adapt-deploy {__version__}")
     for name in ("component", "found", "note"):
         table.add_column(name)
-    for c in checks:
-        found = c.found if c.ok else f"[red]{c.found}[/red]"
-        table.add_row(c.name, found, c.advice)
+    for c in checks:  # escaped: hints such as pip install 'adapt-deploy[trt]' hold brackets
+        found = escape(c.found) if c.ok else f"[red]{escape(c.found)}[/red]"
+        table.add_row(escape(c.name), found, escape(c.advice))
     console.print(table)
     if not all(c.ok for c in checks):
         raise typer.Exit(1)
@@ -529,7 +540,7 @@ def main() -> None:
     except OSError as exc:  # unwritable output, full disk: the file and the reason, no traceback
         _print_error(exc)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # typer turns most into exit 130 itself; this is the rest
         Console(stderr=True).print("interrupted")
         sys.exit(130)
 

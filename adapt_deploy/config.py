@@ -7,6 +7,7 @@ the wrong type raises ConfigError naming the file and the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -239,7 +240,19 @@ def _type_error(source: str, key: str, expected: str, value: Any) -> ConfigError
 
 def validate(config: ExperimentConfig, source: str) -> None:
     """Check values the type system cannot: choices, ranges, list lengths."""
+    _check_finite(config, source, "")
+    o, m = config.optim, config.model
     checks: list[tuple[bool, str, str]] = [
+        (o.lr >= 0, "optim.lr", "a learning rate of 0 or more"),
+        (o.head_lr_mult > 0, "optim.head_lr_mult", "positive"),
+        (0 <= o.momentum < 1, "optim.momentum", "in [0, 1)"),
+        (o.weight_decay >= 0, "optim.weight_decay", "0 or more"),
+        (o.poly_power >= 0, "optim.poly_power", "0 or more"),
+        (o.grad_clip >= 0, "optim.grad_clip", "0 (off) or a positive gradient norm"),
+        (m.width > 0, "model.width", "a positive integer (64 is the standard ResNet)"),
+        (1 <= m.aspp_branches <= 4, "model.aspp_branches", "1 to 4"),
+        (config.train.log_every > 0, "train.log_every", "a positive integer"),
+        (config.train.checkpoint_every > 0, "train.checkpoint_every", "a positive integer"),
         (config.train.method in METHODS, "train.method", f"one of {list(METHODS)}"),
         (config.input.color_order in COLOR_ORDERS, "input.color_order", f"one of {COLOR_ORDERS}"),
         (len(config.input.mean) == 3, "input.mean", "3 values"),
@@ -294,6 +307,21 @@ def validate(config: ExperimentConfig, source: str) -> None:
         if not ok:
             value = _lookup(config, key)
             raise ConfigError(f"{source}: config key {key!r} must be {expected}, got {value!r}")
+
+
+def _check_finite(node: Any, source: str, prefix: str) -> None:
+    """ConfigError naming the first float (or list item) that is NaN or infinite."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, source, key + ".")
+            continue
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(
+                    f"{source}: config key {key!r} must be a finite number, got {value!r}"
+                )
 
 
 def _lookup(config: Any, key: str) -> Any:

@@ -100,6 +100,7 @@ def all_outputs(directory: Path) -> StreamOptions:
         out=directory / "overlay.mp4",
         labels_dir=directory / "labels",
         stats=directory / "stats.jsonl",
+        force=True,  # a rerun replaces the last run's scratch outputs
     )
 
 

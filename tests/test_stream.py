@@ -32,6 +32,7 @@ from adapt_deploy.stream import (
     stream,
 )
 from adapt_deploy.stream import demo as stream_demo
+from adapt_deploy.stream import outputs as stream_outputs
 from adapt_deploy.stream.channel import Channel
 from adapt_deploy.stream.outputs import OutputError
 from adapt_deploy.stream.sources import LiveStream
@@ -387,8 +388,9 @@ def stream_until(tiny_bundle: Path, tmp_path: Path, out: Path, lines: int) -> su
     command = [sys.executable, "-m", "adapt_deploy.cli", "stream", str(source), "--bundle",
                str(tiny_bundle), "--out", str(out), "--stats", str(stats)]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / f".s.partial-{process.pid}.jsonl"  # renamed to s.jsonl at the end
     while time.monotonic() < deadline and process.poll() is None:
-        if stats.exists() and len(stats.read_text().splitlines()) >= lines:
+        if partial.exists() and len(partial.read_text().splitlines()) >= lines:
             break
         time.sleep(0.05)
     return process
@@ -407,10 +409,10 @@ def test_a_failing_window_leaves_an_existing_stats_file_alone(
     def no_gui():
         raise OutputError("--show needs an OpenCV built with a GUI")
 
-    monkeypatch.setattr(pipeline, "Window", no_gui)
+    monkeypatch.setattr(stream_outputs, "Window", no_gui)
     stats = tmp_path / "s.jsonl"
     stats.write_text('{"index": 0}\n')
-    options = StreamOptions(show=True, stats=stats, out=tmp_path / "o.mkv")
+    options = StreamOptions(show=True, stats=stats, out=tmp_path / "o.mkv", force=True)
     with pytest.raises(OutputError, match="--show"):
         stream(open_source(str(video)), segmenter, options)
     assert stats.read_text() == '{"index": 0}\n' and not (tmp_path / "o.mkv").exists()
@@ -470,5 +472,8 @@ def test_an_mkv_survives_sigkill_up_to_its_last_flushed_block(tiny_bundle, tmp_p
     process = stream_until(tiny_bundle, tmp_path, tmp_path / "o.mkv", 60)
     process.kill()  # no handler runs: an MP4 would be unplayable now
     process.communicate(timeout=60)
-    written = len((tmp_path / "s.jsonl").read_text().splitlines())
-    assert 1 <= len(read_video(tmp_path / "o.mkv")) <= written
+    # Nothing was renamed into place: the partial files keep what was written under their
+    # temporary names, and the mkv plays up to its last flushed block.
+    assert not (tmp_path / "o.mkv").exists() and not (tmp_path / "s.jsonl").exists()
+    written = len((tmp_path / f".s.partial-{process.pid}.jsonl").read_text().splitlines())
+    assert 1 <= len(read_video(tmp_path / f".o.partial-{process.pid}.mkv")) <= written

@@ -304,7 +304,7 @@ def test_stream_adapt_writes_events_and_resumes_its_state(trained, tmp_path):
     assert len(frames) == 12 and {"update"} <= {e["event"] for e in events}
     updates = torch.load(state, weights_only=True)["counters"]["updates"]
     assert updates == sum(e["event"] == "update" for e in events) >= 1
-    second = CliRunner().invoke(app, args)
+    second = CliRunner().invoke(app, [*args, "--force"])  # the stats file is replaced
     assert second.exit_code == 0, second.output
     assert "resumed adaptation" in second.output
     assert torch.load(state, weights_only=True)["counters"]["updates"] > updates

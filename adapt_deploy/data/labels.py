@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 IGNORE_INDEX = 255
+EGO_VEHICLE_LABEL_ID = 1  # Cityscapes/GTA5 labelId of the ego vehicle (trainId 255, ignored)
 
 CLASS_NAMES: tuple[str, ...] = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",

@@ -20,6 +20,17 @@ LabelReader = Callable[[Path], np.ndarray]
 
 
 @dataclass(frozen=True)
+class LabelIds:
+    """The ids a layout's label files hold: 0 .. count-1 (void classes included)."""
+
+    name: str  # e.g. "Cityscapes labelIds"
+    count: int
+
+
+CITYSCAPES_IDS = LabelIds("Cityscapes/GTA5 labelIds", 34)  # 0 unlabeled .. 33 bicycle
+
+
+@dataclass(frozen=True)
 class Sample:
     """One image and, when the split is labelled, its label file."""
 
@@ -75,10 +86,12 @@ class SegmentationDataset(Dataset):
         resize_labels: bool = True,
         cache: bool = False,
         read_label: LabelReader | None = None,
+        label_ids: LabelIds = CITYSCAPES_IDS,
     ) -> None:
         self.samples = samples
         self.to_train_ids = to_train_ids
         self.read_label = read_label or read_label_ids
+        self.label_ids = label_ids
         self.size = size
         self.resize_labels = resize_labels
         self._cache: dict[int, dict[str, object]] | None = {} if cache else None
@@ -110,9 +123,20 @@ class SegmentationDataset(Dataset):
         return item
 
     def train_ids(self, sample: Sample) -> np.ndarray:
-        """A sample's full-resolution label in trainIds."""
+        """A sample's full-resolution label in trainIds. DatasetError when not one pixel holds
+        an id of the layout: a trainId or colour image in place of a label file would otherwise
+        train silently on nothing but ignored pixels."""
         assert sample.label is not None
-        return self.to_train_ids(self.read_label(sample.label))
+        ids = self.read_label(sample.label)
+        train_ids = self.to_train_ids(ids)
+        if ids.size and (train_ids == IGNORE_INDEX).all() and ids.min() >= self.label_ids.count:
+            found = ", ".join(str(v) for v in np.unique(ids)[:5])
+            raise DatasetError(
+                f"label {sample.label}: no pixel holds one of the {self.label_ids.name} "
+                f"(0-{self.label_ids.count - 1}); found {found}. Is it a trainId or colour "
+                "image in place of the layout's label file?"
+            )
+        return train_ids
 
     def _load(self, sample: Sample) -> dict[str, object]:
         image = read_image(sample.image)

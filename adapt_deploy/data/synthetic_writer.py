@@ -30,15 +30,18 @@ from adapt_deploy.atomic import atomic_write, atomic_write_json
 from adapt_deploy.data.labels import (
     CITYSCAPES_LABEL_TO_TRAIN,
     CLASS_NAMES,
+    EGO_VEHICLE_LABEL_ID,
     PALETTE,
     train_ids_to_label_ids,
 )
 from adapt_deploy.data.synthetic import (
     DEFAULT_SCHEDULE,
+    ego_vehicle_mask,
     render_image,
     render_video,
     scale_schedule,
 )
+from adapt_deploy.errors import UserError
 
 MANIFEST = "synth.json"
 TRAIN_CITIES: tuple[str, ...] = ("synthaachen", "synthbremen")
@@ -68,6 +71,28 @@ class SynthSpec:
     num_videos: int = 1
     video_frames: int = 300
     video_fps: float = 15.0
+
+    def __post_init__(self) -> None:
+        """UserError naming the option (as `adapt-deploy synth` spells it) of a bad count."""
+        counts = ("num_source", "num_target_train", "num_target_val", "num_videos")
+        for name in counts:
+            _require(name, getattr(self, name), 0, "0 or more")
+        _require("video_frames", self.video_frames, 1, "1 or more")
+        for name in ("source_size", "target_size"):
+            size = getattr(self, name)
+            if len(size) != 2 or min(size) < 16:
+                raise UserError(f"SynthSpec.{name} must be (height, width) >= 16, got {size}")
+        if not self.video_fps > 0:
+            raise UserError(f"{_flag('video_fps')} must be positive, got {self.video_fps}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _require(name: str, value: int, minimum: int, expected: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{_flag(name)} must be {expected}, got {value!r}")
 
 
 def spec_to_json(spec: SynthSpec) -> dict:
@@ -129,6 +154,9 @@ def _run_job(job: _Job) -> np.ndarray:
     cv2.setNumThreads(1)
     image, train_ids = render_image(job.seed, job.domain, job.index, *job.size)
     label_ids = train_ids_to_label_ids(train_ids)
+    hood = ego_vehicle_mask(job.domain, *job.size)
+    if hood is not None:  # the hood is drawn last: every pixel of it is the ego vehicle
+        label_ids[hood] = EGO_VEHICLE_LABEL_ID
     atomic_write(Path(job.image_path), _png_bytes(image))
     data = _palette_png_bytes(label_ids) if job.palette_label else _png_bytes(label_ids)
     atomic_write(Path(job.label_path), data)

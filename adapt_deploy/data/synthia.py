@@ -8,12 +8,13 @@ import cv2
 import numpy as np
 
 from adapt_deploy.data.labels import SYNTHIA_LABEL_TO_TRAIN, lookup_table
-from adapt_deploy.data.segmentation import Sample, SegmentationDataset, same_name_pairs
+from adapt_deploy.data.segmentation import LabelIds, Sample, SegmentationDataset, same_name_pairs
 from adapt_deploy.errors import DatasetError
 
 LAYOUT = """  ROOT/RGB/{id}.png
   ROOT/GT/LABELS/{id}.png   (16-bit PNG, SYNTHIA class id in the first (R) channel)"""
 SYNTHIA_TO_TRAIN_LUT = lookup_table(SYNTHIA_LABEL_TO_TRAIN, size=65536)
+SYNTHIA_IDS = LabelIds("SYNTHIA class ids", 23)  # 0 void .. 22 lanemarking
 
 
 def read_synthia_label(path: Path) -> np.ndarray:
@@ -45,5 +46,11 @@ def synthia(
     """SYNTHIA-RAND-CITYSCAPES (all images); labels mapped to Cityscapes trainIds."""
     samples = synthia_samples(Path(root), labels)
     return SegmentationDataset(
-        samples, synthia_to_train_ids, size, resize_labels, cache, read_label=read_synthia_label
+        samples,
+        synthia_to_train_ids,
+        size,
+        resize_labels,
+        cache,
+        read_label=read_synthia_label,
+        label_ids=SYNTHIA_IDS,
     )

@@ -15,6 +15,7 @@ from adapt_deploy.config import InputConfig
 from adapt_deploy.data.labels import CLASS_NAMES, EVAL_PROTOCOLS, IGNORE_INDEX
 from adapt_deploy.data.normalize import normalize
 from adapt_deploy.data.segmentation import SegmentationDataset
+from adapt_deploy.engine.sampling import without_worker_tracebacks
 from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.progress import Reporter
 
@@ -112,7 +113,7 @@ def evaluate(
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     done = 0
-    for batch in loader:
+    for batch in without_worker_tracebacks(loader):
         labels = batch["label"].to(device)
         logits = predict_logits(model, batch["image"].to(device), spec, labels.shape[-2:])
         confusion += confusion_matrix(labels, logits.argmax(1), num_classes)

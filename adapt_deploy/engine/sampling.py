@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import torch
 from torch.utils.data import Sampler
+
+from adapt_deploy.errors import UserError, worker_message
+
+T = TypeVar("T")
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -30,3 +35,18 @@ class EpochBatchSampler(Sampler[list[int]]):
             for b in range(offset, self.per_epoch):
                 yield order[b * self.batch_size : (b + 1) * self.batch_size]
                 step += 1
+
+
+def without_worker_tracebacks(batches: Iterable[T]) -> Iterator[T]:
+    """The items of a DataLoader; a UserError (a bad label file, say) raised in one of its
+    worker processes is raised here again as its own one-line message, not as PyTorch's
+    "Caught ... in DataLoader worker process" text around the worker's traceback."""
+    iterator = iter(batches)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except UserError as exc:
+            raise type(exc)(worker_message(str(exc))) from None
+        yield item

@@ -21,17 +21,19 @@ from adapt_deploy.data.datasets import build_dataset
 from adapt_deploy.data.labels import CLASS_NAMES
 from adapt_deploy.engine.evaluate import EvalResult, evaluate
 from adapt_deploy.engine.method_data import labelled_dataset, target_dataset
-from adapt_deploy.engine.sampling import EpochBatchSampler
+from adapt_deploy.engine.sampling import EpochBatchSampler, without_worker_tracebacks
 from adapt_deploy.errors import ConfigError, UserError
 from adapt_deploy.models.checkpoints import (
     atomic_save,
     build_model,
     checkpoint_meta,
     initial_weights,
+    load_weights_only,
     save_checkpoint,
 )
 from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.progress import Reporter
+from adapt_deploy.signals import StopOnSignals
 
 CHECKPOINT = "checkpoint.pt"
 TRAINER_STATE = "trainer_state.pt"
@@ -144,7 +146,7 @@ def train(
     device = pick_device(config.train.device)
     learner = build_learner(config, device, init)
     if start > 0:
-        learner.load_state_dict(_read_state(out))
+        _load_state(learner, out)
     workers = 0 if config.data.cache else config.data.num_workers
     batch, seed = config.train.batch_size, config.train.seed
     sources = _batches(labelled, batch, seed, start, workers)
@@ -154,7 +156,11 @@ def train(
     t0 = time.perf_counter()
     done = start  # iterations whose update has been applied
     learner.model.train()
-    with (out / "metrics.jsonl").open("a") as log, reporter.task("training", total - start):
+    with (
+        (out / "metrics.jsonl").open("a") as log,
+        reporter.task("training", total - start),
+        StopOnSignals() as stop,  # SIGTERM (docker stop, a preempted job) saves as Ctrl-C does
+    ):
         try:
             for iteration in range(start, total):
                 target_batch = next(targets) if targets is not None else None
@@ -167,8 +173,10 @@ def train(
                 if done % config.train.checkpoint_every == 0:
                     _save(out, learner, config, done)
         except KeyboardInterrupt:
-            _save(out, learner, config, done)
-            reporter.log(f"interrupted after iteration {done}; resume with --resume ({out})")
+            with stop.deferred():  # a second signal must not cut the save short
+                _save(out, learner, config, done)
+            why = f"stopped by {stop.name}" if stop.name else "interrupted"
+            reporter.log(f"{why} after iteration {done}: state saved; resume with --resume ({out})")
             raise
     _save(out, learner, config, total)
     seconds = time.perf_counter() - t0
@@ -190,7 +198,8 @@ def train(
 def _batches(dataset: Dataset, batch: int, seed: int, start: int, workers: int) -> Iterator:
     """An endless iterator of batches whose i-th batch is the same in a resumed run."""
     sampler = EpochBatchSampler(len(dataset), batch, seed, start)
-    return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers))
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
+    return without_worker_tracebacks(loader)
 
 
 def train_step(
@@ -301,5 +310,30 @@ def _save(out: Path, learner: Learner, config: ExperimentConfig, iteration: int)
     atomic_save({"iteration": iteration, **learner.state_dict()}, out / TRAINER_STATE)
 
 
+STATE_KEYS = ("iteration", "model", "optimizer", "discriminators", "d_optimizers")
+
+
 def _read_state(out: Path) -> dict[str, Any]:
-    return torch.load(out / TRAINER_STATE, map_location="cpu", weights_only=True)
+    """The trainer state of `out`, checked for its entries; UserError naming the file."""
+    path = out / TRAINER_STATE
+    state = load_weights_only(path, "trainer state")
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UserError(f"{path}: not a trainer state of adapt-deploy (no {missing[0]!r} entry)")
+    if not isinstance(state["iteration"], int) or state["iteration"] < 0:
+        raise UserError(
+            f"{path}: field 'iteration' must be a count of iterations, got {state['iteration']!r}"
+        )
+    return state
+
+
+def _load_state(learner: Learner, out: Path) -> None:
+    """Resume `learner` from `out`'s trainer state; UserError when it is from another run."""
+    path = out / TRAINER_STATE
+    try:
+        learner.load_state_dict(_read_state(out))
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{path}: does not fit this run's model, method or optimizers ({detail[:200]})"
+        ) from None

@@ -41,9 +41,9 @@ from adapt_deploy.export.onnx_export import (
     input_meta,
     outputs_meta,
 )
-from adapt_deploy.export.parity import VERIFY_TOLERANCES, check_parity, raise_on_failure
+from adapt_deploy.export.parity import check_parity, raise_on_failure
 from adapt_deploy.export.precision import convert_to_mixed_fp16
-from adapt_deploy.export.verify import OrtRunner
+from adapt_deploy.export.verify import VERIFY_TOLERANCES, OrtRunner
 from adapt_deploy.models.checkpoints import load_checkpoint, read_checkpoint
 from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.progress import Reporter

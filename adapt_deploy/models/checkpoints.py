@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +47,41 @@ def save_checkpoint(path: Path, model: DeepLab, meta: dict[str, Any]) -> None:
     atomic_save({"model": model.state_dict(), "meta": meta}, path)
 
 
+_BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def load_weights_only(path: str | Path, what: str) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU, with one line naming the file and `what`
+    it should be when it cannot be loaded. A file that needs more than tensors and plain
+    containers is refused as such: torch's advice to retry with weights_only=False (which runs
+    whatever code the file carries) is never passed on."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        blocked = _BLOCKED_GLOBAL.search(str(exc))  # a reference to a Python callable or class
+        if blocked is None:  # other bytes than a pickle torch writes
+            raise UserError(f"{path}: not a readable {what} (not a PyTorch file)") from None
+        raise UserError(
+            f"{path}: not a weights-only {what} (it refers to {blocked.group(1)}): it holds "
+            "Python objects that could run code when unpickled, so it will not be loaded"
+        ) from None
+    except Exception as exc:  # torch raises several types for cut, damaged or foreign files
+        reason = str(exc).split(". ")[0].strip() if isinstance(exc, RuntimeError) else ""
+        raise UserError(
+            f"{path}: not a readable {what} (cut short, damaged or not a PyTorch file"
+            + (f": {reason})" if reason else ")")
+        ) from None
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw checkpoint dict, checked for the `model` and `meta` entries."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise UserError(f"{path} is not a readable checkpoint: {exc}") from None
+    ckpt = load_weights_only(path, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
         raise UserError(f"{path}: expected an adapt-deploy checkpoint with 'model' and 'meta'")
     return ckpt

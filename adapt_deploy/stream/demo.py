@@ -45,7 +45,7 @@ def stream_demo_video(
         if saved is not None:
             reporter.log(f"  reusing the overlay video {overlay}")
             return saved
-    options = StreamOptions(out=overlay, stats=directory / "stats.jsonl")
+    options = StreamOptions(out=overlay, stats=directory / "stats.jsonl", force=True)
     with Segmenter.from_bundle(bundle) as segmenter:
         summary = stream(open_source(str(video)), segmenter, options, reporter)
     atomic_write_json(summary_file, {**asdict(summary), "made_from": made_from})

@@ -1,42 +1,65 @@
 """What a stream writes: the overlay video, per-frame label PNGs and a JSONL of per-frame stats.
 
-Every destination is checked before the first frame is read, so a wrong path fails at once. An
-MP4 keeps its index at the end and is unplayable until `release()` writes it: the pipeline
-releases the video on Ctrl-C and SIGTERM, and `.mkv` or `.avi` outputs still play up to the last
-block flushed to disk when the process is killed outright (SIGKILL, power loss).
+Every output is written under a hidden temporary name beside its target (`.NAME.partial-PID.EXT`,
+labels into `DIR/.partial-PID/`) and renamed onto it only when the stream ends with at least one
+frame: a stream that fails, or segments nothing, leaves whatever was there before. Ctrl-C and
+SIGTERM end the stream cleanly, so its outputs are finished and renamed with every frame done so
+far. A process killed outright (SIGKILL, power loss) leaves only the temporary files: a partial
+`.mkv` or `.avi` there plays up to its last flushed block, an MP4 does not (its index is written
+at the end). Before the rename the overlay video is read back and its frames counted, so a disk
+that filled up mid-run is an error, not a short video reported as complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import IO, Any
 
-import cv2
 import numpy as np
 
-from adapt_deploy.errors import UserError
+from adapt_deploy.runtime.colors import colour_table, overlay
+from adapt_deploy.stream.destinations import (
+    OutputError,
+    creatable_directory,
+    existing_frame_labels,
+    writable_directory,
+)
+from adapt_deploy.stream.opencv import cv2
 
 FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 _PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 
 
-class OutputError(UserError):
-    """An output path that cannot be written."""
+def partial_path(path: Path) -> Path:
+    """The hidden name an output is written under until the stream ends (suffix kept: OpenCV
+    picks the container from it)."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
 
 
-def writable_directory(directory: Path, option: str) -> Path:
-    """Create `directory` if needed and prove a file can be written in it."""
-    directory = Path(directory)
+def count_video_frames(path: Path, expected: int) -> int:
+    """Frames that decode from the video at `path`. Where the container's own count equals
+    `expected` and its last frame decodes, that is the answer (no full decode); otherwise every
+    frame is read and counted."""
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".adapt-deploy-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(f"{option} {directory}: not a writable directory ({exc})") from None
-    return directory
+        if not capture.isOpened():
+            return 0
+        listed = capture.get(cv2.CAP_PROP_FRAME_COUNT)
+        if listed == expected > 0:
+            capture.set(cv2.CAP_PROP_POS_FRAMES, expected - 1)
+            if capture.grab() and not capture.grab():
+                return expected
+            capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+        count = 0
+        while capture.grab():
+            count += 1
+        return count
+    finally:
+        capture.release()
 
 
 class VideoSink:
@@ -47,9 +70,11 @@ class VideoSink:
 
     def __init__(self, path: Path, fps: float) -> None:
         self.path = Path(path)
+        self.partial = partial_path(self.path)
         self.fps = fps
         self.fourcc = _fourcc(self.path)
-        self.frames = 0
+        self.frames = 0  # handed to the writer
+        self.written: int | None = None  # counted in the finished file by `finish`
         self.resized = 0  # frames that had another size than the first
         self._writer: cv2.VideoWriter | None = None
         self._size: tuple[int, int] | None = None
@@ -80,7 +105,7 @@ class VideoSink:
         if self._writer is None:
             self._size = (width, height)
             code = cv2.VideoWriter_fourcc(*self.fourcc)
-            self._writer = cv2.VideoWriter(str(self.path), code, self.fps, self._size)
+            self._writer = cv2.VideoWriter(str(self.partial), code, self.fps, self._size)
             if not self._writer.isOpened():
                 raise OutputError(f"--out {self.path}: cannot open a {width}x{height} video")
         elif (width, height) != self._size:
@@ -90,33 +115,81 @@ class VideoSink:
         self.frames += 1
 
     def release(self) -> None:
-        """Finish the file (an MP4's index is written here); safe to call twice."""
+        """Finish the temporary file (an MP4's index is written here); safe to call twice."""
         if self._writer is not None:
             self._writer.release()
             self._writer = None
 
+    def finish(self) -> None:
+        """Release, then count the frames that reached the file: OutputError when some did not
+        (OpenCV's writer reports no failed write: a full disk shows only here)."""
+        self.release()
+        if self.frames == 0:
+            return
+        self.written = count_video_frames(self.partial, self.frames)
+        if self.written != self.frames:
+            free = shutil.disk_usage(self.path.parent).free / 1e6
+            raise OutputError(
+                f"--out {self.path}: only {self.written} of {self.frames} frames reached the "
+                f"file ({free:.0f} MB free on its disk); nothing was replaced"
+            )
+
+    def commit(self) -> None:
+        if self.frames:
+            os.replace(self.partial, self.path)
+
+    def discard(self) -> None:
+        self.release()
+        self.partial.unlink(missing_ok=True)
+
 
 class LabelWriter:
-    """`DIR/{index:06d}.png`: each frame's trainIds at the frame's own size, as single channel."""
+    """`DIR/{index:06d}.png`: each frame's trainIds at the frame's own size, as single channel.
+
+    Written into `DIR/.partial-PID/` and moved into DIR by `commit`, which also removes the frame
+    label files of an earlier stream that this one did not write (`--force` replaces them)."""
 
     def __init__(self, directory: Path) -> None:
+        existed = Path(directory).is_dir()
         self.directory = writable_directory(directory, "--labels-dir")
+        self._created = not existed
+        self.staging = self.directory / f".partial-{os.getpid()}"
+        self.staging.mkdir(exist_ok=True)
+        self.written = 0
 
     def write(self, index: int, labels: np.ndarray) -> None:
-        path = self.directory / f"{index:06d}.png"
+        path = self.staging / f"{index:06d}.png"
         if not cv2.imwrite(str(path), labels, _PNG):
-            raise OSError(f"cannot write {path}")
+            raise OSError(f"--labels-dir {self.directory}: cannot write {path.name}")
+        self.written += 1
+
+    def commit(self) -> None:
+        new = {p.name for p in self.staging.iterdir()}
+        for old in existing_frame_labels(self.directory):
+            if old.name not in new:
+                old.unlink()
+        for name in sorted(new):
+            os.replace(self.staging / name, self.directory / name)
+        self.staging.rmdir()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if self._created and not any(self.directory.iterdir()):
+            self.directory.rmdir()
 
 
 class StatsWriter:
-    """One JSON line per frame, flushed at once: a killed stream leaves only complete lines."""
+    """One JSON line per frame, flushed at once: a killed stream leaves only complete lines (in
+    the temporary file)."""
 
     def __init__(self, path: Path, classes: list[str]) -> None:
         self.path = Path(path)
+        self.partial = partial_path(self.path)
         self.classes = list(classes)
+        self.lines = 0  # frame lines
         self.check(self.path)
         try:
-            self._file: IO[str] | None = self.path.open("w", encoding="utf-8")
+            self._file: IO[str] | None = self.partial.open("w", encoding="utf-8")
         except OSError as exc:
             raise OutputError(f"--stats {self.path}: cannot write ({exc})") from None
 
@@ -132,7 +205,6 @@ class StatsWriter:
     ) -> None:
         """index, timestamp (s), latency (decode → labels, s), infer (the backend's total, s),
         presence per class name."""
-        assert self._file is not None
         record = {
             "index": index,
             "timestamp": round(timestamp, 6),
@@ -142,19 +214,35 @@ class StatsWriter:
                 c: round(float(p), 4) for c, p in zip(self.classes, presence, strict=True)
             },
         }
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._line(record)
+        self.lines += 1
 
     def write_event(self, event: dict[str, Any]) -> None:
         """An adaptation event line: {"event": kind, "frame": index, ...}."""
+        self._line(event)
+
+    def _line(self, record: dict[str, Any]) -> None:
         assert self._file is not None
-        self._file.write(json.dumps(event) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise OSError(f"--stats {self.path}: cannot write ({exc.strerror or exc})") from None
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def commit(self) -> None:
+        self.close()
+        os.replace(self.partial, self.path)
+
+    def discard(self) -> None:
+        try:
+            self.close()
+        finally:
+            self.partial.unlink(missing_ok=True)
 
 
 def _fourcc(path: Path) -> str:
@@ -190,11 +278,104 @@ class Window:
         cv2.destroyWindow(self.NAME)
 
 
-def check_destinations(out: Path | None, labels_dir: Path | None, stats: Path | None) -> None:
+class StreamOutputs:
+    """The stream's sinks, opened together; `finish` verifies and renames them all into place,
+    `discard` removes every temporary file. The window opens first: when it cannot, no file has
+    been opened."""
+
+    def __init__(
+        self,
+        out: Path | None,
+        labels_dir: Path | None,
+        stats: Path | None,
+        show: bool,
+        alpha: float,
+        fps: float,
+        classes: list[str],
+        palette: np.ndarray,
+    ) -> None:
+        self.window: Window | None = None
+        self.video: VideoSink | None = None
+        self.labels: LabelWriter | None = None
+        self.stats: StatsWriter | None = None
+        try:
+            self.window = Window() if show else None
+            self.video = VideoSink(out, fps) if out else None
+            self.labels = LabelWriter(labels_dir) if labels_dir else None
+            self.stats = StatsWriter(stats, classes) if stats else None
+        except BaseException:
+            self.discard()
+            raise
+        self.table = colour_table(palette)
+        self.alpha = alpha
+        named = {"overlay": out, "labels": labels_dir, "stats": stats}
+        self.paths = {name: str(path) for name, path in named.items() if path is not None}
+
+    def write(self, frame_index: int, timestamp: float, image: np.ndarray, segmentation: Any,
+              latency: float, infer: float) -> bool:  # fmt: skip
+        """Write one frame everywhere; False when the window asks to stop."""
+        if self.labels:
+            self.labels.write(frame_index, segmentation.labels)
+        if self.stats:
+            self.stats.write(frame_index, timestamp, latency, infer, segmentation.presence)
+        if self.video or self.window:
+            blended = overlay(image, segmentation.labels, self.table, self.alpha)
+            if self.video:
+                self.video.write(blended)
+            if self.window:
+                return self.window.show(blended)
+        return True
+
+    def events(self, events: list[dict[str, Any]]) -> None:
+        """Adaptation events into the stats file (if any)."""
+        if self.stats:
+            for event in events:
+                self.stats.write_event(event)
+
+    def written(self) -> dict[str, int]:
+        """Frames in each output: counted in the video file, files and lines written."""
+        counts = {}
+        if self.video and self.video.written is not None:
+            counts["overlay"] = self.video.written
+        if self.labels:
+            counts["labels"] = self.labels.written
+        if self.stats:
+            counts["stats"] = self.stats.lines
+        return counts
+
+    def finish(self) -> None:
+        """Verify the video, then rename every output into place (nothing renamed on error)."""
+        self._close_window()
+        try:
+            if self.video:
+                self.video.finish()
+            if self.stats:
+                self.stats.close()
+        except BaseException:
+            self.discard()
+            raise
+        for sink in (self.video, self.stats, self.labels):
+            if sink is not None:
+                sink.commit()
+
+    def discard(self) -> None:
+        """Remove every temporary file; what was at the outputs' paths before stays."""
+        self._close_window()
+        for sink in (self.video, self.stats, self.labels):
+            if sink is not None:
+                sink.discard()
+
+    def _close_window(self) -> None:
+        if self.window:
+            self.window.close()
+            self.window = None
+
+
+def check_writable(out: Path | None, labels_dir: Path | None, stats: Path | None) -> None:
     """Fail before any frame is processed when one of the outputs cannot be written."""
     if out is not None:
         VideoSink.check(out)
     if labels_dir is not None:
-        writable_directory(labels_dir, "--labels-dir")
+        creatable_directory(labels_dir, "--labels-dir")
     if stats is not None:
         StatsWriter.check(stats)

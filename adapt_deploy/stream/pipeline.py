@@ -6,7 +6,9 @@ Files and folders go through bounded channels: every frame is processed, in orde
 stage holds the others back. For live sources the reader's channel holds one frame that a newer
 one replaces (newest wins; the replaced frames are counted as dropped). A stop (Ctrl-C, SIGTERM,
 `q` in the window) ends reading, starts no new inference, writes what is already segmented and
-releases the video, so the output plays.
+releases the video, so the output plays. Outputs are written under temporary names and renamed
+into place at the end (`stream.outputs`): a stream that fails or segments nothing leaves what
+was there before.
 
 With adaptation (`adapter`, a `tta.worker.AdaptWorker`), the inference thread offers each
 segmented frame to the adapter's background worker, which never holds inference up (frames
@@ -20,26 +22,19 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from adapt_deploy.errors import UserError
 from adapt_deploy.progress import Reporter
-from adapt_deploy.runtime.colors import colour_table, overlay
 from adapt_deploy.runtime.selection import parse_device
+from adapt_deploy.signals import SignalStop
 from adapt_deploy.stream.channel import Channel
-from adapt_deploy.stream.outputs import (
-    LabelWriter,
-    StatsWriter,
-    VideoSink,
-    Window,
-    check_destinations,
-)
+from adapt_deploy.stream.destinations import Inputs, check_destinations
+from adapt_deploy.stream.outputs import StreamOutputs, check_writable
 from adapt_deploy.stream.sources import Frame, Source, open_source
 
 if TYPE_CHECKING:
@@ -74,6 +69,7 @@ class StreamOptions:
     reconnect_timeout: float = 30.0
     queue_size: int = 2  # frames waiting between two stages; more only adds latency
     device: int | str = 0  # a GPU index, "cuda:N" or "cpu", as Segmenter.from_bundle takes
+    force: bool = False  # replace outputs that already exist (never an input)
 
     def check(self) -> None:
         """UserError naming the option when a value is out of range."""
@@ -107,6 +103,7 @@ class StreamSummary:
     stopped_by: str | None = None  # "SIGINT", "SIGTERM", "window", or None (ran to its end)
     signal: int | None = None  # the number of the signal that stopped it
     outputs: dict[str, str] = field(default_factory=dict)
+    written: dict[str, int] = field(default_factory=dict)  # frames found in each output
     adaptation: list[str] = field(default_factory=list)  # the adapter's summary lines
 
     @property
@@ -128,61 +125,12 @@ class StreamSummary:
         if self.resized:
             lines.append(f"{self.resized} frames of another size resized into the overlay video")
         lines += self.adaptation
-        lines += [f"{name}: {path}" for name, path in self.outputs.items()]
+        for name, path in self.outputs.items():
+            count = self.written.get(name)
+            lines.append(f"{name}: {path}" + (f" ({count} frames written)" if count else ""))
         if self.stopped_by:
             lines.append(f"stopped by {self.stopped_by}: the outputs hold every frame done so far")
         return lines
-
-
-class _Outputs:
-    """The stream's sinks, opened together and closed together. The window opens first: when
-    it cannot, no file has been opened (an existing stats file is not truncated)."""
-
-    def __init__(self, options: StreamOptions, fps: float, segmenter: SegmenterLike) -> None:
-        self.window: Window | None = None
-        self.video: VideoSink | None = None
-        self.labels: LabelWriter | None = None
-        self.stats: StatsWriter | None = None
-        try:
-            self.window = Window() if options.show else None
-            self.video = VideoSink(options.out, fps) if options.out else None
-            self.labels = LabelWriter(options.labels_dir) if options.labels_dir else None
-            self.stats = StatsWriter(options.stats, segmenter.classes) if options.stats else None
-        except BaseException:
-            self.close()
-            raise
-        self.table = colour_table(segmenter.palette)
-        self.alpha = options.alpha
-        named = {"overlay": options.out, "labels": options.labels_dir, "stats": options.stats}
-        self.paths = {name: str(path) for name, path in named.items() if path is not None}
-
-    def write(self, frame: Frame, segmentation: Any, latency: float, infer: float) -> bool:
-        """Write one frame everywhere; False when the window asks to stop."""
-        if self.labels:
-            self.labels.write(frame.index, segmentation.labels)
-        if self.stats:
-            self.stats.write(frame.index, frame.timestamp, latency, infer, segmentation.presence)
-        if self.video or self.window:
-            image = overlay(frame.image, segmentation.labels, self.table, self.alpha)
-            if self.video:
-                self.video.write(image)
-            if self.window:
-                return self.window.show(image)
-        return True
-
-    def events(self, events: list[dict[str, Any]]) -> None:
-        """Adaptation events into the stats file (if any)."""
-        if self.stats:
-            for event in events:
-                self.stats.write_event(event)
-
-    def close(self) -> None:
-        if self.video:
-            self.video.release()
-        if self.stats:
-            self.stats.close()
-        if self.window:
-            self.window.close()
 
 
 def stream(
@@ -201,14 +149,15 @@ def stream(
     its state is the caller's (`tta.session.finish_adaptation`).
     """
     options = options or StreamOptions()
-    _check(options)
+    _check(options, source.inputs)
     return _stream(source, segmenter, options, reporter, stop, adapter)
 
 
-def _check(options: StreamOptions) -> None:
-    """The options' values and every destination, before anything is opened."""
+def _check(options: StreamOptions, inputs: Inputs) -> None:
+    """The options' values and every destination, before anything is written."""
     options.check()
-    check_destinations(options.out, options.labels_dir, options.stats)
+    check_destinations(options.out, options.labels_dir, options.stats, inputs, options.force)
+    check_writable(options.out, options.labels_dir, options.stats)
 
 
 def _stream(
@@ -242,14 +191,19 @@ def _stream(
         daemon=True,
     )
     outputs = None
+    done = False
     start = time.perf_counter()
     try:
-        outputs = _Outputs(options, source.fps, segmenter)
+        outputs = StreamOutputs(
+            options.out, options.labels_dir, options.stats, options.show, options.alpha,
+            source.fps, segmenter.classes, segmenter.palette,
+        )  # fmt: skip
         if adapter is not None:
             adapter.start()
         reader.start()
         infer.start()
         _write_all(results, outputs, summary, source, options, reporter, stop, adapter)
+        done = True
     finally:
         stop.set()  # a live source reconnecting waits on it: the reader ends now, not later
         frames.close()
@@ -258,23 +212,27 @@ def _stream(
             infer.join()
         if adapter is not None:  # for a failed stream; after _write_all's close it does not wait
             adapter.close()
-        if outputs is not None:
-            outputs.close()
+        summary.seconds = time.perf_counter() - start
+        complete = done and not errors and summary.frames > 0
+        if outputs is not None and not complete:  # what was at the outputs' paths stays
+            outputs.discard()
         if reader.ident is not None:
             reader.join(timeout=5.0)
         if not reader.is_alive():  # else it is stuck in a device read: leave the device to it
             source.close()
-    summary.seconds = time.perf_counter() - start
     if errors:
         raise errors[0]
     assert outputs is not None
+    if complete:  # the video is counted, then every output is renamed into place
+        outputs.finish()
     summary.decoded = decoded[0]
     summary.dropped = frames.dropped
     summary.skipped = source.skipped
     summary.reconnects = source.reconnects
     summary.lost = source.lost
     summary.resized = outputs.video.resized if outputs.video else 0
-    summary.outputs = outputs.paths
+    summary.outputs = outputs.paths if summary.frames > 0 else {}
+    summary.written = outputs.written()
     return summary
 
 
@@ -330,7 +288,7 @@ def _infer(
 
 def _write_all(
     results: Channel[tuple[Frame, Any, float]],
-    outputs: _Outputs,
+    outputs: StreamOutputs,
     summary: StreamSummary,
     source: Source,
     options: StreamOptions,
@@ -350,7 +308,8 @@ def _write_all(
             frame, segmentation, done = item
             latency.append(done - frame.captured)
             infer.append(float(segmentation.timings.get("total", float("nan"))))
-            if not outputs.write(frame, segmentation, latency[-1], infer[-1]):
+            if not outputs.write(frame.index, frame.timestamp, frame.image, segmentation,
+                                 latency[-1], infer[-1]):  # fmt: skip
                 stop.set()
                 summary.stopped_by = "window"
             if adapter is not None:
@@ -378,35 +337,6 @@ def _percentiles(seconds: deque[float]) -> dict[str, float]:
     }
 
 
-class SignalStop:
-    """While active, SIGINT and SIGTERM set `event` (the stream ends cleanly and its video is
-    finalized); a second signal raises KeyboardInterrupt at once. Main thread only."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, event: threading.Event | None = None) -> None:
-        self.event = event or threading.Event()
-        self.signum: int | None = None
-        self._previous: dict[int, Callable | int | None] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:  # the second signal (the stream sets `event` as it ends)
-            raise KeyboardInterrupt
-        self.signum = signum
-        self.event.set()
-
-    def __enter__(self) -> SignalStop:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
 def run_stream(
     spec: str,
     bundle: Path,
@@ -419,14 +349,15 @@ def run_stream(
     ended it, if one did. A source that yields no frame is a UserError."""
     from adapt_deploy.runtime import Segmenter
 
-    _check(options)
-    if adapt is not None:
-        from adapt_deploy.tta.session import check_state_path
-
-        check_state_path(adapt.state)
+    options.check()
     source = open_source(spec, options.fps, options.reconnect_timeout)
     segmenter = worker = None
     try:
+        _check(options, source.inputs.with_folder(bundle))
+        if adapt is not None:
+            from adapt_deploy.tta.session import check_state_path
+
+            check_state_path(adapt.state)
         segmenter = Segmenter.from_bundle(
             bundle, backend=options.backend, device=options.device, precision=options.precision
         )
@@ -442,7 +373,7 @@ def run_stream(
     with segmenter, SignalStop() as signals:
         summary = _stream(source, segmenter, options, reporter, signals.event, worker)
     if summary.frames == 0 and signals.signum is None and summary.stopped_by is None:
-        _no_frames(spec, summary, options)
+        _no_frames(spec, summary)
     if worker is not None and adapt is not None:
         from adapt_deploy.tta.session import finish_adaptation
 
@@ -453,11 +384,8 @@ def run_stream(
     return summary
 
 
-def _no_frames(spec: str, summary: StreamSummary, options: StreamOptions) -> None:
-    """UserError for a stream that segmented nothing; its empty stats file is removed."""
-    stats = Path(options.stats) if options.stats is not None else None
-    if stats is not None and stats.is_file() and stats.stat().st_size == 0:
-        stats.unlink()
+def _no_frames(spec: str, summary: StreamSummary) -> None:
+    """UserError for a stream that segmented nothing (its outputs were discarded unwritten)."""
     raise UserError(
         f"{spec}: no usable frames ({summary.decoded} decoded, {summary.skipped} unreadable); "
         "nothing was written"

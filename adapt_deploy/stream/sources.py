@@ -17,16 +17,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from adapt_deploy.errors import UserError
+from adapt_deploy.stream.destinations import Inputs
+from adapt_deploy.stream.opencv import cv2
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
 MAX_BAD_RUN = 50  # consecutive undecodable frames after which a file is taken to end there
 DEFAULT_FOLDER_FPS = 10.0
 _NETWORK_TIMEOUTS_MS = (10_000, 5_000)  # open, read: a dead stream errors instead of hanging
+# Box types that may open an MP4/MOV file (ISO/IEC 14496-12 and QuickTime top-level boxes).
+MP4_FIRST_BOXES = {b"ftyp", b"styp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot",
+                   b"uuid", b"sidx", b"moof", b"pdin", b"meta"}  # fmt: skip
 
 
 class SourceError(UserError):
@@ -68,6 +72,7 @@ class Source:
         self.skipped = 0  # frames that could not be decoded
         self.reconnects = 0
         self.lost = False  # a live source that did not come back within its timeout
+        self.inputs = Inputs()  # the files and folders it reads: outputs must not touch them
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
         """Frames until the source ends or `stop` is set."""
@@ -89,6 +94,7 @@ class VideoFile(Source):
         nominal = self._capture.get(cv2.CAP_PROP_FPS)
         super().__init__(str(self.path), nominal if nominal > 0 else fps or 30.0, None)
         self.total = listed if listed > 0 else None
+        self.inputs = Inputs(files=(self.path,))
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
         index, bad_run = 0, 0
@@ -184,9 +190,12 @@ class LiveStream(Source):
 class ImageFiles(Source):
     """Still images in natural order (frame_2 before frame_10); unreadable ones are skipped."""
 
-    def __init__(self, paths: list[Path], name: str, fps: float | None = None) -> None:
+    def __init__(
+        self, paths: list[Path], name: str, fps: float | None = None, folder: Path | None = None
+    ) -> None:
         super().__init__(name, fps or DEFAULT_FOLDER_FPS, len(paths))
         self.paths = paths
+        self.inputs = Inputs(tuple(paths), (folder,) if folder is not None else ())
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
         for index, path in enumerate(self.paths):
@@ -214,7 +223,7 @@ def open_source(spec: str, fps: float | None = None, reconnect_timeout: float = 
         )
     path = Path(spec.removeprefix("file://"))
     if path.is_dir():
-        return ImageFiles(_images(sorted(path.iterdir()), spec), spec, fps)
+        return ImageFiles(_images(sorted(path.iterdir()), spec), spec, fps, folder=path)
     if path.is_file():
         if path.suffix.lower() in IMAGE_SUFFIXES:
             return ImageFiles([path], spec, fps)
@@ -247,12 +256,27 @@ def _why_unreadable(path: Path) -> str:
     """The likely reason a video file does not open, for the error message."""
     if path.stat().st_size == 0:
         return "the file is empty"
+    if path.suffix.lower() in (".mp4", ".m4v", ".mov") and not _starts_like_mp4(path):
+        return (
+            f"not an MP4 file: it does not begin with an MP4 box despite its {path.suffix} name "
+            "(a renamed file of another kind?)"
+        )
     if path.suffix.lower() in (".mp4", ".m4v", ".mov") and not _has_moov(path):
         return (
             "this MP4 has no index (moov atom): it was cut short before its writer finished, "
             "and no decoder can open it; write .mkv or .avi where recordings may be cut"
         )
     return "not a video format or codec that this OpenCV's FFmpeg can decode"
+
+
+def _starts_like_mp4(path: Path) -> bool:
+    """Whether the file begins with a plausible MP4 box header (size and a known box type)."""
+    with path.open("rb") as f:
+        header = f.read(8)
+    if len(header) < 8:
+        return False
+    size, kind = struct.unpack(">I4s", header)
+    return kind in MP4_FIRST_BOXES and (size in (0, 1) or size >= 8)
 
 
 def _has_moov(path: Path) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from adapt_deploy.errors import UserError
-from adapt_deploy.models.checkpoints import atomic_save
+from adapt_deploy.models.checkpoints import atomic_save, load_weights_only
 from adapt_deploy.tta.adapter import STATE_FORMAT, STATE_VERSION, OnlineAdapter
 
 
@@ -22,9 +22,9 @@ def load_state(path: Path, adapter: OnlineAdapter) -> dict[str, Any]:
     """The state saved at `path`, checked against this adapter; UserError naming the field."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say which and why
-        raise UserError(f"--adapt-state {path}: not a readable adaptation state ({exc})") from None
+        state = load_weights_only(path, "adaptation state")
+    except UserError as exc:
+        raise UserError(f"--adapt-state {exc}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"--adapt-state {path}: field 'format': expected {STATE_FORMAT!r}")
     if state.get("version") != STATE_VERSION:
@@ -43,7 +43,63 @@ def load_state(path: Path, adapter: OnlineAdapter) -> dict[str, Any]:
             f"--adapt-state {path}: field 'params': saved with --adapt-params "
             f"{state.get('params')!r}, this run uses {adapter.options.params!r}"
         )
+    for name in ("student", "teacher"):
+        _check_tensors(path, name, state.get(name), getattr(adapter, name).state_dict())
+    _check_optimizer(path, state.get("optimizer"), adapter.optimizer)
+    _check_counters(path, state.get("counters"))
     return state
+
+
+def _check_tensors(path: Path, field: str, saved: Any, expected: dict[str, torch.Tensor]) -> None:
+    """UserError naming the first entry of `saved` whose name or shape differs from `expected`."""
+    if not isinstance(saved, dict):
+        raise UserError(f"--adapt-state {path}: field {field!r}: expected a dict of tensors")
+    for key, tensor in expected.items():
+        got = saved.get(key)
+        if not isinstance(got, torch.Tensor):
+            raise UserError(f"--adapt-state {path}: field '{field}.{key}' is missing")
+        if got.shape != tensor.shape:
+            raise UserError(
+                f"--adapt-state {path}: field '{field}.{key}': expected shape "
+                f"{tuple(tensor.shape)}, got {tuple(got.shape)} (saved from another model?)"
+            )
+    unexpected = sorted(set(saved) - set(expected))
+    if unexpected:
+        raise UserError(
+            f"--adapt-state {path}: field '{field}.{unexpected[0]}' is not in this model"
+        )
+
+
+def _check_optimizer(path: Path, saved: Any, optimizer: torch.optim.Optimizer) -> None:
+    """UserError when the saved optimizer state does not fit `optimizer`'s parameters."""
+    where = f"--adapt-state {path}: field 'optimizer'"
+    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list):
+        raise UserError(f"{where}: expected an optimizer state with 'param_groups'")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    indices = [i for group in saved["param_groups"] for i in group.get("params", [])]
+    if len(indices) != len(params):
+        raise UserError(f"{where}: holds {len(indices)} parameters, this run trains {len(params)}")
+    for index, param in zip(indices, params, strict=True):
+        buffer = saved.get("state", {}).get(index, {}).get("momentum_buffer")
+        if isinstance(buffer, torch.Tensor) and buffer.shape != param.shape:
+            raise UserError(
+                f"{where}: momentum of parameter {index} has shape {tuple(buffer.shape)}, "
+                f"expected {tuple(param.shape)}"
+            )
+
+
+def _check_counters(path: Path, counters: Any) -> None:
+    """UserError unless `counters` holds the integer counts the adapter resumes from."""
+    ok = (
+        isinstance(counters, dict)
+        and all(isinstance(counters.get(k), int) for k in ("updates", "rollbacks"))
+        and isinstance(counters.get("reasons"), dict)
+    )
+    if not ok:
+        raise UserError(
+            f"--adapt-state {path}: field 'counters': expected integer 'updates', 'rollbacks' "
+            "and a 'reasons' table"
+        )
 
 
 def resume(adapter: OnlineAdapter, path: Path | None) -> bool:

@@ -37,7 +37,7 @@ from adapt_deploy.errors import UserError
 from adapt_deploy.export.bundle import model_path, presence_lse_k
 from adapt_deploy.export.onnx_export import DeployModel, GraphSpec
 from adapt_deploy.export.parity import torch_outputs
-from adapt_deploy.export.verify import DEFAULT_TOLERANCES, compare_outputs, failures, load_sample
+from adapt_deploy.export.verify import compare_outputs, failures, load_sample, tolerance_for
 from adapt_deploy.runtime.backend import Backend, Shape, ShapeCache, as_runner, graph_shape
 from adapt_deploy.runtime.backend import input_dtype as graph_dtype
 from adapt_deploy.runtime.segmenter import Segmenter
@@ -100,7 +100,7 @@ class RuntimeSync:
         self._graph = GraphSpec(layout=graph.layout, lse_k=graph.lse_k)  # labels, presence
         self._reference = DeployModel(self._ref, input_config, self._graph)
         self._layout = meta["input"]["layout"]
-        self._tolerance = meta.get("tolerances", DEFAULT_TOLERANCES)[segmenter.precision]
+        self._tolerance = tolerance_for(meta, segmenter.precision)
         entries = [e for e in meta["samples"] if _in_range(list(e["shape"]), meta["shapes"])]
         if not entries:
             raise UserError(

@@ -9,7 +9,12 @@ drive along one road populated zone by zone (`video`).
 """
 
 from adapt_deploy.data.synthetic.populate import make_scene
-from adapt_deploy.data.synthetic.render import class_presence, image_rng, render_image
+from adapt_deploy.data.synthetic.render import (
+    class_presence,
+    ego_vehicle_mask,
+    image_rng,
+    render_image,
+)
 from adapt_deploy.data.synthetic.styles import (
     ABSENT_CLASSES,
     SCENE_TYPES,
@@ -41,6 +46,7 @@ __all__ = [
     "Style",
     "Thing",
     "class_presence",
+    "ego_vehicle_mask",
     "get_style",
     "image_rng",
     "make_scene",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from adapt_deploy.data.labels import CLASS_NAMES
@@ -28,6 +29,16 @@ def _hood_polygon(height: int, width: int) -> np.ndarray:
     pts = np.stack([(xs * 0.62 + 0.5) * width, ys], axis=1)
     pts = np.concatenate([pts, [[width * 1.2, height + 2], [-width * 0.2, height + 2]]])
     return pts.astype(np.int32)
+
+
+def ego_vehicle_mask(domain: str, height: int, width: int) -> np.ndarray | None:
+    """Where the ego vehicle's hood covers an image of `domain` (None: no hood in that domain).
+    The hood is painted last, over everything, from this same polygon."""
+    if not get_style(domain).camera_like:
+        return None
+    mask = np.zeros((height, width), np.uint8)
+    cv2.fillPoly(mask, [_hood_polygon(height, width)], 1)
+    return mask.astype(bool)
 
 
 def paint_scene(scene: Scene, style: Style, s_cam: float = 0.0) -> Painter:

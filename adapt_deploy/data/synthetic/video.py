@@ -36,7 +36,7 @@ def scale_schedule(schedule: Sequence[Segment], num_frames: int, reference: int)
 
 def _check_schedule(schedule: Sequence[Segment]) -> list[Segment]:
     """Validate a schedule: sorted start frames, known styles, known corruptions."""
-    out = sorted((int(s), st, c, int(v)) for s, st, c, v in schedule)
+    out = sorted(((int(s), st, c, int(v)) for s, st, c, v in schedule), key=lambda seg: seg[0])
     if not out or out[0][0] != 0:
         raise ValueError("a schedule needs a segment starting at frame 0")
     for _, st, c, v in out:
