@@ -159,6 +159,29 @@ def test_loaded_kernels_are_named_in_the_log_line(monkeypatch, caplog) -> None:
     torch.testing.assert_close(lse_pool(logits), lse_pool_reference(logits))
 
 
+def test_a_cached_build_is_loaded_in_a_fresh_process() -> None:
+    """Issue 14: a new process found the cached build, then asked the dispatcher about an
+    operator not registered yet; that raised, so every run after the first build fell back to
+    the reference. The library itself cannot load without a GPU: torch.ops.load_library is the
+    one stand-in here, recording what it was asked to load."""
+    script = """
+from pathlib import Path
+import torch
+from adapt_deploy.ops import cuda_build, kernels
+assert kernels._library_loaded() is False
+build = cuda_build.Build(Path("/cache/b"), Path("/cache/b/adapt_deploy_kernels.so"), ("9.0",))
+cuda_build.find_build = lambda capabilities, root=None: build
+kernels._capabilities = lambda: [(9, 0)]
+loaded = []
+torch.ops.load_library = loaded.append
+print(kernels._load_kernels(), loaded)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    library = "/cache/b/adapt_deploy_kernels.so"
+    assert result.stdout.strip() == f"{library} ['{library}']"
+
+
 @cpu_torch
 def test_no_cuda_registration_without_cuda_torch() -> None:
     assert not cuda_impl.registered()

@@ -73,9 +73,14 @@ def cuda_problem() -> str | None:
 
 
 def _library_loaded() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(
-        "adapt_deploy_kernels::attention_pool", "CUDA"
-    )
+    """Whether the kernel library is already loaded in this process. Until it is, its operator
+    does not exist, and the dispatcher raises for it (it does not answer False)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(
+            "adapt_deploy_kernels::attention_pool", "CUDA"
+        )
+    except RuntimeError:  # "operator adapt_deploy_kernels::attention_pool does not exist"
+        return False
 
 
 def _capabilities() -> list[tuple[int, int]]:
