@@ -83,7 +83,7 @@ class SynthSpec:
             if len(size) != 2 or min(size) < 16:
                 raise UserError(f"SynthSpec.{name} must be (height, width) >= 16, got {size}")
         if not self.video_fps > 0:
-            raise UserError(f"{_flag('video_fps')} must be positive, got {self.video_fps}")
+            raise UserError(f"SynthSpec.video_fps must be positive, got {self.video_fps}")
 
 
 def _flag(name: str) -> str:

@@ -141,12 +141,14 @@ def train(
     val = None
     if evaluate_at_end:
         val = build_dataset(config.data.val, labels=True, resize_labels=False)
-    start = _prepare_out(config, out, resume)
+    state = _prepare_out(config, out, resume)  # read once: it holds every optimizer's moments
+    start = state["iteration"] if state is not None else 0
     torch.manual_seed(config.train.seed)
     device = pick_device(config.train.device)
     learner = build_learner(config, device, init)
-    if start > 0:
-        _load_state(learner, out)
+    if state is not None:
+        _load_state(learner, state, out / TRAINER_STATE)
+        del state
     workers = 0 if config.data.cache else config.data.num_workers
     batch, seed = config.train.batch_size, config.train.seed
     sources = _batches(labelled, batch, seed, start, workers)
@@ -257,26 +259,26 @@ def _require_grad(modules: Iterable[torch.nn.Module], flag: bool) -> None:
         module.requires_grad_(flag)
 
 
-def _prepare_out(config: ExperimentConfig, out: Path, resume: bool) -> int:
-    """Create the run directory; on resume check the config and return the start iteration."""
-    state = out / TRAINER_STATE
+def _prepare_out(config: ExperimentConfig, out: Path, resume: bool) -> dict[str, Any] | None:
+    """Create the run directory; on resume check the config and return the trainer state."""
+    path = out / TRAINER_STATE
+    state = None
     if resume:
-        if not state.is_file():
-            raise UserError(f"nothing to resume: {state} does not exist")
+        if not path.is_file():
+            raise UserError(f"nothing to resume: {path} does not exist")
         saved = from_dict(_read_yaml(out / "config.yaml"), source=str(out / "config.yaml"))
         _check_resumable(saved, config, out)
-        start = int(_read_state(out)["iteration"])
-        if start >= config.train.iterations:
+        state = _read_state(path)
+        if state["iteration"] >= config.train.iterations:
             raise UserError(
-                f"{out} already ran {start} iterations; raise train.iterations to continue"
+                f"{out} already ran {state['iteration']} iterations; raise train.iterations "
+                "to continue"
             )
-    else:
-        if (out / CHECKPOINT).exists() or state.exists():
-            raise UserError(f"{out} already holds a run; pass --resume or choose another --out")
-        start = 0
+    elif (out / CHECKPOINT).exists() or path.exists():
+        raise UserError(f"{out} already holds a run; pass --resume or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     dump_config(config, out / "config.yaml")
-    return start
+    return state
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -313,9 +315,8 @@ def _save(out: Path, learner: Learner, config: ExperimentConfig, iteration: int)
 STATE_KEYS = ("iteration", "model", "optimizer", "discriminators", "d_optimizers")
 
 
-def _read_state(out: Path) -> dict[str, Any]:
-    """The trainer state of `out`, checked for its entries; UserError naming the file."""
-    path = out / TRAINER_STATE
+def _read_state(path: Path) -> dict[str, Any]:
+    """The trainer state at `path`, checked for its entries; UserError naming the file."""
     state = load_weights_only(path, "trainer state")
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
@@ -327,11 +328,11 @@ def _read_state(out: Path) -> dict[str, Any]:
     return state
 
 
-def _load_state(learner: Learner, out: Path) -> None:
-    """Resume `learner` from `out`'s trainer state; UserError when it is from another run."""
-    path = out / TRAINER_STATE
+def _load_state(learner: Learner, state: dict[str, Any], path: Path) -> None:
+    """Resume `learner` from the trainer state read from `path`; UserError when it is from
+    another run."""
     try:
-        learner.load_state_dict(_read_state(out))
+        learner.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(

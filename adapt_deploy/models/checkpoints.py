@@ -87,17 +87,31 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def weight_mismatches(model: DeepLab, weights: dict[str, Any]) -> dict[str, list[str]]:
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(getattr(value, "shape", ()))
+
+
+def mismatched_keys(
+    expected: dict[str, torch.Tensor], weights: dict[str, Any]
+) -> tuple[list[str], list[str], list[str]]:
+    """The keys of `weights` with another shape than in `expected`, the keys it lacks, and the
+    keys `expected` does not have."""
+    shape = [k for k, v in expected.items() if k in weights and _shape(weights[k]) != _shape(v)]
+    missing = [k for k in expected if k not in weights]
+    return shape, missing, [k for k in weights if k not in expected]
+
+
+def weight_mismatches(model: torch.nn.Module, weights: dict[str, Any]) -> dict[str, list[str]]:
     """How `weights` differ from `model`'s state dict: other shapes, missing and unexpected keys."""
     expected = model.state_dict()
+    shape, missing, unexpected = mismatched_keys(expected, weights)
     return {
         "with another shape": [
-            f"{k}: checkpoint {tuple(weights[k].shape)} vs architecture {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k in weights and tuple(getattr(weights[k], "shape", ())) != tuple(v.shape)
+            f"{k}: checkpoint {_shape(weights[k])} vs architecture {_shape(expected[k])}"
+            for k in shape
         ],
-        "missing": [k for k in expected if k not in weights],
-        "unexpected": [k for k in weights if k not in expected],
+        "missing": missing,
+        "unexpected": unexpected,
     }
 
 

@@ -103,13 +103,8 @@ def _inside(path: Path, folder: Path) -> bool:
     return path.resolve().is_relative_to(folder.resolve())
 
 
-def _refuse_input(option: str, path: Path, inputs: Inputs) -> None:
-    for source in inputs.files:
-        if _same(path, source):
-            raise OutputError(
-                f"{option} {path} is the stream's input {source}; writing it would destroy the "
-                "input: choose another file"
-            )
+def _refuse_inside_inputs(option: str, path: Path, inputs: Inputs) -> None:
+    """OutputError when `path` is or lies inside one of the input folders."""
     for folder in inputs.folders:
         if _inside(path, folder):
             raise OutputError(
@@ -117,13 +112,18 @@ def _refuse_input(option: str, path: Path, inputs: Inputs) -> None:
             )
 
 
-def _check_labels_dir(directory: Path, inputs: Inputs, force: bool) -> None:
-    for folder in inputs.folders:
-        if _inside(directory, folder):
+def _refuse_input(option: str, path: Path, inputs: Inputs) -> None:
+    for source in inputs.files:
+        if _same(path, source):
             raise OutputError(
-                f"--labels-dir {directory} is or lies inside the input folder {folder}; "
-                "write the labels elsewhere"
+                f"{option} {path} is the stream's input {source}; writing it would destroy the "
+                "input: choose another file"
             )
+    _refuse_inside_inputs(option, path, inputs)
+
+
+def _check_labels_dir(directory: Path, inputs: Inputs, force: bool) -> None:
+    _refuse_inside_inputs("--labels-dir", directory, inputs)
     for source in inputs.files:
         if FRAME_LABEL.fullmatch(source.name) and _same(source.parent, directory):
             raise OutputError(

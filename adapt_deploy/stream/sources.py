@@ -256,12 +256,13 @@ def _why_unreadable(path: Path) -> str:
     """The likely reason a video file does not open, for the error message."""
     if path.stat().st_size == 0:
         return "the file is empty"
-    if path.suffix.lower() in (".mp4", ".m4v", ".mov") and not _starts_like_mp4(path):
+    mp4 = path.suffix.lower() in (".mp4", ".m4v", ".mov")
+    if mp4 and not _starts_like_mp4(path):
         return (
             f"not an MP4 file: it does not begin with an MP4 box despite its {path.suffix} name "
             "(a renamed file of another kind?)"
         )
-    if path.suffix.lower() in (".mp4", ".m4v", ".mov") and not _has_moov(path):
+    if mp4 and not _has_moov(path):
         return (
             "this MP4 has no index (moov atom): it was cut short before its writer finished, "
             "and no decoder can open it; write .mkv or .avi where recordings may be cut"

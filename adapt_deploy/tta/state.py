@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from adapt_deploy.errors import UserError
-from adapt_deploy.models.checkpoints import atomic_save, load_weights_only
+from adapt_deploy.models.checkpoints import atomic_save, load_weights_only, mismatched_keys
 from adapt_deploy.tta.adapter import STATE_FORMAT, STATE_VERSION, OnlineAdapter
 
 
@@ -44,30 +44,29 @@ def load_state(path: Path, adapter: OnlineAdapter) -> dict[str, Any]:
             f"{state.get('params')!r}, this run uses {adapter.options.params!r}"
         )
     for name in ("student", "teacher"):
-        _check_tensors(path, name, state.get(name), getattr(adapter, name).state_dict())
+        _check_tensors(path, name, state.get(name), getattr(adapter, name))
     _check_optimizer(path, state.get("optimizer"), adapter.optimizer)
     _check_counters(path, state.get("counters"))
     return state
 
 
-def _check_tensors(path: Path, field: str, saved: Any, expected: dict[str, torch.Tensor]) -> None:
-    """UserError naming the first entry of `saved` whose name or shape differs from `expected`."""
+def _check_tensors(path: Path, field: str, saved: Any, module: torch.nn.Module) -> None:
+    """UserError naming the first entry of `saved` whose name or shape differs from `module`'s."""
     if not isinstance(saved, dict):
         raise UserError(f"--adapt-state {path}: field {field!r}: expected a dict of tensors")
-    for key, tensor in expected.items():
-        got = saved.get(key)
-        if not isinstance(got, torch.Tensor):
-            raise UserError(f"--adapt-state {path}: field '{field}.{key}' is missing")
-        if got.shape != tensor.shape:
-            raise UserError(
-                f"--adapt-state {path}: field '{field}.{key}': expected shape "
-                f"{tuple(tensor.shape)}, got {tuple(got.shape)} (saved from another model?)"
-            )
-    unexpected = sorted(set(saved) - set(expected))
-    if unexpected:
+    expected = module.state_dict()
+    shape, missing, unexpected = mismatched_keys(expected, saved)
+    where = f"--adapt-state {path}: field '{field}."
+    if shape:
+        key = shape[0]
         raise UserError(
-            f"--adapt-state {path}: field '{field}.{unexpected[0]}' is not in this model"
+            f"{where}{key}': expected shape {tuple(expected[key].shape)}, got "
+            f"{tuple(getattr(saved[key], 'shape', ()))} (saved from another model?)"
         )
+    if missing:
+        raise UserError(f"{where}{missing[0]}' is missing")
+    if unexpected:
+        raise UserError(f"{where}{unexpected[0]}' is not in this model")
 
 
 def _check_optimizer(path: Path, saved: Any, optimizer: torch.optim.Optimizer) -> None:
