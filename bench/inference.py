@@ -1,7 +1,7 @@
 """Inference latency of the deployed graph: PyTorch eager vs ONNX Runtime, CPU and GPU.
 
     python -m bench.inference [--models resnet18 resnet101] [--sizes 256x512 512x1024]
-                              [--iters 20] [--budget 120] [--threads N]
+                              [--iters 20] [--budget 120] [--threads N] [--devices cpu cuda]
 
 The model is what `adapt-deploy export` deploys (RGB uint8 frame in; labels and presence out)
 around a randomly initialised full-width DeepLab-v2 (speed does not depend on the weights). On
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import statistics
@@ -79,8 +80,12 @@ def cpu_backends(model: DeployModel, files: dict[str, Path], threads: int) -> li
     return backends
 
 
-def gpu_backends(model: DeployModel, files: dict[str, Path], frame: np.ndarray) -> list[Backend]:
-    """PyTorch eager / bf16 / CUDA graph, ONNX Runtime CUDA, TensorRT: whatever is installed."""
+def gpu_backends(
+    model: DeployModel, onnx_paths: Callable[[], dict[str, Path]], frame: np.ndarray
+) -> list[Backend]:
+    """PyTorch eager / bf16 / CUDA graph, ONNX Runtime CUDA, TensorRT: whatever is installed.
+    ``onnx_paths`` exports the ONNX files on first call: only ONNX Runtime CUDA and TensorRT
+    need them."""
     import onnxruntime as ort
 
     cuda = model.cuda()
@@ -97,14 +102,14 @@ def gpu_backends(model: DeployModel, files: dict[str, Path], frame: np.ndarray) 
     backends = [Backend(EAGER, eager), Backend("PyTorch bf16 autocast", bf16)]
     backends.append(Backend("PyTorch CUDA graph", _cuda_graph(cuda, frame)))
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        for precision, path in files.items():
+        for precision, path in onnx_paths().items():
             runner = OrtRunner(path, backend="onnxruntime-cuda")
             backends.append(Backend(f"ONNX Runtime CUDA {precision}", runner))
     try:
         import tensorrt  # noqa: F401
     except Exception:  # not installed, or a stub wheel without its libraries
         return backends
-    for precision, path in files.items():
+    for precision, path in onnx_paths().items():
         backends.append(Backend(f"TensorRT {precision}", _tensorrt(path, frame, precision)))
     return backends
 
@@ -240,23 +245,31 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=120.0, help="Seconds per group, roughly.")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-gpu", action="store_true", help="Skip the GPU groups.")
+    parser.add_argument(
+        "--devices",
+        nargs="+",
+        choices=["cpu", "cuda"],
+        default=["cpu", "cuda"],
+        help="Groups to run (cuda only where a GPU is visible).",
+    )
     args = parser.parse_args()
+    gpu = torch.cuda.is_available() and not args.no_gpu
+    devices = [d for d in args.devices if d == "cpu" or gpu]
 
     cache = WORK / "results.json"
     groups = json.loads(cache.read_text()) if cache.exists() else {}
     for backbone in args.models:
         model = deploy_model(backbone)
-        files = onnx_files(model, backbone)
+        onnx_paths = functools.cache(lambda m=model, b=backbone: onnx_files(m, b))
         for size in args.sizes:
             height, width = (int(v) for v in size.split("x"))
             frame = target_frames(1, height, width)
-            devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.no_gpu else [])
             for device in devices:
                 if device == "cpu":
-                    backends = cpu_backends(model.cpu(), files, args.threads)
+                    backends = cpu_backends(model.cpu(), onnx_paths(), args.threads)
                     threads = f"{args.threads} threads (torch and ONNX Runtime)"
                 else:
-                    backends = gpu_backends(model, files, frame)
+                    backends = gpu_backends(model, onnx_paths, frame)
                     threads = torch.cuda.get_device_name(0)
                 load = os.getloadavg()[0]
                 times = time_round_robin(backends, frame, args.iters, args.budget)

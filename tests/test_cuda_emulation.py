@@ -119,6 +119,8 @@ def _run(
     if op == "attention_forward":
         return {"out": (_load(work / "out.bin", dtype, (n, c, d)), attention_pool_reference(a, f))}
     ref_a, ref_f = _attention_pool_backward_reference(grad.double(), a, f)
+    if op == "attention_backward_features":
+        return {"grad_features": (_load(work / "grad_features.bin", dtype, (n, d, h, w)), ref_f)}
     return {
         "grad_logits": (_load(work / "grad_logits.bin", dtype, (n, c, h, w)), ref_a),
         "grad_features": (_load(work / "grad_features.bin", dtype, (n, d, h, w)), ref_f),
@@ -131,7 +133,7 @@ def _relative_error(got: Tensor, ref: Tensor) -> float:
 
 
 OPS = [("lse_forward", 2.5), ("lse_backward", 2.5), ("attention_forward", 1.0)]
-OPS.append(("attention_backward", 1.0))
+OPS += [("attention_backward", 1.0), ("attention_backward_features", 1.0)]
 
 
 # fp16 takes the bf16 code paths (tensor cores) but for the P scaling: not repeated on c70.
@@ -158,3 +160,6 @@ def test_no_shared_memory_races(driver: Path, tmp_path: Path) -> None:
         (torch.float32, "attention_backward"),  # dOut chunks, split partials, finalize
     ]:
         _run(tsan, op, dtype, CASES["splits"], tmp_path / f"{op}_{dtype}")  # exit 66 on a race
+    # Features-only backward: P staged per class chunk (70 classes > 32), dOut steps.
+    op = "attention_backward_features"
+    _run(tsan, op, torch.float32, CASES["c70"], tmp_path / op)

@@ -25,6 +25,7 @@ from adapt_deploy.ops import (
     attention_pool_reference,
     cuda_build,
     cuda_impl,
+    kernel_choice,
     kernel_status,
     kernels,
     lse_pool,
@@ -159,6 +160,68 @@ def test_loaded_kernels_are_named_in_the_log_line(monkeypatch, caplog) -> None:
     torch.testing.assert_close(lse_pool(logits), lse_pool_reference(logits))
 
 
+# ------------------------------------------------------------ auto: the measured winners only
+
+
+def test_auto_runs_only_the_kernels_measured_faster(monkeypatch, caplog) -> None:
+    """auto: a fused kernel only for (op, dtype) pairs in kernel_choice.FASTER; nothing is
+    built or loaded for a dtype without one; one line per dtype says what runs and why."""
+    loads: list[int] = []
+
+    def load() -> Path:
+        loads.append(1)
+        return Path("/cache/adapt_deploy_kernels.so")
+
+    _as_on_a_gpu_machine(monkeypatch, load)
+    monkeypatch.setattr(kernel_choice, "FASTER", {"attention_pool": frozenset({"bfloat16"})})
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    for _ in range(2):
+        assert not any(kernels.use_fused(op, torch.float32) for op in kernel_choice.OPS)
+    assert not loads and not kernels._CHOICE.made  # fp32 has no winner: no build, no load
+    (fp32_line,) = _records(caplog)
+    assert "float32 CUDA tensors: PyTorch reference for every op" in fp32_line.getMessage()
+    assert "ADAPT_DEPLOY_KERNELS=auto runs a fused kernel only where" in fp32_line.getMessage()
+    assert kernels.use_fused("attention_pool", torch.bfloat16)
+    assert not kernels.use_fused("attention_pool_backward", torch.bfloat16)
+    assert not kernels.use_fused("lse_pool", torch.bfloat16)
+    assert loads == [1]
+    bf16_line = _records(caplog)[-1].getMessage()
+    assert "bfloat16 CUDA tensors: fused CUDA kernels for attention_pool;" in bf16_line
+    assert "PyTorch reference for lse_pool, lse_pool_backward, attention_pool_back" in bf16_line
+    assert len(_records(caplog)) == 3  # fp32's line, the load line, bf16's line: once each
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("require", True), ("off", False)])
+def test_require_runs_every_kernel_and_off_none(monkeypatch, mode, expected) -> None:
+    _as_on_a_gpu_machine(monkeypatch, lambda: Path("/cache/adapt_deploy_kernels.so"))
+    monkeypatch.setenv(kernels.MODE_ENV, mode)
+    for op in kernel_choice.OPS:
+        for dtype in cuda_impl.FUSED_DTYPES:
+            assert kernels.use_fused(op, dtype) is expected
+
+
+def test_auto_where_the_kernels_fail_to_load_runs_the_reference(monkeypatch, caplog) -> None:
+    def load() -> Path:
+        raise OSError("undefined symbol: _ZN3c10")
+
+    _as_on_a_gpu_machine(monkeypatch, load)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    assert not kernels.use_fused("attention_pool", torch.bfloat16)
+    warning, line = _records(caplog)
+    assert warning.levelno == logging.WARNING and "undefined symbol" in warning.getMessage()
+    assert "the fused kernels are not in use" in line.getMessage()
+
+
+def test_the_choice_table_names_only_ops_and_dtypes_that_have_kernels() -> None:
+    """A typo in kernel_choice.FASTER would silently keep a kernel off: every name must exist."""
+    registered = {name.removeprefix("adapt_deploy::") for name in cuda_impl._IMPLEMENTATIONS}
+    assert set(kernel_choice.OPS) == registered
+    fused = {kernel_choice.dtype_name(d) for d in cuda_impl.FUSED_DTYPES}
+    for op, dtypes in kernel_choice.FASTER.items():
+        assert op in registered and dtypes <= fused, (op, dtypes)
+    assert "NVIDIA" in kernel_choice.MEASURED_ON and "attention_pool" in kernel_choice.summary()
+
+
 def test_a_cached_build_is_loaded_in_a_fresh_process() -> None:
     """Issue 14: a new process found the cached build, then asked the dispatcher about an
     operator not registered yet; that raised, so every run after the first build fell back to
@@ -216,6 +279,20 @@ def test_doctor_flags_require_that_cannot_be_met(monkeypatch) -> None:
     monkeypatch.setenv(kernels.MODE_ENV, "require")
     check_ = next(c for c in doctor.run_checks() if c.name == "cuda kernels")
     assert not check_.ok and "require" in check_.advice
+
+
+def test_doctor_on_a_gpu_machine_states_the_auto_rule(monkeypatch) -> None:
+    """Where the kernels are usable, doctor says auto runs only the measured winners."""
+    monkeypatch.setattr(kernels, "cuda_problem", lambda: None)
+    monkeypatch.setattr(kernels, "_capabilities", lambda: [(9, 0)])
+    monkeypatch.setattr(cuda_build, "find_build", lambda caps: None)
+    monkeypatch.setattr(cuda_build, "build_problem", lambda: None)
+    found, ok, advice = kernels.describe()
+    assert ok and found.startswith("fused CUDA kernels (not built yet)")
+    assert "ADAPT_DEPLOY_KERNELS=auto runs those measured faster on NVIDIA H200" in found
+    assert "attention_pool (bfloat16)" in found and "first use" in advice
+    monkeypatch.setenv(kernels.MODE_ENV, "require")
+    assert "auto" not in kernels.describe()[0]
 
 
 def test_doctor_flags_an_unknown_mode(monkeypatch) -> None:
@@ -427,3 +504,58 @@ def test_the_gpu_benchmark_stops_cleanly_without_a_gpu(monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["bench.kernels"])
     with pytest.raises(SystemExit, match="no CUDA device: run this on a GPU machine"):
         bench_kernels.main()
+
+
+def test_the_kernel_choice_rule_is_faster_at_every_timed_shape() -> None:
+    """bench.kernels.kernel_choice: one slower shape keeps an (op, dtype) on the reference."""
+    from bench.kernels import OpTiming, kernel_choice
+
+    def timing(op: str, dtype: str, n: int, kernel: float, reference: float) -> OpTiming:
+        return OpTiming(op, dtype, n, "65x129", kernel, reference, 0.5)
+
+    timings = [
+        timing("attention_pool", "bfloat16", 1, 0.07, 0.12),
+        timing("attention_pool", "bfloat16", 8, 0.27, 0.80),
+        timing("attention_pool", "float32", 1, 0.05, 0.06),
+        timing("attention_pool", "float32", 8, 0.71, 0.43),  # slower here: not chosen
+        timing("lse_pool", "float32", 1, 0.02, 0.02),  # a tie is not faster
+    ]
+    assert kernel_choice(timings) == {"attention_pool": ["bfloat16"]}
+
+
+def test_the_benchmarked_references_and_byte_counts_run_on_cpu() -> None:
+    """bench.kernels.op_cases: every op's reference call runs and returns the op's outputs;
+    the bytes are the roofline's (the features-only backward never reads F)."""
+    from bench.kernels import op_cases
+
+    n, c, d, h, w = 2, 3, 5, 4, 6
+    a, f, g = torch.randn(n, c, h, w), torch.randn(n, d, h, w), torch.randn(n, c, d)
+    cases = {case.op: case for case in op_cases(a, f, g)}
+    assert list(cases) == list(kernel_choice.OPS)
+    size_a, size_f, size_g = 4 * n * c * h * w, 4 * n * d * h * w, 4 * n * c * d
+    assert cases["attention_pool"].bytes_moved == size_a + size_f + size_g
+    assert cases["attention_pool_backward"].bytes_moved == size_g + 2 * size_a + 2 * size_f
+    assert cases["attention_pool_backward_features"].bytes_moved == size_g + size_a + size_f
+    assert cases["attention_pool"].reference().shape == (n, c, d)
+    grad_logits, grad_features = cases["attention_pool_backward"].reference()
+    torch.testing.assert_close(cases["attention_pool_backward_features"].reference(), grad_features)
+    assert grad_logits.shape == a.shape and cases["lse_pool_backward"].reference().shape == a.shape
+
+
+def test_the_gpu_check_script_is_valid_and_its_kernel_bench_flags_parse() -> None:
+    """bench/gpu_check.sh is run once per lent GPU: a syntax error or a stale flag would cost
+    that run. Its bench.kernels flags must parse (the bench then stops: no GPU here)."""
+    script = ROOT / "bench" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text().replace("\\\n", " ")
+    (line,) = [s for s in text.splitlines() if "-m bench.kernels" in s]
+    flags = line.split("-m bench.kernels", 1)[1].split()
+    for module in ("bench.inference", "bench.stream", "adapt_deploy.cli"):
+        assert f"-m {module}" in text
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file()
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the bench would run")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.kernels", *flags], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "no CUDA device" in result.stderr, result.stderr

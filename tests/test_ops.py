@@ -14,6 +14,7 @@ import adapt_deploy.ops
 from adapt_deploy.ops import (
     attention_pool,
     attention_pool_reference,
+    kernel_choice,
     lse_pool,
     lse_pool_reference,
     onnx_translations,
@@ -157,6 +158,8 @@ def test_backward_ops_match_autograd_of_reference() -> None:
     expected = torch.autograd.grad(attention_pool_reference(a, f), (a, f), grad)
     actual = torch.ops.adapt_deploy.attention_pool_backward(grad, logits, features)
     torch.testing.assert_close(actual, expected)
+    features_only = torch.ops.adapt_deploy.attention_pool_backward_features(grad, logits, features)
+    torch.testing.assert_close(features_only, expected[1])
     g = grad[:, :, 0]
     (expected_lse,) = torch.autograd.grad(lse_pool_reference(a, 2.0), (a,), g)
     torch.testing.assert_close(
@@ -167,9 +170,7 @@ def test_backward_ops_match_autograd_of_reference() -> None:
 # ----------------------------------------------------------------------------- registrations
 
 
-@pytest.mark.parametrize(
-    "name", ["lse_pool", "lse_pool_backward", "attention_pool", "attention_pool_backward"]
-)
+@pytest.mark.parametrize("name", kernel_choice.OPS)
 def test_reference_serves_every_device_so_cuda_only_adds_a_kernel(name: str) -> None:
     qualname = f"adapt_deploy::{name}"
     for key in ("CompositeExplicitAutograd", "Autograd", "Meta"):
@@ -194,6 +195,10 @@ def test_opcheck_attention_pool() -> None:
     grad = torch.randn(logits.shape[0], logits.shape[1], features.shape[1])
     torch.library.opcheck(
         torch.ops.adapt_deploy.attention_pool_backward, (grad, logits.detach(), features.detach())
+    )
+    torch.library.opcheck(
+        torch.ops.adapt_deploy.attention_pool_backward_features,
+        (grad, logits.detach(), features.detach()),
     )
 
 

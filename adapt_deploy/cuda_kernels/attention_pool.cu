@@ -31,6 +31,28 @@
 //      split over S blocks when N*L is small; each writes its partial dP (fixed-order sum later);
 //   3. finalize, one block per row: dP = sum of the partials, delta = sum_l P dP, dA = P (dP - delta).
 // Everything accumulates in fp32 (fp64 for fp64 inputs); fp16/bf16 are converted on load/store.
+// The features-only backward (detached logits, the training case) is attention_features_grad.cu.
+//
+// Roofline (per image; es the element size; C = 19, D = 2048, L = 65*129 = 8385):
+//   forward, bytes that must move: D*L*es (read F: 68.7 MB fp32) + C*L*es (A) + C*D*es (out);
+//     FLOPs 2*C*D*L, about 2*C/es per byte: 9.5 (fp32), 19 (bf16). The first GPU run
+//     (H200, 2026-12-04, copy 4249 GB/s) reached 13% / 18% of the copy at N = 1 / 8 in fp32 and
+//     11% / 25% in bf16: far below the roof, and slower than the reference in fp32.
+//   both-inputs backward: 2*D*L*es (read F, write dF) + 3*C*L*es (A for lse, P and the
+//     finalize, dA) + the split partials of dP (splits*C*L*4, written and read).
+// Why so far below, estimated from the launch plan of that run (N = 1, fp32; not profiled):
+// 16 channel tiles x 30 position splits of 9 steps each; each step stages a 128 x 32 F tile
+// through shared memory with 4-byte loads, 8 in flight per thread, and computes only after a
+// barrier, so the next tile's loads never overlap this tile's FMAs, and about 18 KiB are in
+// flight per SM where Little's law (about 0.7 us at 36 GB/s per SM) asks for about 25 KiB; the
+// 30 splits also write and read back 4.7 MB of fp32 partials (14% more traffic).
+// Redesign (outstanding: it needs GPU time to measure): double-buffered staging (cp.async, or
+// TMA on sm_90) so loads of tile k+1 overlap FMAs on tile k; 16-byte loads where a row's start
+// allows (rows of F start 4*L bytes apart, so an odd L needs a scalar head per row); fewer,
+// longer-lived blocks (one wave, a position split sized to the SM count) so the partials
+// shrink; TF32 tensor cores for fp32 behind a flag, keeping this strict-fp32 path. Until a GPU
+// run shows the kernel winning, ADAPT_DEPLOY_KERNELS=auto keeps fp32 on the reference
+// (ops/kernel_choice.py).
 #include <algorithm>
 #include <type_traits>
 
@@ -42,23 +64,6 @@ namespace adapt_deploy_kernels {
 namespace {
 
 // ------------------------------------------------------------------------------- helpers
-
-__device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
-  const float4 q = *reinterpret_cast<const float4*>(p);  // p is 16-byte aligned
-  v[0] = q.x;
-  v[1] = q.y;
-  v[2] = q.z;
-  v[3] = q.w;
-}
-
-__device__ __forceinline__ void load4(const double* p, double (&v)[4]) {
-  const double2 lo = *reinterpret_cast<const double2*>(p);  // p is 16-byte aligned
-  const double2 hi = *reinterpret_cast<const double2*>(p + 2);
-  v[0] = lo.x;
-  v[1] = lo.y;
-  v[2] = hi.x;
-  v[3] = hi.y;
-}
 
 template <typename T>
 constexpr bool kTensorCores = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;

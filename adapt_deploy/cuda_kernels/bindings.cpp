@@ -56,9 +56,18 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
 }
 
-PoolShape pool_shape(const at::Tensor& logits, const at::Tensor& features) {
+// The shape of an attention pooling call. Features that are not read (the features-only
+// backward takes them for their shape) need not be contiguous.
+PoolShape pool_shape(const at::Tensor& logits, const at::Tensor& features,
+                     bool features_read = true) {
   check_tensor(logits, "logits", 4);
-  check_tensor(features, "features", 4);
+  if (features_read) {
+    check_tensor(features, "features", 4);
+  } else {
+    TORCH_CHECK(features.dim() == 4, "features: expected 4 dimensions, got shape ",
+                features.sizes());
+    TORCH_CHECK(features.numel() > 0, "features: expected a non-empty tensor");
+  }
   check_like(features, logits, "features");
   TORCH_CHECK(features.size(0) == logits.size(0) && features.size(2) == logits.size(2) &&
                   features.size(3) == logits.size(3),
@@ -66,6 +75,18 @@ PoolShape pool_shape(const at::Tensor& logits, const at::Tensor& features) {
               features.sizes());
   return PoolShape{logits.size(0), logits.size(1), features.size(1),
                    logits.size(2) * logits.size(3)};
+}
+
+// The shape of a backward call: grad (N, C, D) next to logits (N, C, H, W), features (N, D, H, W).
+PoolShape check_backward_inputs(const at::Tensor& grad, const at::Tensor& logits,
+                                const at::Tensor& features, bool features_read = true) {
+  const PoolShape shape = pool_shape(logits, features, features_read);
+  check_tensor(grad, "grad", 3);
+  check_like(grad, logits, "grad");
+  TORCH_CHECK(grad.size(0) == shape.n && grad.size(1) == shape.c && grad.size(2) == shape.d,
+              "grad: expected shape (N, C, D) = (", shape.n, ", ", shape.c, ", ", shape.d,
+              "), got ", grad.sizes());
+  return shape;
 }
 
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
@@ -118,12 +139,7 @@ at::Tensor attention_pool_op(const at::Tensor& logits, const at::Tensor& feature
 std::tuple<at::Tensor, at::Tensor> attention_pool_backward_op(const at::Tensor& grad,
                                                               const at::Tensor& logits,
                                                               const at::Tensor& features) {
-  const PoolShape shape = pool_shape(logits, features);
-  check_tensor(grad, "grad", 3);
-  check_like(grad, logits, "grad");
-  TORCH_CHECK(grad.size(0) == shape.n && grad.size(1) == shape.c && grad.size(2) == shape.d,
-              "grad: expected shape (N, C, D) = (", shape.n, ", ", shape.c, ", ", shape.d,
-              "), got ", grad.sizes());
+  const PoolShape shape = check_backward_inputs(grad, logits, features);
   const c10::cuda::CUDAGuard guard(logits.device());
   const DType dtype = dtype_of(logits);
   at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());
@@ -139,6 +155,24 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_backward_op(const at::Tensor& 
   return {grad_logits, grad_features};
 }
 
+at::Tensor attention_pool_backward_features_op(const at::Tensor& grad, const at::Tensor& logits,
+                                               const at::Tensor& features) {
+  const PoolShape shape = check_backward_inputs(grad, logits, features, false);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const DType dtype = dtype_of(logits);
+  at::Tensor grad_features = at::empty(features.sizes(), features.options().memory_format(
+                                                             at::MemoryFormat::Contiguous));
+  at::Tensor scratch =
+      workspace(attention_pool_backward_features_workspace_bytes(dtype, shape), logits);
+  check_launch(attention_pool_backward_features(dtype, shape, grad.const_data_ptr(),
+                                                logits.const_data_ptr(),
+                                                grad_features.mutable_data_ptr(),
+                                                scratch.mutable_data_ptr(),
+                                                c10::cuda::getCurrentCUDAStream().stream()),
+               "attention_pool_backward_features");
+  return grad_features;
+}
+
 }  // namespace
 }  // namespace adapt_deploy_kernels
 
@@ -147,6 +181,7 @@ TORCH_LIBRARY(adapt_deploy_kernels, m) {
   m.def("lse_pool_backward(Tensor grad, Tensor logits, float k) -> Tensor");
   m.def("attention_pool(Tensor logits, Tensor features) -> Tensor");
   m.def("attention_pool_backward(Tensor grad, Tensor logits, Tensor features) -> (Tensor, Tensor)");
+  m.def("attention_pool_backward_features(Tensor grad, Tensor logits, Tensor features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(adapt_deploy_kernels, CUDA, m) {
@@ -154,4 +189,6 @@ TORCH_LIBRARY_IMPL(adapt_deploy_kernels, CUDA, m) {
   m.impl("lse_pool_backward", &adapt_deploy_kernels::lse_pool_backward_op);
   m.impl("attention_pool", &adapt_deploy_kernels::attention_pool_op);
   m.impl("attention_pool_backward", &adapt_deploy_kernels::attention_pool_backward_op);
+  m.impl("attention_pool_backward_features",
+         &adapt_deploy_kernels::attention_pool_backward_features_op);
 }

@@ -137,6 +137,24 @@ __device__ LseState<Acc> block_lse_merge(LseState<Acc> st, Acc* shared) {
   return total;
 }
 
+// Four consecutive values from a 16-byte aligned address (one or two vector loads).
+__device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
+  const float4 q = *reinterpret_cast<const float4*>(p);  // p is 16-byte aligned
+  v[0] = q.x;
+  v[1] = q.y;
+  v[2] = q.z;
+  v[3] = q.w;
+}
+
+__device__ __forceinline__ void load4(const double* p, double (&v)[4]) {
+  const double2 lo = *reinterpret_cast<const double2*>(p);  // p is 16-byte aligned
+  const double2 hi = *reinterpret_cast<const double2*>(p + 2);
+  v[0] = lo.x;
+  v[1] = lo.y;
+  v[2] = hi.x;
+  v[3] = hi.y;
+}
+
 // Sum over the block in a fixed order (deterministic); all threads get it.
 template <typename Acc>
 __device__ Acc block_sum(Acc v, Acc* shared) {

@@ -44,4 +44,10 @@ cudaError_t attention_pool_backward(DType dtype, const PoolShape& shape, const v
                                     const void* logits, const void* features, void* grad_logits,
                                     void* grad_features, void* workspace, cudaStream_t stream);
 
+// dF = P^T dOut alone, for detached logits (no read of F, no dA): attention_features_grad.cu.
+size_t attention_pool_backward_features_workspace_bytes(DType dtype, const PoolShape& shape);
+cudaError_t attention_pool_backward_features(DType dtype, const PoolShape& shape, const void* grad,
+                                             const void* logits, void* grad_features,
+                                             void* workspace, cudaStream_t stream);
+
 }  // namespace adapt_deploy_kernels

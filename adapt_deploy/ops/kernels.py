@@ -1,10 +1,13 @@
 """Which implementation the pooling ops use on CUDA tensors: the fused kernels or the reference.
 
-``ADAPT_DEPLOY_KERNELS``: ``auto`` (default) uses the fused CUDA kernels when a GPU of compute
+``ADAPT_DEPLOY_KERNELS``: ``auto`` (default) runs a fused CUDA kernel for the (op, dtype) pairs
+that bench/kernels.py measured faster than the reference (kernel_choice.py), when a GPU of compute
 capability 8.0 or newer is visible and a build is found or can be made (JIT, cached), and the
-PyTorch reference otherwise; ``off`` always uses the reference; ``require`` raises UserError
-unless the fused kernels are in use. The choice is made once per process, at the first call of an
-op, and logged in one line on the ``adapt_deploy.ops`` logger. CPU tensors always use the reference.
+PyTorch reference otherwise; ``off`` always uses the reference; ``require`` runs every fused
+kernel and raises UserError unless they load. Loading is decided once per process, at the first
+CUDA call that needs the kernels, and logged in one line on the ``adapt_deploy.ops`` logger;
+under ``auto`` one more line per dtype says which ops run which implementation and why. CPU
+tensors always use the reference.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 
 from adapt_deploy.errors import UserError
+from adapt_deploy.ops import kernel_choice
 
 MODE_ENV = "ADAPT_DEPLOY_KERNELS"
 MODES = ("auto", "off", "require")
@@ -129,6 +133,34 @@ class _Choice:
         self._lock = threading.Lock()
         self._status: KernelStatus | None = None
         self._error: UserError | None = None
+        self._dtypes_logged: set[torch.dtype] = set()
+
+    def mode(self) -> str:
+        """The mode of the choice once made, else the environment's."""
+        status = self._status
+        return status.mode if status is not None else read_mode()
+
+    def log_dtype_once(self, dtype: torch.dtype, loaded: bool) -> None:
+        """Under auto: one line per dtype saying which ops run a fused kernel and why."""
+        with self._lock:
+            if dtype in self._dtypes_logged:
+                return
+            self._dtypes_logged.add(dtype)
+        fused = [op for op in kernel_choice.OPS if kernel_choice.measured_faster(op, dtype)]
+        rest = [op for op in kernel_choice.OPS if op not in fused]
+        name = kernel_choice.dtype_name(dtype)
+        rule = (
+            f"{MODE_ENV}=auto runs a fused kernel only where bench/kernels.py measured it faster "
+            f"than the reference ({kernel_choice.MEASURED_ON}); {MODE_ENV}=require runs them all"
+        )
+        if fused and loaded:
+            plan = f"fused CUDA kernels for {', '.join(fused)}"
+            plan += f"; PyTorch reference for {', '.join(rest)}" if rest else ""
+        elif fused:
+            plan = "PyTorch reference for every op (the fused kernels are not in use, see above)"
+        else:
+            plan = f"PyTorch reference for every op (no fused kernel was measured faster on {name})"
+        logger.info("pooling ops on %s CUDA tensors: %s. %s", name, plan, rule)
 
     @property
     def made(self) -> bool:
@@ -154,6 +186,7 @@ class _Choice:
         with self._lock:
             self._status = None
             self._error = None
+            self._dtypes_logged.clear()
 
 
 _CHOICE = _Choice()
@@ -169,9 +202,18 @@ def fused_kernels_active() -> bool:
     return _CHOICE.status().active
 
 
-def fused_kernels_chosen() -> bool:
-    """Whether the fused kernels are in use, without making the choice (False until it is)."""
-    return _CHOICE.made and _CHOICE.status().active
+def use_fused(op: str, dtype: torch.dtype) -> bool:
+    """Whether ``op`` on CUDA tensors of ``dtype`` runs its fused kernel (asked on every call).
+
+    Under auto, a pair the bench did not measure faster runs the reference without building or
+    loading anything; the rest follow the process-wide choice (loading the kernels once).
+    """
+    if _CHOICE.mode() == "auto":
+        any_winner = any(kernel_choice.measured_faster(name, dtype) for name in kernel_choice.OPS)
+        loaded = any_winner and _CHOICE.status().active
+        _CHOICE.log_dtype_once(dtype, loaded)
+        return loaded and kernel_choice.measured_faster(op, dtype)
+    return _CHOICE.status().active
 
 
 def note_reference_use() -> None:
@@ -193,6 +235,11 @@ def reset() -> None:
     _CHOICE.reset()
 
 
+def _auto_rule(mode: str) -> str:
+    """What auto runs of the fused kernels, appended where they are usable."""
+    return f"; {MODE_ENV}=auto runs those {kernel_choice.summary()}" if mode == "auto" else ""
+
+
 def describe() -> tuple[str, bool, str]:
     """(what is used, ok, advice) for `adapt-deploy doctor`, without compiling anything."""
     try:
@@ -201,9 +248,10 @@ def describe() -> tuple[str, bool, str]:
         return (f"invalid {MODE_ENV}", False, str(exc))
     if _CHOICE.made:
         try:
-            return (_CHOICE.status().describe(), True, "")
+            status = _CHOICE.status()
         except UserError as exc:
             return ("unusable", False, str(exc))
+        return (status.describe() + (_auto_rule(status.mode) if status.active else ""), True, "")
     if mode == "off":
         return (f"PyTorch reference ({MODE_ENV}=off)", True, "")
     problem = cuda_problem()
@@ -212,11 +260,11 @@ def describe() -> tuple[str, bool, str]:
     if problem is None:
         found = cuda_build.find_build(_capabilities())
         if found is not None:
-            return (f"fused CUDA kernels (built in {found.directory})", True, "")
+            return (f"fused CUDA kernels (built in {found.directory}){_auto_rule(mode)}", True, "")
         problem = cuda_build.build_problem()
         if problem is None:
             return (
-                "fused CUDA kernels (not built yet)",
+                f"fused CUDA kernels (not built yet){_auto_rule(mode)}",
                 True,
                 "built on first use (about a minute) or by `adapt-deploy kernels build`",
             )

@@ -3,7 +3,8 @@
 Each op is defined once in the ``adapt_deploy`` namespace with a PyTorch reference registered for
 every device (CompositeExplicitAutograd), a fake implementation for symbolic shapes, and an
 autograd formula. The backward passes are separate ops (``lse_pool_backward``,
-``attention_pool_backward``) so a CUDA build only registers kernels for these four names
+``attention_pool_backward`` and, for detached logits, ``attention_pool_backward_features``) so a
+CUDA build only registers kernels for these five names
 (``torch.library.register_kernel(..., "cuda", ...)``, see cuda_impl.py) and autograd,
 torch.compile and export keep working unchanged. The backward ops have no autograd formula of
 their own: double backward is not supported.
@@ -187,6 +188,21 @@ def _(grad: Tensor, logits: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
     return torch.empty_like(logits), torch.empty_like(features)
 
 
+@torch.library.custom_op(
+    "adapt_deploy::attention_pool_backward_features", mutates_args=(), device_types=None
+)
+def _attention_pool_backward_features_op(grad: Tensor, logits: Tensor, features: Tensor) -> Tensor:
+    """dF = Pᵀ g alone, for detached logits (WDA's generator step): no read of F, no dA.
+    ``features`` gives the shape; its values are not read."""
+    return _grad_features_only(grad, logits, features)
+
+
+@_attention_pool_backward_features_op.register_fake
+def _(grad: Tensor, logits: Tensor, features: Tensor) -> Tensor:
+    """Same shape and dtype as the features."""
+    return torch.empty_like(features)
+
+
 def _attention_pool_setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
     """Keep both inputs: the backward recomputes the softmax instead of storing (N, C, HW)."""
     logits, features = inputs
@@ -198,11 +214,8 @@ def _attention_pool_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Ten
     logits, features = ctx.saved_tensors
     if not any(ctx.needs_input_grad):
         return None, None
-    if not ctx.needs_input_grad[0] and not (features.is_cuda and _kernels.fused_kernels_chosen()):
-        # Detached attention (WDA's generator step): where the backward op would be the
-        # reference anyway, dF alone saves its second pass over F. The fused kernel (which
-        # computes both in one pass) keeps the op.
-        return None, _grad_features_only(grad, logits, features)
+    if not ctx.needs_input_grad[0]:  # detached attention: dF alone, F is not read
+        return None, torch.ops.adapt_deploy.attention_pool_backward_features(grad, logits, features)
     grad_logits, grad_features = torch.ops.adapt_deploy.attention_pool_backward(
         grad, logits, features
     )

@@ -2,9 +2,9 @@
 //
 //   driver OP DTYPE N C D H W K SMS SMEM_OPTIN DIR
 //
-// OP: lse_forward | lse_backward | attention_forward | attention_backward. DTYPE: the DType
-// number (0 fp32, 1 fp16, 2 bf16, 3 fp64). SMS and SMEM_OPTIN describe the emulated device (the
-// launch plans depend on them). Inputs are raw element bytes in DIR: logits.bin, features.bin,
+// OP: lse_forward | lse_backward | attention_forward | attention_backward |
+// attention_backward_features. DTYPE: the DType number (0 fp32, 1 fp16, 2 bf16, 3 fp64). SMS
+// and SMEM_OPTIN describe the emulated device (the launch plans depend on them). Inputs are raw element bytes in DIR: logits.bin, features.bin,
 // grad.bin. Outputs out.bin, grad_logits.bin, grad_features.bin and the workspace start as 0xff
 // bytes (NaN in every float format), so an element the kernels never write reads back as NaN.
 // tests/test_cuda_emulation.py builds and drives this.
@@ -106,6 +106,17 @@ int main(int argc, char** argv) {
               op.c_str()))
       return 1;
     write_file(dir + "/grad_logits.bin", grad_logits);
+    write_file(dir + "/grad_features.bin", grad_features);
+  } else if (op == "attention_backward_features") {
+    const Bytes grad = read_file(dir + "/grad.bin", es * n * c * d);
+    Bytes grad_features = poisoned(es * n * d * l);
+    Bytes workspace =
+        poisoned(adk::attention_pool_backward_features_workspace_bytes(dtype, shape));
+    if (check(adk::attention_pool_backward_features(dtype, shape, grad.data(), logits.data(),
+                                                    grad_features.data(), workspace.data(),
+                                                    stream),
+              op.c_str()))
+      return 1;
     write_file(dir + "/grad_features.bin", grad_features);
   } else {
     std::fprintf(stderr, "unknown op %s\n", op.c_str());
