@@ -31,6 +31,7 @@ METHODS = (
 )
 DATASET_KINDS = ("gta5", "cityscapes", "synthia")
 GAN_MODES = ("bce", "lsgan")
+PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision
 PSEUDO_CALIBRATIONS = ("none", "source")
 IMAGE_LABEL_MODES = ("fraction", "any")
 COLOR_ORDERS = ("RGB", "BGR")
@@ -130,6 +131,10 @@ class TrainConfig:
     checkpoint_every: int = 5000
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_protocol: str = "cityscapes19"  # cityscapes19 | synthia16 (reports mIoU-16 and -13)
+    # Mixed precision: fp32 | bf16 | fp16 (fp16 with a gradient scaler). Losses, pooling
+    # reductions and discriminator outputs stay fp32; checkpoints stay fp32.
+    precision: str = "fp32"
+    compile: bool = False  # torch.compile the segmentation model's forward
 
 
 @dataclass
@@ -268,6 +273,7 @@ def validate(config: ExperimentConfig, source: str) -> None:
             f"one of {sorted(EVAL_PROTOCOLS)}",
         ),
         (config.train.iterations > 0, "train.iterations", "a positive integer"),
+        (config.train.precision in PRECISIONS, "train.precision", f"one of {list(PRECISIONS)}"),
         (config.train.batch_size > 0, "train.batch_size", "a positive integer"),
         (config.optim.schedule_iters > 0, "optim.schedule_iters", "a positive integer"),
         (config.data.num_workers >= 0, "data.num_workers", "0 or more"),

@@ -37,10 +37,13 @@ class Method:
         self.device = device
         self.discriminators: dict[str, nn.Module] = {}
         self._cache: dict[str, torch.Tensor] = {}
+        # channels_last on CUDA (engine/precision.py): the layout of the input batches.
+        self.memory_format = torch.contiguous_format
 
     def input(self, batch: Batch) -> torch.Tensor:
         """The batch's images, normalized as the checkpoint records it, on the device."""
-        return normalize(batch["image"].to(self.device), self.config.input)
+        image = normalize(batch["image"].to(self.device), self.config.input)
+        return image.contiguous(memory_format=self.memory_format)
 
     def source_losses(self, batch: Batch) -> Losses:
         """Weighted generator losses on a labelled batch (the source; the target for oracle)."""

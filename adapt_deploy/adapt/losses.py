@@ -23,6 +23,12 @@ EPS = 1e-7
 GanMode = Literal["bce", "lsgan"]
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in fp32 when it is fp16 or bf16 (autocast outputs); fp32 and fp64 unchanged. Every
+    loss takes its inputs through this: mixed-precision training computes its losses in fp32."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def upsample(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     """Bilinear upsampling with align_corners=True, as the field does; a no-op at equal size."""
     if tuple(logits.shape[-2:]) == tuple(size):
@@ -32,7 +38,8 @@ def upsample(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of logits (N, C, h, w) upsampled to labels (N, H, W); 255 ignored."""
-    return F.cross_entropy(upsample(logits, labels.shape[-2:]), labels, ignore_index=IGNORE_INDEX)
+    up = upsample(at_least_fp32(logits), labels.shape[-2:])
+    return F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX)
 
 
 def weak_label_loss(lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -42,7 +49,7 @@ def weak_label_loss(lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     official numerics inside: the clamp bounds the loss at extreme logits (and zeroes its
     gradient there, as in weak-da-seg's ``get_prediction``).
     """
-    p = torch.sigmoid(lse).clamp(EPS, 1.0 - EPS)
+    p = torch.sigmoid(at_least_fp32(lse)).clamp(EPS, 1.0 - EPS)
     y = targets.to(p.dtype)
     return -(y * torch.log(p) + (1.0 - y) * torch.log(1.0 - p)).mean()
 
@@ -65,7 +72,7 @@ def point_loss(
         mask &= torch.gather(present > 0, 1, safe.flatten(1)).view_as(mask)
     if not bool(mask.any()):
         return logits.sum() * 0.0
-    up = upsample(logits, labels.shape[-2:])
+    up = upsample(at_least_fp32(logits), labels.shape[-2:])
     picked = up.permute(0, 2, 3, 1)[mask]  # (K, C): only the labelled pixels
     return F.cross_entropy(picked, labels[mask])
 
@@ -79,6 +86,7 @@ def adversarial_loss(d_out: torch.Tensor, label: float, mode: GanMode = "bce") -
     convention; the game is the same. The generator calls it on target outputs with label 0;
     the discriminator's loss is :func:`discriminator_loss`.
     """
+    d_out = at_least_fp32(d_out)
     if mode == "bce":
         return F.binary_cross_entropy_with_logits(d_out, torch.full_like(d_out, label))
     if mode == "lsgan":
@@ -103,7 +111,7 @@ def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
     ADVENT applies it to the logits upsampled to the input size; pass those to match it.
     Uniform predictions give 1, one-hot predictions 0.
     """
-    log_p = F.log_softmax(logits, dim=1)
+    log_p = F.log_softmax(at_least_fp32(logits), dim=1)
     entropy = -(log_p.exp() * log_p).sum(dim=1)
     return entropy.mean() / math.log(logits.shape[1])
 
@@ -114,6 +122,7 @@ def weighted_self_information(probs: torch.Tensor) -> torch.Tensor:
     The input of ADVENT's adversarial-entropy discriminator; it sums over C to the normalized
     entropy map.
     """
+    probs = at_least_fp32(probs)
     return -probs * torch.log2(probs + 1e-30) / math.log2(probs.shape[1])
 
 
@@ -126,6 +135,7 @@ def _category_term(
         raise ValueError(
             f"discriminator logits {tuple(d_out.shape)} and labels {tuple(present.shape)} differ"
         )
+    d_out = at_least_fp32(d_out)
     if mode == "bce":
         per_class = F.binary_cross_entropy_with_logits(
             d_out, torch.full_like(d_out, label), reduction="none"

@@ -13,6 +13,7 @@ from adapt_deploy.adapt.adaptsegnet import AdaptSegNet
 from adapt_deploy.adapt.base import Batch, Losses
 from adapt_deploy.adapt.calibration import SourceCalibratedThresholds
 from adapt_deploy.adapt.losses import (
+    at_least_fp32,
     category_adversarial_loss,
     category_discriminator_loss,
     point_loss,
@@ -54,18 +55,19 @@ class WeakLabelAdaptation(AdaptSegNet):
     def target_weak_labels(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         """y_t (N, C): pseudo-weak labels from the detached logits (Eq. 7, or with per-class
         cuts calibrated on the source when adapt.pseudo_calibration is 'source')."""
-        lse = lse_pool(logits.detach(), self.config.adapt.lse_k)
+        lse = lse_pool(at_least_fp32(logits.detach()), self.config.adapt.lse_k)
         if self.calibration is not None:
             return self.calibration.labels(lse)
         return pseudo_weak_labels(lse, self.config.adapt.pseudo_threshold)
 
     def _remember_source(self, out, batch: Batch, labels) -> None:
         super()._remember_source(out, batch, labels)
-        pooled = attention_pool(out["logits"].detach(), out["features"].detach())
+        features = out["features"].detach()
+        pooled = attention_pool(out["logits"].detach().to(features.dtype), features)
         self._cache["cat_source"] = pooled
         self._cache["y_source"] = batch["image_labels"].to(self.device)
         if self.calibration is not None:
-            lse = lse_pool(out["logits"].detach(), self.config.adapt.lse_k)
+            lse = lse_pool(at_least_fp32(out["logits"].detach()), self.config.adapt.lse_k)
             self.calibration.update(lse, self._cache["y_source"])
 
     def target_losses(self, batch: Batch) -> Losses:
@@ -74,11 +76,13 @@ class WeakLabelAdaptation(AdaptSegNet):
         logits = out["logits"]
         y = self.target_weak_labels(batch, logits)
         losses = self.adversarial(logits, batch)
-        lse = lse_pool(self.dropout(logits), a.lse_k)
+        lse = lse_pool(self.dropout(at_least_fp32(logits)), a.lse_k)  # fp32: a C x HW map
         losses["weak"] = a.lambda_weak * weak_label_loss(lse, y)
         # Official detach semantics: the attention comes from detached logits, the gradient
         # flows into the target features.
-        pooled = attention_pool(logits.detach(), out["features"])
+        # (Under autocast both are in the low type; the pooling accumulates in fp32.)
+        features = out["features"]
+        pooled = attention_pool(logits.detach().to(features.dtype), features)
         self._cache["cat_target"], self._cache["y_target"] = pooled.detach(), y
         losses["cat_adv"] = a.lambda_cw * category_adversarial_loss(self.d_cat(pooled), y, a.gan)
         if "points" in batch:

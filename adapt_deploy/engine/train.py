@@ -1,4 +1,5 @@
-"""The training loop: SGD with a poly schedule, atomic checkpoints, exact resume."""
+"""The training loop: SGD with a poly schedule, mixed precision, atomic checkpoints, exact
+resume."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from adapt_deploy.data.datasets import build_dataset
 from adapt_deploy.data.labels import CLASS_NAMES
 from adapt_deploy.engine.evaluate import EvalResult, evaluate
 from adapt_deploy.engine.method_data import labelled_dataset, target_dataset
+from adapt_deploy.engine.precision import MixedPrecision, cudnn_benchmark
 from adapt_deploy.engine.sampling import EpochBatchSampler, without_worker_tracebacks
 from adapt_deploy.errors import ConfigError, UserError
 from adapt_deploy.models.checkpoints import (
@@ -36,6 +38,7 @@ from adapt_deploy.progress import Reporter
 from adapt_deploy.signals import StopOnSignals
 
 CHECKPOINT = "checkpoint.pt"
+COMPILE_BACKEND = "inductor"  # train.compile's torch.compile backend
 TRAINER_STATE = "trainer_state.pt"
 # Keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = (
@@ -44,6 +47,8 @@ RESUMABLE_CHANGES = (
     "train.log_every",
     "train.checkpoint_every",
     "train.device",
+    "train.precision",
+    "train.compile",
     "data.num_workers",
 )
 
@@ -84,12 +89,15 @@ def pick_device(name: str) -> torch.device:
 
 @dataclass
 class Learner:
-    """The model, the method's recipe and every optimizer: what one iteration updates."""
+    """The model, the method's recipe, every optimizer and the precision policy: what one
+    iteration updates. `model` is the module itself (its state is the checkpoint); the method
+    may run a compiled wrapper of it (train.compile)."""
 
     model: DeepLab
     method: Method
     optimizer: torch.optim.SGD
     d_optimizers: dict[str, torch.optim.Optimizer]
+    amp: MixedPrecision
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs besides the iteration."""
@@ -99,6 +107,7 @@ class Learner:
             "discriminators": {k: d.state_dict() for k, d in self.method.discriminators.items()},
             "d_optimizers": {k: o.state_dict() for k, o in self.d_optimizers.items()},
             "method": self.method.extra_state(),
+            "scaler": self.amp.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -109,18 +118,26 @@ class Learner:
         for k, o in self.d_optimizers.items():
             o.load_state_dict(state["d_optimizers"][k])
         self.method.load_extra_state(state.get("method", {}))  # absent in older trainer states
+        self.amp.load_state_dict(state.get("scaler", {}))
 
 
 def build_learner(
     config: ExperimentConfig, device: torch.device, init: dict[str, Any] | None = None
 ) -> Learner:
-    """Model (from `init` weights when given), method (with its discriminators) and optimizers."""
+    """Model (from `init` weights when given), method (with its discriminators), optimizers
+    and the precision policy (channels_last on CUDA; torch.compile when train.compile)."""
+    amp = MixedPrecision(config.train.precision, device)
     model = build_model(config.model)
     if init is not None:
         model.load_state_dict(init)
-    model = model.to(device)
-    method = METHOD_CLASSES[config.train.method](config, model, device)
-    return Learner(model, method, build_optimizer(model, config), method.optimizers())
+    model = model.to(device, memory_format=amp.memory_format)
+    forward = torch.compile(model, backend=COMPILE_BACKEND) if config.train.compile else model
+    method = METHOD_CLASSES[config.train.method](config, forward, device)
+    method.memory_format = amp.memory_format
+    for discriminator in method.discriminators.values():
+        discriminator.to(memory_format=amp.memory_format)
+    optimizer = build_optimizer(model, config)
+    return Learner(model, method, optimizer, method.optimizers(), amp)
 
 
 def train(
@@ -159,6 +176,7 @@ def train(
     done = start  # iterations whose update has been applied
     learner.model.train()
     with (
+        cudnn_benchmark(device),
         (out / "metrics.jsonl").open("a") as log,
         reporter.task("training", total - start),
         StopOnSignals() as stop,  # SIGTERM (docker stop, a preempted job) saves as Ctrl-C does
@@ -224,24 +242,31 @@ def train_step(
     for opt in learner.d_optimizers.values():
         opt.zero_grad(set_to_none=True)
 
+    amp = learner.amp
     _require_grad(method.discriminators.values(), False)  # generator losses only train G
-    values = _backward(method.source_losses(source), iteration)
+    with amp.autocast():
+        losses = method.source_losses(source)
+    values = _backward(losses, iteration, amp)
     if target is not None:
-        values |= _backward(method.target_losses(target), iteration)
+        with amp.autocast():
+            losses = method.target_losses(target)
+        values |= _backward(losses, iteration, amp)
     _require_grad(method.discriminators.values(), True)
-    values |= _backward(method.discriminator_losses(), iteration)
+    with amp.autocast():
+        losses = method.discriminator_losses()
+    values |= _backward(losses, iteration, amp)
 
-    if o.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(learner.model.parameters(), o.grad_clip)
-    learner.optimizer.step()
-    for opt in learner.d_optimizers.values():
-        opt.step()
+    clip = (learner.model.parameters(), o.grad_clip) if o.grad_clip > 0 else None
+    amp.step([learner.optimizer, *learner.d_optimizers.values()], clip)
     generator = sum(v for k, v in values.items() if not k.startswith("d_"))
     return {"loss": generator, **values, "lr": lr}
 
 
-def _backward(losses: dict[str, torch.Tensor], iteration: int) -> dict[str, float]:
-    """Backpropagate the sum of `losses`; their values for the log; stop on a non-finite one."""
+def _backward(
+    losses: dict[str, torch.Tensor], iteration: int, amp: MixedPrecision
+) -> dict[str, float]:
+    """Backpropagate the sum of `losses` (scaled under fp16); their values for the log; stop on
+    a non-finite one."""
     if not losses:
         return {}
     values = {k: v.item() for k, v in losses.items()}
@@ -250,7 +275,7 @@ def _backward(losses: dict[str, torch.Tensor], iteration: int) -> dict[str, floa
         raise UserError(
             f"loss {bad[0]} became {values[bad[0]]} at iteration {iteration}; lower optim.lr"
         )
-    sum(losses.values()).backward()
+    amp.backward(sum(losses.values()))
     return values
 
 
