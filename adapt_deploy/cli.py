@@ -374,7 +374,17 @@ def stream(
     backend: Annotated[
         str, typer.Option(help="auto, onnxruntime (CUDA with onnxruntime-gpu), tensorrt, torch.")
     ] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32 or fp16.")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="auto, fp32, fp16 or bf16 (bf16: the torch backend only).")
+    ] = "auto",
+    cuda_graph: Annotated[
+        bool | None,
+        typer.Option(
+            "--cuda-graph/--no-cuda-graph",
+            help="Replay CUDA graphs (default: on for the torch backend on CUDA, off for ONNX "
+            "Runtime's CUDA provider; ADAPT_DEPLOY_CUDA_GRAPHS=0 turns them off).",
+        ),
+    ] = None,
     device: Annotated[
         str,
         typer.Option(
@@ -463,6 +473,7 @@ def stream(
         reconnect_timeout,
         device=device,
         force=force,
+        cuda_graph=cuda_graph,
     )
     setup = setup_from_flags(
         adapt, adapt_every, adapt_params, lr, threshold, reset_policy, adapt_state, adapt_budget

@@ -35,26 +35,31 @@ def machine_info() -> dict[str, str]:
     }
 
 
-def write_results(name: str, title: str, body: str) -> Path:
-    """bench/results/<name>.md: a title, the machine, then the benchmark's own Markdown."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(name: str, title: str, body: str, directory: Path = RESULTS) -> Path:
+    """<directory>/<name>.md (bench/results/ by default; tests pass their own): a title, the
+    machine, then the benchmark's own Markdown."""
+    directory.mkdir(parents=True, exist_ok=True)
     machine = "\n".join(f"- {k}: {v}" for k, v in machine_info().items())
-    path = RESULTS / f"{name}.md"
+    path = directory / f"{name}.md"
     path.write_text(f"# {title}\n\n{machine}\n\n{body.rstrip()}\n")
     return path
 
 
-def random_bundle(width: int = 16, size: tuple[int, int] = (256, 512)) -> Path:
+def random_bundle(
+    width: int = 16, size: tuple[int, int] = (256, 512), source: Path | None = None
+) -> Path:
     """A randomly initialised DeepLab-v2 ResNet-18 at `width` (seed 0) exported with `size` =
     (H, W) as its evaluation size, written once under bench/.work/bundles/ and reused: for
-    benchmarks of speed and memory, which do not depend on the weights."""
+    benchmarks of speed and memory, which do not depend on the weights. With `source` (a
+    labelled GTA5-layout directory) the bundle also gets the adaptation package that
+    `stream --adapt` needs (source statistics over its images); the same weights and graph."""
     import torch
 
     from adapt_deploy.config import from_dict
     from adapt_deploy.export.pipeline import export_bundle
     from adapt_deploy.models.checkpoints import build_model, checkpoint_meta, save_checkpoint
 
-    name = f"r18w{width}_{size[0]}x{size[1]}"
+    name = f"r18w{width}_{size[0]}x{size[1]}" + ("_adapt" if source is not None else "")
     bundle = WORK / "bundles" / name
     if (bundle / "meta.json").is_file():
         return bundle
@@ -65,11 +70,16 @@ def random_bundle(width: int = 16, size: tuple[int, int] = (256, 512)) -> Path:
             "input": RGB_INPUT,
             "model": {"backbone": "resnet18", "width": width, "num_classes": 19},
             "data": {
-                "val": {"kind": "cityscapes", "root": ".", "split": "val", "size": list(size)}
+                "val": {"kind": "cityscapes", "root": ".", "split": "val", "size": list(size)},
+                **(
+                    {"source": {"kind": "gta5", "root": str(source), "size": list(size)}}
+                    if source is not None
+                    else {}
+                ),
             },
         }
     )
     checkpoint = WORK / "bundles" / f"{name}.pt"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(checkpoint, build_model(config.model), checkpoint_meta(config, 0))
-    return export_bundle(checkpoint, bundle, force=True).bundle
+    return export_bundle(checkpoint, bundle, force=True, source_data=source).bundle

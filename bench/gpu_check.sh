@@ -93,7 +93,7 @@ run_step build 150 "$PYTHON" -m adapt_deploy.cli kernels build
 run_step pytest_gpu 180 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests
 run_step kernels 150 "$PYTHON" -m bench.kernels --batches 1 2 8 --sizes 65x129 129x257 \
   --repeats 10 --no-compile
-run_step inference 90 "$PYTHON" -m bench.inference --devices cuda --models resnet101 \
+run_step inference 100 "$PYTHON" -m bench.inference --devices cuda --models resnet101 \
   --sizes 512x1024 --iters 20 --budget 60
 if [ -f bench/train_speed.py ]; then
   run_step train_speed 120 "$PYTHON" -m bench.train_speed

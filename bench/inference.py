@@ -2,20 +2,32 @@
 
     python -m bench.inference [--models resnet18 resnet101] [--sizes 256x512 512x1024]
                               [--iters 20] [--budget 120] [--threads N] [--devices cpu cuda]
+                              [--checkpoint CKPT] [--agreement-frames 4]
 
 The model is what `adapt-deploy export` deploys (RGB uint8 frame in; labels and presence out)
-around a randomly initialised full-width DeepLab-v2 (speed does not depend on the weights). On
-CPU: PyTorch eager, ONNX Runtime fp32 and mixed fp16. On a CUDA GPU, where present: PyTorch
-eager fp32, bf16 autocast, a CUDA graph, ONNX Runtime CUDA (fp32, fp16) and TensorRT (fp32,
-fp16) when installed. Backends run round-robin, one frame each in turn, so the load of a shared
-machine hits them alike; ratios are taken within one run. Each (device, model, size) group is
-kept in bench/.work/inference/results.json, so a run can add groups; bench/results/inference.md
-is rewritten from all of them.
+around a randomly initialised full-width DeepLab-v2 (speed does not depend on the weights), or,
+with --checkpoint, a trained one (then --models is that checkpoint's backbone). On CPU: PyTorch
+eager, ONNX Runtime fp32 and mixed fp16, and the runtime's `Segmenter` on the torch backend in
+fp32 and bf16. On a CUDA GPU, where present: the bare model in PyTorch eager fp32, bf16
+autocast and a CUDA graph; the `Segmenter` on the torch backend (the runtime path: pinned
+buffers, its own stream) in fp32, bf16 and fp16, each eager and replaying CUDA graphs; ONNX
+Runtime CUDA (fp32, fp16; also with its CUDA graphs) and TensorRT (fp32, fp16) when installed.
+The Segmenter rows wrap the same in-memory model (what `Segmenter.from_bundle(...,
+backend="torch")` opens, without writing a bundle).
+
+Backends run round-robin, one frame each in turn, so the load of a shared machine hits them
+alike; ratios are taken within one run. Every row's labels are then compared with PyTorch eager
+fp32 on --agreement-frames other frames ("labels vs fp32"): the goal for reduced precision is
+99.5% on a trained model; with random weights the logits are near-tied everywhere and the
+agreement says little. Each (device, model, size) group is kept in
+bench/.work/inference/results.json, so a run can add groups; bench/results/inference.md is
+rewritten from all of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import functools
 import json
@@ -25,35 +37,81 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 
 from adapt_deploy.config import InputConfig
-from adapt_deploy.export.onnx_export import DeployModel, GraphSpec, export_onnx
+from adapt_deploy.data.labels import CLASS_NAMES, PALETTE
+from adapt_deploy.export.onnx_export import DeployModel, GraphSpec, export_onnx, input_meta
 from adapt_deploy.export.parity import target_frames
 from adapt_deploy.export.precision import convert_to_mixed_fp16
 from adapt_deploy.export.verify import OrtRunner
+from adapt_deploy.models.checkpoints import load_checkpoint
 from adapt_deploy.models.deeplab import DeepLab
+from adapt_deploy.runtime import Segmenter
+from adapt_deploy.runtime.backend import as_runner
+from adapt_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from adapt_deploy.runtime.torch_backend import ModelBackend
 from bench.common import write_results
 
 WORK = Path(__file__).parent / ".work" / "inference"
 IMAGENET = InputConfig("RGB", [123.675, 116.28, 103.53], [58.395, 57.12, 57.375])
-EAGER = "PyTorch eager"
+EAGER = "PyTorch eager"  # fp32: the reference of every other row
+# The runtime's torch backend: (precision, CUDA graphs) per device.
+SEGMENTER_ROWS = {
+    "cpu": [("fp32", False), ("bf16", False)],
+    "cuda": [(p, g) for p in ("fp32", "bf16", "fp16") for g in (False, True)],
+}
 
 
 @dataclass
 class Backend:
-    """One way to run a frame; `run` returns when the outputs are on the host."""
+    """One way to run a frame: `run` returns its labels (N, H, W) once they are on the host."""
 
     name: str
-    run: Callable[[np.ndarray], object]
+    run: Callable[[np.ndarray], np.ndarray]
 
 
 def deploy_model(backbone: str) -> DeployModel:
     torch.manual_seed(0)
     return DeployModel(DeepLab(backbone, 19, 64, freeze_bn=True), IMAGENET, GraphSpec()).eval()
+
+
+def checkpoint_model(path: Path) -> tuple[str, DeployModel]:
+    """(backbone, the deployed graph) of a trained checkpoint."""
+    model, config = load_checkpoint(path)
+    return config.model.backbone, DeployModel(model, config.input, GraphSpec()).eval()
+
+
+def segmenter_backends(model: DeployModel, device: str, frame: np.ndarray) -> list[Backend]:
+    """`Segmenter` rows: the torch backend around a copy of `model` (SEGMENTER_ROWS), one frame
+    in (H, W, 3), its labels out, as an application calls it."""
+    _, height, width, _ = frame.shape
+    meta = segmenter_meta(model, height, width)
+    target = "cpu" if device == "cpu" else "cuda:0"
+    rows = []
+    for precision, graphs in SEGMENTER_ROWS[device]:
+        deploy = DeployModel(copy.deepcopy(model.model), model.spec, model.graph)
+        seg = Segmenter(ModelBackend(deploy, target, precision, graphs), meta, WORK)
+        name = f"Segmenter torch {precision}" + (" CUDA graph" if graphs else " eager")
+        rows.append(Backend(name, lambda x, seg=seg: seg(x[0]).labels[None]))
+    return rows
+
+
+def segmenter_meta(model: DeployModel, height: int, width: int) -> dict[str, Any]:
+    """The meta.json fields a Segmenter reads, for `model` run at one size, batch 1."""
+    count = model.model.num_classes
+    cityscapes = count == len(CLASS_NAMES)
+    return {
+        "num_classes": count,
+        "classes": list(CLASS_NAMES) if cityscapes else [f"class {i}" for i in range(count)],
+        "palette": [list(c) for c in PALETTE] if cityscapes else [[128, 128, 128]] * count,
+        "shapes": {"min": [1, 16, 16], "opt": [1, height, width], "max": [1, height, width]},
+        "input": input_meta(model.spec, model.graph),
+    }
 
 
 def onnx_files(model: DeployModel, backbone: str) -> dict[str, Path]:
@@ -67,17 +125,20 @@ def onnx_files(model: DeployModel, backbone: str) -> dict[str, Path]:
     return files
 
 
-def cpu_backends(model: DeployModel, files: dict[str, Path], threads: int) -> list[Backend]:
+def cpu_backends(
+    model: DeployModel, files: dict[str, Path], threads: int, frame: np.ndarray
+) -> list[Backend]:
     torch.set_num_threads(threads)
 
     @torch.inference_mode()
-    def eager(frame: np.ndarray) -> object:
-        return model(torch.from_numpy(frame))
+    def eager(x: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(x))[0].numpy()
 
     backends = [Backend(EAGER, eager)]
     for precision, path in files.items():
-        backends.append(Backend(f"ONNX Runtime {precision}", OrtRunner(path, threads=threads)))
-    return backends
+        runner = OrtRunner(path, threads=threads)
+        backends.append(Backend(f"ONNX Runtime {precision}", lambda x, r=runner: r(x)["labels"]))
+    return backends + segmenter_backends(model, "cpu", frame)
 
 
 def gpu_backends(
@@ -91,20 +152,26 @@ def gpu_backends(
     cuda = model.cuda()
 
     @torch.inference_mode()
-    def eager(x: np.ndarray) -> object:
-        return [t.cpu() for t in cuda(torch.from_numpy(x).cuda())]
+    def eager(x: np.ndarray) -> np.ndarray:
+        return cuda(torch.from_numpy(x).cuda())[0].cpu().numpy()
 
     @torch.inference_mode()
-    def bf16(x: np.ndarray) -> object:
+    def bf16(x: np.ndarray) -> np.ndarray:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return [t.cpu() for t in cuda(torch.from_numpy(x).cuda())]
+            return cuda(torch.from_numpy(x).cuda())[0].cpu().numpy()
 
     backends = [Backend(EAGER, eager), Backend("PyTorch bf16 autocast", bf16)]
     backends.append(Backend("PyTorch CUDA graph", _cuda_graph(cuda, frame)))
+    backends += segmenter_backends(cuda, "cuda", frame)
     if "CUDAExecutionProvider" in ort.get_available_providers():
         for precision, path in onnx_paths().items():
             runner = OrtRunner(path, backend="onnxruntime-cuda")
-            backends.append(Backend(f"ONNX Runtime CUDA {precision}", runner))
+            name = f"ONNX Runtime CUDA {precision}"
+            backends.append(Backend(name, lambda x, r=runner: r(x)["labels"]))
+            classes = model.model.num_classes
+            graphed = OnnxRuntimeBackend(path, "NHWC", classes, precision, 0, cuda_graph=True)
+            run = as_runner(graphed, "NHWC")
+            backends.append(Backend(f"{name} CUDA graph", lambda x, r=run: r(x)["labels"]))
     try:
         import tensorrt  # noqa: F401
     except Exception:  # not installed, or a stub wheel without its libraries
@@ -128,10 +195,10 @@ def _cuda_graph(model: DeployModel, frame: np.ndarray) -> Callable[[np.ndarray],
         with torch.cuda.graph(graph):
             outputs = model(static)
 
-    def run(x: np.ndarray) -> object:
+    def run(x: np.ndarray) -> np.ndarray:
         static.copy_(torch.from_numpy(x))
         graph.replay()
-        return [t.cpu() for t in outputs]
+        return outputs[0].cpu().numpy()
 
     return run
 
@@ -164,10 +231,10 @@ def _tensorrt(path: Path, frame: np.ndarray, precision: str) -> Callable[[np.nda
     for name, tensor in buffers.items():
         context.set_tensor_address(name, tensor.data_ptr())
 
-    def run(x: np.ndarray) -> object:
+    def run(x: np.ndarray) -> np.ndarray:
         buffers["image"].copy_(torch.from_numpy(x))
         context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
-        return buffers["labels"].cpu(), buffers["presence"].cpu()
+        return buffers["labels"].cpu().numpy()
 
     return run
 
@@ -190,7 +257,22 @@ def time_round_robin(
     return times
 
 
-def summarize(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+def label_agreement(backends: list[Backend], frames: np.ndarray) -> dict[str, float]:
+    """Each backend's share of labels equal to PyTorch eager fp32's, over `frames` (N, H, W, 3)
+    run one at a time."""
+    reference = next(b for b in backends if b.name == EAGER)
+    expected = [reference.run(frame[None]) for frame in frames]
+    shares: dict[str, float] = {}
+    for backend in backends:
+        got = [backend.run(frame[None]) for frame in frames]
+        equal = [np.mean(g == e) for g, e in zip(got, expected, strict=True)]
+        shares[backend.name] = float(np.mean(equal))
+    return shares
+
+
+def summarize(
+    times: dict[str, list[float]], agreement: dict[str, float]
+) -> dict[str, dict[str, float]]:
     rows = {}
     for name, samples in times.items():
         ms = np.asarray(samples) * 1000
@@ -199,6 +281,7 @@ def summarize(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
             "p95_ms": float(np.percentile(ms, 95)),
             "fps": 1000.0 / float(statistics.fmean(ms)),
             "n": len(samples),
+            "agreement": agreement[name],
         }
     return rows
 
@@ -209,18 +292,24 @@ def render(groups: dict[str, dict]) -> str:
         "full-width DeepLab-v2. Backends timed round-robin within a group; `vs eager` is PyTorch",
         "eager p50 / backend p50 on the same device in the same run (> 1: faster than eager).",
         "p95 over few frames is close to the maximum. The machine is shared: absolute numbers",
-        "move with its load, ratios much less.",
+        "move with its load, ratios much less. `labels vs fp32`: share of labels equal to",
+        "PyTorch eager fp32's on other frames (the goal for reduced precision: 99.5% on a trained",
+        "model; with random weights, near-tied logits make it say little). `Segmenter torch` rows",
+        "are the runtime's torch backend, frame in, labels out.",
         "",
-        "| device | model | size | backend | p50 ms | p95 ms | frames/s | vs eager | frames |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| device | model | weights | size | backend | p50 ms | p95 ms | frames/s | vs eager "
+        "| labels vs fp32 | frames |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for group in groups.values():
         eager = group["backends"][EAGER]["p50_ms"]
         for name, row in group["backends"].items():
+            agreement = row.get("agreement")
+            agree = "-" if agreement is None else f"{100 * agreement:.2f}%"
             lines.append(
-                f"| {group['device']} | {group['model']} | {group['size']} | {name} | "
-                f"{row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['fps']:.2f} | "
-                f"{eager / row['p50_ms']:.2f} | {row['n']} |"
+                f"| {group['device']} | {group['model']} | {group.get('weights', 'random')} | "
+                f"{group['size']} | {name} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | "
+                f"{row['fps']:.2f} | {eager / row['p50_ms']:.2f} | {agree} | {row['n']} |"
             )
     lines += ["", "Groups (when, threads, the machine's 1-minute load before -> after):", ""]
     lines += [
@@ -230,9 +319,10 @@ def render(groups: dict[str, dict]) -> str:
     if not any(g["device"] != "cpu" for g in groups.values()):
         lines += [
             "",
-            "GPU rows (PyTorch eager/bf16/CUDA graph, ONNX Runtime CUDA, TensorRT) are produced by",
-            "the same script on a CUDA machine; none was available for this run, so they are not",
-            "measured here and those code paths are unverified.",
+            "GPU rows (PyTorch eager/bf16/CUDA graph, the Segmenter's torch backend in fp32/bf16/",
+            "fp16 eager and with CUDA graphs, ONNX Runtime CUDA with and without its CUDA graphs,",
+            "TensorRT) are produced by the same script on a CUDA machine; none was available for",
+            "this run, so they are not measured here and those code paths are unverified.",
         ]
     return "\n".join(lines)
 
@@ -244,6 +334,17 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20, help="Rounds per group at most.")
     parser.add_argument("--budget", type=float, default=120.0, help="Seconds per group, roughly.")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="A trained checkpoint to run instead of random weights (replaces --models).",
+    )
+    parser.add_argument(
+        "--agreement-frames",
+        type=int,
+        default=4,
+        help="Frames each backend's labels are compared with PyTorch eager fp32 on.",
+    )
     parser.add_argument("--no-gpu", action="store_true", help="Skip the GPU groups.")
     parser.add_argument(
         "--devices",
@@ -258,32 +359,43 @@ def main() -> None:
 
     cache = WORK / "results.json"
     groups = json.loads(cache.read_text()) if cache.exists() else {}
-    for backbone in args.models:
-        model = deploy_model(backbone)
-        onnx_paths = functools.cache(lambda m=model, b=backbone: onnx_files(m, b))
+    if args.checkpoint is not None:
+        backbone, trained = checkpoint_model(args.checkpoint)
+        models = [(backbone, trained, args.checkpoint.name)]
+    else:
+        models = [(b, deploy_model(b), "random") for b in args.models]
+    for backbone, model, weights in models:
+        work = f"{backbone}_{weights}".replace(".", "_") if weights != "random" else backbone
+        onnx_paths = functools.cache(lambda m=model, w=work: onnx_files(m, w))
         for size in args.sizes:
             height, width = (int(v) for v in size.split("x"))
             frame = target_frames(1, height, width)
+            others = target_frames(args.agreement_frames, height, width, first=100)
             for device in devices:
                 if device == "cpu":
-                    backends = cpu_backends(model.cpu(), onnx_paths(), args.threads)
+                    backends = cpu_backends(model.cpu(), onnx_paths(), args.threads, frame)
                     threads = f"{args.threads} threads (torch and ONNX Runtime)"
                 else:
                     backends = gpu_backends(model, onnx_paths, frame)
                     threads = torch.cuda.get_device_name(0)
                 load = os.getloadavg()[0]
                 times = time_round_robin(backends, frame, args.iters, args.budget)
-                key = f"{device} {backbone} {size}"
+                agreement = label_agreement(backends, others)
+                named = "" if weights == "random" else f" {weights}"  # earlier runs' keys
+                key = f"{device} {backbone}{named} {size}"
                 groups[key] = {
                     "device": device,
                     "model": backbone,
+                    "weights": weights,
                     "size": size,
                     "threads": threads,
                     "load": f"load average {load:.1f} -> {os.getloadavg()[0]:.1f}",
                     "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                    "backends": summarize(times),
+                    "backends": summarize(times, agreement),
                 }
                 print(key, json.dumps(groups[key]["backends"]), flush=True)
+                for name, share in agreement.items():
+                    print(f"  {name}: labels vs fp32 {100 * share:.3f}%", flush=True)
                 cache.write_text(json.dumps(groups, indent=2))
     path = write_results("inference", "Inference: PyTorch eager vs ONNX Runtime", render(groups))
     print(f"wrote {path}")

@@ -1,13 +1,16 @@
 """Streaming: is decoding and writing hidden behind inference, and is memory flat?
 
     python -m bench.stream [--bundle BUNDLE] [--frames 10000] [--block 150] [--rounds 3]
-                           [--backend auto] [--threads N]
+                           [--backend auto] [--device auto] [--threads N]
+                           [--adapt-steps 8] [--syncs 3] [--results DIR]
 
 Input: a 1-minute synthetic dashcam drive (900 frames at 15 fps, 256x512, mp4v) written by the
 synthetic benchmark's video writer into bench/.work/stream/, reused.
 Model: --bundle, or a randomly initialised DeepLab-v2 ResNet-18 at width 16 exported for
-256x512 (bench/.work/bundles/, reused and shared with bench.runtime): accuracy is irrelevant
-here, trained weights cost the same time.
+256x512 with its adaptation package (source statistics over 8 synthetic source images;
+bench/.work/bundles/, reused): accuracy is irrelevant here, trained weights cost the same time.
+--backend and --device go to Segmenter.from_bundle (device auto: GPU 0 where the backend can use
+it, else the CPU; cuda, cuda:N or cpu to insist).
 
 Speed: backend-only (the Segmenter on frames already decoded into memory) and end-to-end
 (`stream`: decode, segment, overlay, write the MP4, label PNGs and JSONL stats) alternate in
@@ -16,6 +19,12 @@ alike. Ratio = end-to-end frames/s / backend-only frames/s; goal >= 0.9.
 Memory: resident set size while streaming --frames frames of the looped video with all three
 outputs, sampled every 250 frames; growth = last sample - the sample at frame 250 (after
 warm-up). Goal: < 50 MB over 10,000 frames.
+On-device adaptation (what `stream --adapt` adds; --adapt-steps 0 --syncs 0 skip it): the
+bundle's OnlineAdapter, at the `stream --adapt` defaults, on the Segmenter's device, timed over
+--adapt-steps updates (`OnlineAdapter.step` on the drive's frames) and --syncs pushes of its
+teacher into the running Segmenter (`make_sync(...).push`: a new torch backend or ONNX Runtime
+session, checked on the bundle's samples), after 2 and 1 untimed; medians (CUDA synchronised).
+Writes bench/results/stream.md (--results DIR elsewhere).
 """
 
 from __future__ import annotations
@@ -24,26 +33,36 @@ import argparse
 import itertools
 import os
 import shutil
+import statistics
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from adapt_deploy.data.synthetic_writer import SynthSpec, write_benchmark
+from adapt_deploy.errors import UserError
 from adapt_deploy.progress import RichReporter
 from adapt_deploy.runtime import Segmenter
 from adapt_deploy.stream import Frame, Source, StreamOptions, stream
 from adapt_deploy.stream.sources import VideoFile
-from bench.common import random_bundle, write_results
+from bench.common import RESULTS, random_bundle, write_results
 
 WORK = Path(__file__).parent / ".work" / "stream"
 VIDEO_SPEC = SynthSpec(
     seed=0, num_source=0, num_target_train=0, num_target_val=0, num_videos=1, video_frames=900
 )
+# The labelled source images of the random bundle's adaptation package.
+SOURCE_SPEC = SynthSpec(
+    seed=0, num_source=8, num_target_train=0, num_target_val=0, num_videos=0, video_frames=1
+)
 RSS_EVERY = 250
+ADAPT_WARMUP, SYNC_WARMUP = 2, 1  # untimed updates and pushes first (CUDA and cuDNN set-up)
 
 
 def dashcam_video() -> Path:
@@ -54,6 +73,35 @@ def dashcam_video() -> Path:
     except FileExistsError:  # written by another version of the renderer: this is our cache
         write_benchmark(data, VIDEO_SPEC, force=True)
     return data / "videos" / "drive_00.mp4"
+
+
+def source_data() -> Path:
+    """8 labelled GTA5-layout source images for the random bundle's adaptation package."""
+    root = WORK / "source"
+    try:
+        write_benchmark(root, SOURCE_SPEC)
+    except FileExistsError:  # written by another version of the renderer: this is our cache
+        write_benchmark(root, SOURCE_SPEC, force=True)
+    return root / "source"
+
+
+def describe_video(path: Path) -> str:
+    """The video's path (relative to the repository when inside it), frames, size and rate."""
+    video = VideoFile(path)
+    try:
+        first = next(video.frames(threading.Event()), None)
+        size = "" if first is None else f", {first.image.shape[0]}x{first.image.shape[1]}"
+        return f"{_shown(path)} ({video.total} frames{size}, {video.fps:g} fps)"
+    finally:
+        video.close()
+
+
+def _shown(path: Path) -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def rss_mb() -> float:
@@ -148,14 +196,141 @@ def measure_memory(seg: Segmenter, video: Path, count: int, scratch: Path) -> di
     }
 
 
-def render(args: argparse.Namespace, seg: Segmenter, speed: dict, memory: dict) -> str:
+def measure_adapter(
+    seg: Segmenter, bundle: Path, frames: list[np.ndarray], steps: int, syncs: int
+) -> dict[str, Any]:
+    """Update and sync times of the bundle's on-device adapter on `seg`'s device: `steps`
+    OnlineAdapter updates and `syncs` pushes of its teacher into `seg` (after untimed ones),
+    with the options `stream --adapt` uses for this backend. UserError when the bundle has no
+    adaptation package."""
+    import torch
+
+    from adapt_deploy.export.bundle import load_meta
+    from adapt_deploy.models.checkpoints import load_checkpoint
+    from adapt_deploy.tta.adapter import OnlineAdapter
+    from adapt_deploy.tta.options import AdaptOptions
+    from adapt_deploy.tta.package import load_package
+    from adapt_deploy.tta.sync import make_sync
+
+    meta = load_meta(bundle)
+    package = load_package(bundle, meta)
+    model, config = load_checkpoint(package.checkpoint)
+    template, _ = load_checkpoint(package.checkpoint)  # the CPU model the sync checks against
+    options = AdaptOptions()
+    if seg.backend == "torch":  # as open_adaptation: torch's thread pool is inference's too
+        options = replace(options, threads=None)
+    size = options.size or tuple(meta["evaluation"]["size"])
+    threads = torch.get_num_threads()
+    # The Segmenter's device; the CPU where only the runtime sees the GPU (ONNX Runtime CUDA
+    # beside a CPU-only torch).
+    device = seg.device if seg.device == "cpu" or torch.cuda.is_available() else "cpu"
+
+    def synchronize() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+
+    def timed(call: Callable[[], Any]) -> tuple[float, Any]:
+        synchronize()
+        start = time.perf_counter()
+        result = call()
+        synchronize()
+        return time.perf_counter() - start, result
+
+    try:
+        adapter = OnlineAdapter(
+            model.to(device),
+            config.input,
+            package.stats,
+            options,
+            size=(int(size[0]), int(size[1])),
+            lse_k=package.lse_k,
+            checkpoint_sha256=meta["checkpoint"]["sha256"],
+        )
+        updates = [
+            timed(lambda i=i: adapter.step(frames[i % len(frames)]))
+            for i in range(ADAPT_WARMUP + steps)
+        ][ADAPT_WARMUP:]
+        pushes = []
+        if syncs > 0:
+            sync = make_sync(seg, template, config.input)
+            try:
+                pushes = [
+                    timed(lambda: sync.push(adapter.teacher)) for _ in range(SYNC_WARMUP + syncs)
+                ][SYNC_WARMUP:]
+            finally:
+                sync.close()
+    finally:
+        torch.set_num_threads(threads)  # AdaptOptions.threads sets the process-wide count
+    failed = [r.reason for _, r in pushes if not r.ok]
+    return {
+        "device": str(adapter.device),
+        "size": (int(size[0]), int(size[1])),
+        "params": options.params,
+        "trainable": sum(p.numel() for p in adapter.trainable),
+        "update_ms": [t * 1000 for t, _ in updates],
+        "resets": sum(r.reset is not None for _, r in updates),  # back to the source weights
+        "sync_ms": [t * 1000 for t, _ in pushes],
+        "sync_ok": len(pushes) - len(failed),
+        "sync_failures": failed,
+        "samples": len(meta["samples"]),
+    }
+
+
+def _stats_row(name: str, values: list[float]) -> str:
+    if not values:
+        return f"| {name} | 0 | | | |"
+    return (
+        f"| {name} | {len(values)} | {statistics.median(values):.1f} | {min(values):.1f} | "
+        f"{max(values):.1f} |"
+    )
+
+
+def render_adapter(seg: Segmenter, adapter: dict[str, Any] | str | None) -> list[str]:
+    """The on-device adaptation section: the timings, or why there are none."""
+    lines = ["", "## On-device adaptation: update and sync times", ""]
+    if adapter is None:
+        return [*lines, "Not measured (--adapt-steps 0 --syncs 0)."]
+    if isinstance(adapter, str):
+        return [*lines, f"Not measured: {adapter}"]
+    height, width = adapter["size"]
+    how = {
+        "torch": "a new torch backend on the device",
+        "onnxruntime": "a rebuilt ONNX Runtime session",
+        "tensorrt": "a refit of the standby engine",
+    }.get(seg.backend, seg.backend)
+    lines += [
+        f"The bundle's OnlineAdapter at the `stream --adapt` defaults (params {adapter['params']}: "
+        f"{adapter['trainable']:,} trained values) on **{adapter['device']}**, frames at "
+        f"{height}x{width}; each push puts its teacher into the running {seg.backend} Segmenter "
+        f"({how}), checked on the bundle's {adapter['samples']} samples first. "
+        f"{ADAPT_WARMUP} updates and {SYNC_WARMUP} push untimed first; medians.",
+        "",
+        "| what | count | median ms | min ms | max ms |",
+        "|---|---|---|---|---|",
+        _stats_row("update (`OnlineAdapter.step`)", adapter["update_ms"]),
+        _stats_row("sync (`push`, checked and swapped in)", adapter["sync_ms"]),
+        "",
+        f"{adapter['sync_ok']} of {len(adapter['sync_ms'])} timed pushes went live; "
+        f"{adapter['resets']} of the timed updates ended in a reset to the source weights "
+        "(the collapse check; a reset adds the reload to that update).",
+    ]
+    lines += [f"- a push was refused: {reason}" for reason in adapter["sync_failures"]]
+    return lines
+
+
+def render(
+    model: str,
+    video: str,
+    seg: Segmenter,
+    speed: dict,
+    memory: dict,
+    adapter: dict[str, Any] | str | None = None,
+) -> str:
     ratio = speed["e2e_fps"] / speed["backend_fps"]
     lines = [
-        f"Input: {dashcam_video().relative_to(WORK.parents[2])} (1-minute synthetic drive, "
-        "900 frames, 256x512, 15 fps, mp4v). Model: "
-        + (f"{args.bundle}" if args.bundle else "random-init DeepLab-v2 ResNet-18, width 16")
-        + f", backend {seg.backend} {seg.precision} on {seg.device}. End-to-end writes the "
-        "overlay MP4, the label PNGs and the JSONL stats.",
+        f"Input: {video}, a synthetic drive (mp4v). Model: {model}, backend {seg.backend} "
+        f"{seg.precision} on {seg.device}. End-to-end writes the overlay MP4, the label PNGs "
+        "and the JSONL stats.",
         "",
         "## Speed: end-to-end over backend-only, same run",
         "",
@@ -192,14 +367,82 @@ def render(args: argparse.Namespace, seg: Segmenter, speed: dict, memory: dict) 
     step = max(1, len(memory["samples"]) // 12)
     shown = memory["samples"][::step] + ([memory["samples"][-1]] if step > 1 else [])
     lines += [f"| {i} | {mb:.1f} |" for i, mb in dict(shown).items()]
+    lines += render_adapter(seg, adapter)
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+@dataclass
+class StreamRun:
+    """A run's results file, its Markdown and the measurements behind it (adapter: the timings,
+    the reason they are missing, or None when not asked for)."""
+
+    path: Path
+    body: str
+    speed: dict[str, Any]
+    memory: dict[str, Any]
+    adapter: dict[str, Any] | str | None
+
+
+def run(
+    bundle: Path,
+    video: Path,
+    model: str,
+    *,
+    backend: str = "auto",
+    device: str = "auto",
+    threads: int | None = None,
+    block: int = 150,
+    rounds: int = 3,
+    frames: int = 10_000,
+    adapt_steps: int = 8,
+    syncs: int = 3,
+    results: Path = RESULTS,
+    work: Path = WORK,
+) -> StreamRun:
+    """Measure, write <results>/stream.md and return what was measured; the stream's outputs
+    go to a scratch directory under `work`, removed at the end."""
+    work.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="stream-", dir=work))
+    chosen: int | str = 0 if device == "auto" else device  # 0: GPU 0 where usable, else CPU
+    try:
+        with Segmenter.from_bundle(bundle, backend=backend, device=chosen, threads=threads) as seg:
+            print(f"segmenter: {seg.backend} {seg.precision} on {seg.device}", flush=True)
+            speed = measure_speed(seg, video, block, rounds, scratch)
+            print(f"speed: {speed['e2e_fps'] / speed['backend_fps']:.3f} ratio", flush=True)
+            memory = measure_memory(seg, video, frames, scratch)
+            print(f"memory: {memory['growth_mb']:+.1f} MB over {memory['frames']}", flush=True)
+            adapter: dict[str, Any] | str | None = None
+            if adapt_steps > 0 or syncs > 0:
+                print(f"adapter: {adapt_steps} updates, {syncs} syncs", flush=True)
+                shots = decoded_frames(video, max(adapt_steps, 1) + ADAPT_WARMUP)
+                try:
+                    adapter = measure_adapter(seg, bundle, shots, adapt_steps, syncs)
+                except UserError as exc:  # a bundle without an adaptation package
+                    adapter = str(exc)
+                print(f"adapter: {_adapter_line(adapter)}", flush=True)
+            body = render(model, describe_video(video), seg, speed, memory, adapter)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    path = write_results("stream", "Streaming: pipeline overhead and memory", body, results)
+    return StreamRun(path, body, speed, memory, adapter)
+
+
+def _adapter_line(adapter: dict[str, Any] | str) -> str:
+    """The progress line of the adapter timings."""
+    if isinstance(adapter, str):
+        return f"not measured: {adapter}"
+    update, sync = (
+        statistics.median(adapter[k] or [float("nan")]) for k in ("update_ms", "sync_ms")
+    )
+    return f"update {update:.1f} ms, sync {sync:.1f} ms (medians) on {adapter['device']}"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--bundle", type=Path, default=None, help="bundle to stream (default: random ResNet-18)"
-    )
+        "--bundle", type=Path, default=None,
+        help="bundle to stream (default: random ResNet-18 with an adaptation package)",
+    )  # fmt: skip
     parser.add_argument("--frames", type=int, default=10_000, help="frames for the RSS run")
     parser.add_argument("--block", type=int, default=150, help="frames per speed block")
     parser.add_argument(
@@ -210,25 +453,48 @@ def main() -> None:
         default="auto",
         help="runtime backend: auto, onnxruntime, tensorrt or torch (Segmenter.from_bundle)",
     )
+    parser.add_argument(
+        "--device", default="auto",
+        help="auto (GPU 0 where the backend can use it, else the CPU), cuda, cuda:N or cpu",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads")
-    args = parser.parse_args()
-    WORK.mkdir(parents=True, exist_ok=True)
+    parser.add_argument(
+        "--adapt-steps", type=int, default=8, help="timed on-device adapter updates (0: none)"
+    )
+    parser.add_argument(
+        "--syncs", type=int, default=3, help="timed pushes of the adapted weights (0: none)"
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where stream.md goes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if min(args.frames, args.block, args.rounds) < 1 or min(args.adapt_steps, args.syncs) < 0:
+        print("error: --frames, --block and --rounds must be >= 1, --adapt-steps and --syncs "
+              ">= 0", file=sys.stderr)  # fmt: skip
+        return 2
+    print("input video (rendered on the first run only)", flush=True)
     video = dashcam_video()
-    bundle = args.bundle or random_bundle()
-    scratch = Path(tempfile.mkdtemp(prefix="stream-", dir=WORK))
+    if args.bundle is not None:
+        bundle, model = args.bundle, str(args.bundle)
+    else:
+        print("random bundle with an adaptation package (exported on the first run)", flush=True)
+        bundle = random_bundle(source=source_data())
+        model = "random-init DeepLab-v2 ResNet-18, width 16"
     try:
-        with Segmenter.from_bundle(bundle, backend=args.backend, threads=args.threads) as seg:
-            speed = measure_speed(seg, video, args.block, args.rounds, scratch)
-            print(f"speed: {speed['e2e_fps'] / speed['backend_fps']:.3f} ratio", flush=True)
-            memory = measure_memory(seg, video, args.frames, scratch)
-            print(f"memory: {memory['growth_mb']:+.1f} MB over {memory['frames']}", flush=True)
-            body = render(args, seg, speed, memory)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    path = write_results("stream", "Streaming: pipeline overhead and memory", body)
-    print(body)
-    print(f"wrote {path}")
+        done = run(
+            bundle, video, model, backend=args.backend, device=args.device,
+            threads=args.threads, block=args.block, rounds=args.rounds, frames=args.frames,
+            adapt_steps=args.adapt_steps, syncs=args.syncs, results=args.results,
+        )  # fmt: skip
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(done.body)
+    print(f"wrote {done.path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

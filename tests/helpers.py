@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from adapt_deploy.config import ExperimentConfig, from_dict
@@ -98,3 +99,37 @@ def open_fake_tensorrt_backend(
     monkeypatch.setattr(tensorrt_backend, "open_memory", memory)
     meta = {"input": {"layout": "NHWC"}}
     return tensorrt_backend.TensorRTBackend(Path("bundle"), meta, "fp32", device=device)
+
+
+def band_model(
+    path: Path, device: str = "cpu", steps: int = 30, size: tuple[int, int] = (64, 96)
+) -> tuple[torch.nn.Module, ExperimentConfig, np.ndarray]:
+    """A tiny DeepLab (`write_checkpoint`, saved at `path`) trained `steps` SGD steps on eight
+    band scenes (conftest.scene) on `device`, in eval mode there, and four other scenes
+    (N, H, W, 3) uint8. Trained, its logits have margins: a random network's near-tied logits
+    say nothing about how a reduced precision treats a real model."""
+    import torch.nn.functional as F
+    from conftest import scene
+
+    from adapt_deploy.data.normalize import normalize
+    from adapt_deploy.models.checkpoints import load_checkpoint
+
+    model, config = load_checkpoint(write_checkpoint(path))
+    model = model.to(device)
+    rng = np.random.default_rng(0)
+    scenes = [scene(rng, *size) for _ in range(12)]
+    images = torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image, _ in scenes])
+    labels = torch.stack([torch.from_numpy(label).long() for _, label in scenes])
+    images, labels = images.to(device), labels.to(device)
+    torch.manual_seed(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        batch = torch.randint(0, 8, (4,)).to(device)
+        logits = model(normalize(images[batch], config.input))["logits"]
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+        loss = F.cross_entropy(logits, labels[batch], ignore_index=255)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), config, np.stack([image for image, _ in scenes[8:]])

@@ -1,4 +1,4 @@
-"""bench/tta.py helpers: --set parsing, method names, the bundle cache and the report text."""
+"""bench/tta/ helpers: --set parsing, method names, the bundle cache and the report text."""
 
 from __future__ import annotations
 
@@ -11,8 +11,15 @@ import torch
 from conftest import write_gta5
 from helpers import write_source_checkpoint
 
-import bench.tta as tta
+from adapt_deploy.export.bundle import sha256_file
+from adapt_deploy.export.pipeline import export_bundle
 from adapt_deploy.tta.options import AdaptOptions, ResetPolicy
+from bench.tta.cli import build_parser, main
+from bench.tta.conditions import CONDITIONS, confusion
+from bench.tta.model import DEFAULT_CHECKPOINT, ensure_bundle, model_description
+from bench.tta.report import report
+from bench.tta.runner import Run, kept_torch_threads
+from bench.tta.settings import SETTING_PARSERS, parse_settings
 
 # --------------------------------------------------------------------------------------------
 # --set
@@ -20,7 +27,7 @@ from adapt_deploy.tta.options import AdaptOptions, ResetPolicy
 
 
 def test_set_uses_the_fields_own_parsers() -> None:
-    options = tta.parse_settings(
+    options = parse_settings(
         ["reset=collapse+periodic:100", "threshold=0.3", "size=96x160", "threads=none",
          "lr=1e-3", "every=8", "params=bn+head"]
     )  # fmt: skip
@@ -29,16 +36,16 @@ def test_set_uses_the_fields_own_parsers() -> None:
     assert options.size == (96, 160)
     assert options.threads is None
     assert options.lr == 1e-3 and options.every == 8 and options.params == "bn+head"
-    assert tta.parse_settings(["reset=periodic:100"]).reset == ResetPolicy(False, 100)
-    assert tta.parse_settings(["threshold=auto", "size=none"]) == AdaptOptions()
-    assert tta.parse_settings([]) == AdaptOptions()
+    assert parse_settings(["reset=periodic:100"]).reset == ResetPolicy(False, 100)
+    assert parse_settings(["threshold=auto", "size=none"]) == AdaptOptions()
+    assert parse_settings([]) == AdaptOptions()
 
 
 def test_every_field_can_be_set() -> None:
     defaults = AdaptOptions()
     for f in fields(AdaptOptions):
         kind = type(getattr(defaults, f.name))
-        assert f.name in tta.SETTING_PARSERS or kind in (int, float, str), f.name
+        assert f.name in SETTING_PARSERS or kind in (int, float, str), f.name
 
 
 @pytest.mark.parametrize(
@@ -56,23 +63,23 @@ def test_every_field_can_be_set() -> None:
 )
 def test_set_rejects_with_one_line(item: str, says: str) -> None:
     with pytest.raises(ValueError) as info:
-        tta.parse_settings([item])
+        parse_settings([item])
     message = str(info.value)
     assert says in message and "\n" not in message
 
 
 def test_main_rejects_bad_set_and_unknown_methods(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
-        tta.main(["--set", "nope=1"])
+        main(["--set", "nope=1"])
     assert "--set 'nope=1'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        tta.main(["--methods", "none,tennt"])
+        main(["--methods", "none,tennt"])
     err = capsys.readouterr().err
     assert "unknown tennt" in err and "tent_lr_1e-4" in err
 
 
 def test_every_flag_has_help() -> None:
-    actions = [a for a in tta.build_parser()._actions if a.option_strings and a.dest != "help"]
+    actions = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
     assert actions and all(a.help for a in actions), [a.dest for a in actions if not a.help]
 
 
@@ -84,14 +91,14 @@ def test_every_flag_has_help() -> None:
 def test_confusion_skips_only_the_ignore_label() -> None:
     labels = np.array([[0, 18, 255], [3, 3, 255]], np.uint8)
     preds = np.array([[0, 1, 5], [3, 2, 7]], np.uint8)
-    matrix = tta.confusion(labels, preds)
+    matrix = confusion(labels, preds)
     assert matrix.shape == (19, 19) and matrix.sum() == 4
     assert matrix[0, 0] == 1 and matrix[18, 1] == 1 and matrix[3, 3] == 1 and matrix[3, 2] == 1
 
 
 def test_kept_torch_threads_restores_the_count() -> None:
     before = torch.get_num_threads()
-    with tta.kept_torch_threads():
+    with kept_torch_threads():
         torch.set_num_threads(1 if before != 1 else 2)
     assert torch.get_num_threads() == before
 
@@ -109,21 +116,20 @@ def test_bundle_is_exported_again_for_another_checkpoint_or_source(
     first = write_source_checkpoint(tmp_path / "a" / "model.pt", source, seed=0)
     second = write_source_checkpoint(tmp_path / "b" / "model.pt", source, seed=1)
     exports: list[Path] = []
-    real_export = tta.export_bundle
 
     def export(checkpoint, out, **kwargs):
         exports.append(Path(checkpoint))
-        return real_export(checkpoint, out, adapt_images=4, **kwargs)
+        return export_bundle(checkpoint, out, adapt_images=4, **kwargs)
 
-    monkeypatch.setattr(tta, "export_bundle", export)
+    monkeypatch.setattr("bench.tta.model.export_bundle", export)  # where ensure_bundle looks
     bundle = tmp_path / "bundle"
-    meta, exported = tta.ensure_bundle(first, source, bundle)
-    assert exported and meta["checkpoint"]["sha256"] == tta.sha256_file(first)
-    assert tta.ensure_bundle(first, source, bundle)[1] is False  # same checkpoint: reused
-    meta, exported = tta.ensure_bundle(second, source, bundle)  # same file name, other weights
-    assert exported and meta["checkpoint"]["sha256"] == tta.sha256_file(second)
-    assert tta.ensure_bundle(second, other_source, bundle)[1] is True
-    assert tta.ensure_bundle(second, other_source, bundle)[1] is False
+    meta, exported = ensure_bundle(first, source, bundle)
+    assert exported and meta["checkpoint"]["sha256"] == sha256_file(first)
+    assert ensure_bundle(first, source, bundle)[1] is False  # same checkpoint: reused
+    meta, exported = ensure_bundle(second, source, bundle)  # same file name, other weights
+    assert exported and meta["checkpoint"]["sha256"] == sha256_file(second)
+    assert ensure_bundle(second, other_source, bundle)[1] is True
+    assert ensure_bundle(second, other_source, bundle)[1] is False
     assert exports == [first, second, second]
 
 
@@ -132,17 +138,17 @@ def test_bundle_is_exported_again_for_another_checkpoint_or_source(
 # --------------------------------------------------------------------------------------------
 
 
-def _run(name: str, rounds: int, value: float) -> tta.Run:
-    run = tta.Run(name, clean_end=value, seconds=12.0)
+def _run(name: str, rounds: int, value: float) -> Run:
+    run = Run(name, clean_end=value, seconds=12.0)
     for r in range(rounds):
-        for condition, _, _ in tta.CONDITIONS:
+        for condition, _, _ in CONDITIONS:
             run.miou[(r, condition)] = value + r
     return run
 
 
 def test_report_follows_name_rounds_and_model() -> None:
     fps: dict[str, list[float]] = {"without": [], "with": []}
-    body = tta.report(
+    body = report(
         [_run("tent", 3, 10.0), _run("ours", 3, 12.0)], 3, 8, AdaptOptions(), fps, None, {},
         name="tta_ablation", model="checkpoint /x/y.pt",
     )  # fmt: skip
@@ -157,7 +163,7 @@ def test_report_follows_name_rounds_and_model() -> None:
 
 def test_report_compares_with_none_when_it_ran() -> None:
     fps: dict[str, list[float]] = {"without": [], "with": []}
-    body = tta.report(
+    body = report(
         [_run("none", 2, 10.0), _run("ours", 2, 12.5)], 2, 8, AdaptOptions(), fps, None, {}
     )
     assert "| vs none |" in body
@@ -166,5 +172,5 @@ def test_report_compares_with_none_when_it_ran() -> None:
 
 
 def test_model_description_names_a_given_checkpoint(tmp_path: Path) -> None:
-    assert "seed 0" in tta.model_description(tta.DEFAULT_CHECKPOINT)
-    assert tta.model_description(tmp_path / "m.pt") == f"checkpoint {tmp_path / 'm.pt'}"
+    assert "seed 0" in model_description(DEFAULT_CHECKPOINT)
+    assert model_description(tmp_path / "m.pt") == f"checkpoint {tmp_path / 'm.pt'}"

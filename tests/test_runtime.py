@@ -126,7 +126,7 @@ def test_selection_errors_say_what_is_missing():
         choose("tensorrt", "auto", Device(None), ["fp32"], {}, False)
     with pytest.raises(UserError, match="no CUDAExecutionProvider"):
         choose("onnxruntime", "auto", Device(0, required=True), ["fp32"], {}, False)
-    with pytest.raises(UserError, match="fp32 only"):
+    with pytest.raises(UserError, match="fp16 on a CUDA GPU only"):
         choose("torch", "fp16", Device(None), ["fp32"], {}, False)
     with pytest.raises(UserError, match="backend: expected one of"):
         choose("openvino", "auto", Device(None), ["fp32"], {}, False)

@@ -403,3 +403,11 @@ def test_the_perception_loop_example_adapts_beside_its_loop(trained, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "6 frames" in result.stdout and "adaptation:" in result.stdout
+
+
+def test_the_adapter_trains_on_the_segmenters_gpu_only_where_torch_reaches_it() -> None:
+    from adapt_deploy.tta.session import adapter_device
+
+    assert adapter_device("cpu") == "cpu"
+    expected = "cuda:1" if torch.cuda.is_available() else "cpu"
+    assert adapter_device("cuda:1") == expected  # TensorRT / ORT CUDA segmenters included

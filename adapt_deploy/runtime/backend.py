@@ -4,7 +4,9 @@ A backend owns the graph's input buffer and its output buffers. The Segmenter as
 host input buffer of a batch shape (N, H, W), writes the frames there, then calls `run(shape)`,
 which returns views of the `labels` (N, H, W) int32 and `presence` (N, C) float32 outputs that
 stay valid until the next call. Buffers are allocated once per shape (ONNX Runtime, torch) or
-once for the engine profile's largest shape (TensorRT).
+once for the engine profile's largest shape (TensorRT). A backend may also have `notes`: what
+it turned off while running (a CUDA graph that failed to capture), which `Segmenter.notes`
+reports.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class Backend(Protocol):
     """One loaded model on one device; not thread-safe (the Segmenter serializes calls)."""
 
     name: str  # "onnxruntime" | "tensorrt" | "torch"
-    precision: str  # "fp32" | "fp16"
+    precision: str  # "fp32" | "fp16" | "bf16" (torch only)
     device: str  # "cpu" | "cuda:N"
 
     def input_buffer(self, shape: Shape) -> np.ndarray:
@@ -51,15 +53,16 @@ def input_dtype(layout: str) -> type[np.generic]:
 
 
 class ShapeCache(Generic[T]):
-    """Per-shape resources (buffers, bindings), made on first use; the least recently used
-    is dropped past `size` shapes, so a stream of changing sizes cannot grow without bound."""
+    """Per-shape resources (buffers, bindings, CUDA graphs), made on first use; the least
+    recently used is dropped past `size` shapes, so a stream of changing sizes cannot grow
+    without bound. Keys are shapes of any rank."""
 
-    def __init__(self, make: Callable[[Shape], T], size: int = 4) -> None:
+    def __init__(self, make: Callable[[Any], T], size: int = 4) -> None:
         self._make = make
         self._size = size
-        self._items: OrderedDict[Shape, T] = OrderedDict()
+        self._items: OrderedDict[tuple[int, ...], T] = OrderedDict()
 
-    def get(self, shape: Shape) -> T:
+    def get(self, shape: tuple[int, ...]) -> T:
         if shape in self._items:
             self._items.move_to_end(shape)
         else:
@@ -67,6 +70,13 @@ class ShapeCache(Generic[T]):
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
         return self._items[shape]
+
+    def items(self) -> list[tuple[tuple[int, ...], T]]:
+        """The cached (shape, resource) pairs, least recently used first."""
+        return list(self._items.items())
+
+    def values(self) -> list[T]:
+        return list(self._items.values())
 
     def clear(self) -> None:
         self._items.clear()

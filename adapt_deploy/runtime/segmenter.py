@@ -59,7 +59,7 @@ class Segmenter:
         self.backend: str = backend.name
         self.precision: str = backend.precision
         self.device: str = backend.device
-        self.notes = notes  # why "auto" passed over other backends
+        self._choice_notes = tuple(notes)  # why "auto" passed over other backends
         shapes = meta["shapes"]
         self.max_batch: int = shapes["max"][0]
         self.min_size: tuple[int, int] = (shapes["min"][1], shapes["min"][2])
@@ -82,16 +82,28 @@ class Segmenter:
         size: tuple[int, int] | None = None,
         threads: int | None = None,
         check_hashes: bool = True,
+        cuda_graph: bool | None = None,
     ) -> Segmenter:
         """Open a bundle. backend: "auto" | "onnxruntime" | "tensorrt" | "torch"; device: a GPU
         index (used when a GPU backend is available, else the CPU), "cuda:N" (required) or
-        "cpu"; precision: "auto" | "fp32" | "fp16"; size: (H, W) to run every frame at;
-        threads: ONNX Runtime CPU threads; check_hashes: verify the model's sha256 first."""
+        "cpu"; precision: "auto" | "fp32" | "fp16" | "bf16" (torch only); size: (H, W) to run
+        every frame at; threads: ONNX Runtime CPU threads; check_hashes: verify the model's
+        sha256 first; cuda_graph: replay CUDA graphs (None: on for torch on CUDA, off for ONNX
+        Runtime; ADAPT_DEPLOY_CUDA_GRAPHS=0 turns them off); see `notes` for what was not
+        honoured."""
         bundle = Path(path)
         meta = load_meta(bundle)
-        choice: Choice = resolve(bundle, meta, backend, precision, parse_device(device))
+        choice: Choice = resolve(bundle, meta, backend, precision, parse_device(device), cuda_graph)
         impl = open_backend(bundle, meta, choice, threads=threads, check_hashes=check_hashes)
         return cls(impl, meta, bundle, size=size, notes=choice.notes)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Why "auto" passed over a backend, requests that were not honoured (a CUDA graph on
+        the CPU), and what the running backend turned off since (a graph that failed to
+        capture: eager runs instead)."""
+        impl = self._impl
+        return self._choice_notes + tuple(getattr(impl, "notes", ()) if impl else ())
 
     def _check_size(self, size: tuple[int, int] | None) -> tuple[int, int] | None:
         if size is None:

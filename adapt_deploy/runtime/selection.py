@@ -4,7 +4,12 @@
 `resolve` gathers those facts (TensorRT engines for this GPU, ONNX Runtime's CUDA provider,
 torch's CUDA) and `open_backend` builds the chosen backend. "auto" prefers a TensorRT engine
 built for this GPU, then ONNX Runtime on CUDA, then ONNX Runtime on CPU; precision "auto" is
-fp16 on a GPU when the bundle (or engine) has it and fp32 on CPU.
+fp16 on a GPU when the bundle (or engine) has it and fp32 on CPU, and always fp32 on the torch
+backend (its reduced precisions are asked for: fp16 on CUDA, bf16 on CUDA and the CPU).
+
+CUDA graphs (`cuda_graph`, see `graph_policy`): on by default for the torch backend on CUDA,
+opt-in for ONNX Runtime's CUDA provider, never for TensorRT (its engines run as built); a
+request that cannot be honoured here becomes a note.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from typing import Any
 from adapt_deploy.errors import UserError
 from adapt_deploy.export.bundle import model_path, verify_hashes
 from adapt_deploy.export.engine_files import list_engines
+from adapt_deploy.runtime import graph_policy
 from adapt_deploy.runtime.backend import Backend
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
-PRECISIONS = ("auto", "fp32", "fp16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # bf16: the torch backend only
 ENGINE_PRECISIONS = ("fp16", "fp32")  # preference order on a GPU
 
 
@@ -55,12 +61,14 @@ def parse_device(device: int | str, name: str = "device") -> Device:
 
 @dataclass(frozen=True)
 class Choice:
-    """The backend to open, its precision, its CUDA device (None: CPU) and why others were not."""
+    """The backend to open, its precision, its CUDA device (None: CPU), whether it replays CUDA
+    graphs, and why other backends (or a request) were passed over."""
 
     backend: str
     precision: str
     cuda: int | None
     notes: tuple[str, ...] = field(default=())
+    cuda_graph: bool = False
 
 
 def choose(
@@ -71,21 +79,32 @@ def choose(
     engines: Mapping[str, Exception | None],
     ort_cuda: bool,
     torch_cuda: bool = False,
+    cuda_graph: bool | None = None,
+    graphs_env_off: bool = False,
 ) -> Choice:
     """The selection rule. `engines` maps an engine precision to None when a TensorRT engine
     for this machine exists, or to the error saying why not; `ort_cuda` / `torch_cuda` say
-    whether ONNX Runtime / torch can use CUDA here."""
+    whether ONNX Runtime / torch can use CUDA here; `cuda_graph` is the request (None: the
+    backend's default) and `graphs_env_off` whether ADAPT_DEPLOY_CUDA_GRAPHS turns graphs off."""
     if backend not in BACKENDS:
         raise UserError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     if precision not in PRECISIONS:
         raise UserError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+    cuda_graph = graph_policy.check_request(cuda_graph)
+    if precision == "bf16" and backend != "torch":
+        raise UserError(
+            "precision 'bf16' runs on the torch backend only (autocast); the ONNX models and "
+            "TensorRT engines are fp32 or fp16: pass backend 'torch' or another precision"
+        )
     gpu = device.index is not None
     notes: list[str] = []
     if backend in ("auto", "tensorrt") and gpu:
         wanted = list(ENGINE_PRECISIONS) if precision == "auto" else [precision]
         usable = [p for p in wanted if p in engines and engines[p] is None]
         if usable:
-            return Choice("tensorrt", usable[0], device.index)
+            if cuda_graph:
+                notes.append("tensorrt: cuda_graph is not used; the engine runs as built")
+            return Choice("tensorrt", usable[0], device.index, tuple(notes))
         reasons = [engines[p] for p in wanted if engines.get(p) is not None]
         if backend == "tensorrt":
             raise reasons[0] if reasons else UserError(f"no {wanted[0]} TensorRT engine")
@@ -93,14 +112,18 @@ def choose(
     if backend == "tensorrt":
         raise UserError("backend 'tensorrt' needs a CUDA GPU, but device 'cpu' was given")
     if backend == "torch":
-        if precision == "fp16":
-            raise UserError(
-                "the torch backend runs fp32 only; use backend 'onnxruntime' or 'tensorrt' for fp16"
-            )
         cuda = device.index if gpu and torch_cuda else None
         if device.required and cuda is None:
             raise UserError(f"device cuda:{device.index}: torch sees no CUDA GPU here")
-        return Choice("torch", "fp32", cuda, tuple(notes))
+        if precision == "fp16" and cuda is None:
+            raise UserError(
+                "precision 'fp16': the torch backend runs fp16 on a CUDA GPU only (on the CPU: "
+                "fp32 or bf16); for fp16 on the CPU use backend 'onnxruntime' (model_fp16.onnx)"
+            )
+        on_cuda = cuda is not None
+        graphs, why = graph_policy.decide(cuda_graph, on_cuda, True, "torch", graphs_env_off)
+        precision = "fp32" if precision == "auto" else precision
+        return Choice("torch", precision, cuda, (*notes, *why), graphs)
     cuda = device.index if gpu and ort_cuda else None
     if device.required and cuda is None:
         raise UserError(
@@ -111,7 +134,10 @@ def choose(
         notes.append("onnxruntime: no CUDAExecutionProvider, running on the CPU")
     if precision == "auto":
         precision = "fp16" if cuda is not None and "fp16" in bundle_precisions else "fp32"
-    return Choice("onnxruntime", precision, cuda, tuple(notes))
+    graphs, why = graph_policy.decide(
+        cuda_graph, cuda is not None, False, "onnxruntime", graphs_env_off
+    )
+    return Choice("onnxruntime", precision, cuda, (*notes, *why), graphs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,7 +177,12 @@ def torch_cuda_available() -> bool:
 
 
 def resolve(
-    bundle: Path, meta: dict[str, Any], backend: str, precision: str, device: Device
+    bundle: Path,
+    meta: dict[str, Any],
+    backend: str,
+    precision: str,
+    device: Device,
+    cuda_graph: bool | None = None,
 ) -> Choice:
     """Gather what this machine offers for this request and apply `choose`."""
     from adapt_deploy.runtime.onnxruntime_backend import cuda_available
@@ -162,7 +193,17 @@ def resolve(
         engines = probe_engines(bundle, device.index or 0, explicit=backend == "tensorrt")
     ort_cuda = gpu and backend in ("auto", "onnxruntime") and cuda_available()
     torch_cuda = gpu and backend == "torch" and torch_cuda_available()
-    return choose(backend, precision, device, meta["precision"], engines, ort_cuda, torch_cuda)
+    return choose(
+        backend,
+        precision,
+        device,
+        meta["precision"],
+        engines,
+        ort_cuda,
+        torch_cuda,
+        cuda_graph,
+        graph_policy.graphs_env_off(),
+    )
 
 
 def open_backend(
@@ -181,7 +222,7 @@ def open_backend(
         from adapt_deploy.runtime.torch_backend import TorchBackend
 
         device = "cpu" if choice.cuda is None else f"cuda:{choice.cuda}"
-        return TorchBackend(bundle, meta, device)
+        return TorchBackend(bundle, meta, device, choice.precision, choice.cuda_graph)
     from adapt_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     path = model_path(bundle, meta, choice.precision)  # BundleError when the bundle lacks it
@@ -194,4 +235,5 @@ def open_backend(
         choice.precision,
         cuda_device=choice.cuda,
         threads=threads,
+        cuda_graph=choice.cuda_graph,
     )

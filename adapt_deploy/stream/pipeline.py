@@ -70,6 +70,7 @@ class StreamOptions:
     queue_size: int = 2  # frames waiting between two stages; more only adds latency
     device: int | str = 0  # a GPU index, "cuda:N" or "cpu", as Segmenter.from_bundle takes
     force: bool = False  # replace outputs that already exist (never an input)
+    cuda_graph: bool | None = None  # replay CUDA graphs (None: the backend's default)
 
     def check(self) -> None:
         """UserError naming the option when a value is out of range."""
@@ -359,8 +360,14 @@ def run_stream(
 
             check_state_path(adapt.state)
         segmenter = Segmenter.from_bundle(
-            bundle, backend=options.backend, device=options.device, precision=options.precision
+            bundle,
+            backend=options.backend,
+            device=options.device,
+            precision=options.precision,
+            cuda_graph=options.cuda_graph,
         )
+        for note in segmenter.notes if reporter is not None else ():
+            reporter.log(f"runtime: {note}")
         if adapt is not None:
             from adapt_deploy.tta.session import open_adaptation
 

@@ -5,7 +5,10 @@ One update (`step(frame)`), as a mean teacher (CoTTA) driven by weak labels (Eq.
 1. The student segments the frame. Its BN statistics are mixed source/test (see `bn`), and
    this frame enters the test average here (with more weight when it starts a shift).
 2. The teacher (an EMA of the student's weights with the student's mixed statistics: what the
-   runtime runs) segments the same frame; its class presence gives pseudo-weak labels
+   runtime runs) segments the same frame, a pure inference forward run as the torch backend
+   runs one (`teacher_precision` fp32 / fp16 / bf16 autocast; on CUDA replayed from a CUDA
+   graph, which reads the live weights: the EMA update, statistics copy, resets and rollbacks
+   all write them in place); its class presence gives pseudo-weak labels
    y_c = [p_c > T_c]. T_c is calibrated per class on the source at export (`SourceStats`):
    the uncalibrated presence is above the paper's global T = 0.2 for every class in every
    image. The cut is applied to the LSE value itself (`lse_thresholds`), where it can be
@@ -38,6 +41,10 @@ from adapt_deploy.config import InputConfig
 from adapt_deploy.data.normalize import normalize
 from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.ops.pooling import attention_pool, lse_pool
+from adapt_deploy.runtime import graph_policy
+from adapt_deploy.runtime.cuda_graphs import GraphedForward
+from adapt_deploy.runtime.graph_policy import graphs_env_off
+from adapt_deploy.runtime.torch_inference import LogitsInference, check_precision
 from adapt_deploy.tta.bn import MixedBatchNorm2d, deployed_statistics, mix_batchnorms, set_adapting
 from adapt_deploy.tta.options import AdaptOptions
 from adapt_deploy.tta.safety import (
@@ -96,7 +103,13 @@ class OnlineAdapter:
         size: tuple[int, int],
         lse_k: float = 1.0,
         checkpoint_sha256: str = "",
+        *,
+        teacher_precision: str = "fp32",
+        cuda_graph: bool | None = None,
     ) -> None:
+        """`teacher_precision`: the teacher forward's precision (fp16 on CUDA only);
+        `cuda_graph`: replay the teacher forward from a CUDA graph (None: on CUDA, unless
+        ADAPT_DEPLOY_CUDA_GRAPHS=0); `notes` says what was not honoured."""
         self.options = options.check()
         if options.threads:
             torch.set_num_threads(options.threads)
@@ -109,6 +122,8 @@ class OnlineAdapter:
         model = model.eval()
         self.source_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        self._teacher_notes: tuple[str, ...] = ()
+        self._teacher_forward = self._teacher_runner(teacher_precision, cuda_graph)
         self.student = copy.deepcopy(model).eval()
         mix_batchnorms(self.student, options.bn_prior, options.bn_momentum)
         self._mixed = {
@@ -137,6 +152,31 @@ class OnlineAdapter:
     # ----------------------------------------------------------------------------------------
     # Set-up
     # ----------------------------------------------------------------------------------------
+
+    def _teacher_runner(self, precision: str, cuda_graph: bool | None) -> GraphedForward:
+        """The teacher's logits forward: the torch backend's precision and graph machinery."""
+        check_precision(precision, self.device, "teacher_precision")
+        cuda = self.device.type == "cuda"
+        graphs, self._teacher_notes = graph_policy.decide(
+            graph_policy.check_request(cuda_graph), cuda, True, "teacher", graphs_env_off()
+        )
+        logits = LogitsInference(self.teacher, precision, self.device.type)
+        runner = GraphedForward(
+            lambda x: logits(x)["logits"], self.device, torch.float32, graphs, 1, "teacher"
+        )
+        self.teacher_precision = precision
+        return runner
+
+    @property
+    def notes(self) -> list[str]:
+        """What the teacher forward does not do as asked: a CUDA graph requested on the CPU or
+        turned off by the environment, a capture that failed (eager runs instead)."""
+        return [*self._teacher_notes, *self._teacher_forward.notes]
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's float32 logits (N, C, h, w) of the network input `x`: a copy, as the
+        forward's buffers are reused."""
+        return self._teacher_forward(x)[0].clone()
 
     def _select_trainable(self) -> list[torch.nn.Parameter]:
         """Parameters of the chosen set require grad; all others are frozen."""
@@ -224,7 +264,7 @@ class OnlineAdapter:
                 layer.test_momentum = options.bn_momentum
         with torch.no_grad():  # after the student: the teacher sees this frame's statistics
             self._copy_statistics()
-            teacher = self.teacher(x)["logits"]
+            teacher = self.teacher_logits(x)
             present = self.pseudo_labels(teacher)
         losses = self._losses(out["logits"], out["features"], teacher, present)
         loss = sum(w * v for w, v in losses.values())

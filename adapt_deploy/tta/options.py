@@ -45,7 +45,7 @@ class ResetPolicy:
 class AdaptOptions:
     """What the adapter learns, how fast, how often, and how it stays safe.
 
-    bench/tta.py compares the defaults of `every` (with 1 and 64), `weak_weight` (with 0),
+    bench/tta/ compares the defaults of `every` (with 1 and 64), `weak_weight` (with 0),
     `entropy_weight` (with 1) and `bn_prior` (with 0.3) with those alternatives (see
     bench/results/tta.md and tta_ablation.md); every other default is set by hand.
     """

@@ -73,6 +73,16 @@ def check_state_path(path: Path | None) -> None:
         raise UserError(f"--adapt-state {path}: the directory {path.parent} does not exist")
 
 
+def adapter_device(segmenter_device: str) -> str:
+    """Where the adapter trains: on the segmenter's GPU when torch can reach it (whatever the
+    backend: TensorRT and ONNX Runtime CUDA included), else on the CPU."""
+    import torch
+
+    if segmenter_device.startswith("cuda") and torch.cuda.is_available():
+        return segmenter_device
+    return "cpu"
+
+
 def open_adaptation(
     bundle: Path, segmenter: Any, setup: AdaptSetup, reporter: Reporter | None = None
 ) -> AdaptWorker:
@@ -90,6 +100,7 @@ def open_adaptation(
     meta = load_meta(Path(bundle))
     package = load_package(Path(bundle), meta)
     model, config = load_checkpoint(package.checkpoint)
+    model = model.to(adapter_device(segmenter.device))
     size = setup.options.size or tuple(meta["evaluation"]["size"])
     options = setup.options
     if segmenter.backend == "torch":  # torch's thread pool is per process: leave inference's

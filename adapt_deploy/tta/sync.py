@@ -2,7 +2,9 @@
 
 `make_sync(segmenter, template, input_config)` picks the way for the segmenter's backend:
 
-- torch: a new backend around a copy of the pushed model.
+- torch: a standby backend (same device, precision and CUDA-graph setting as the running one)
+  takes the pushed weights in place, so its captured CUDA graphs stay valid; after a swap the
+  backend it replaced is the next standby, as with TensorRT.
 - onnxruntime: a new InferenceSession, built off the hot path, from the bundle's graph with
   its conv initializers replaced by the re-folded weights (`folding`). The graph is serialized
   with the new values rather than overridden with `SessionOptions.add_initializer`: in a one-off
@@ -26,9 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import onnx
-import torch
 from onnx import numpy_helper
 from torch import nn
 
@@ -38,9 +38,9 @@ from adapt_deploy.export.bundle import model_path, presence_lse_k
 from adapt_deploy.export.onnx_export import DeployModel, GraphSpec
 from adapt_deploy.export.parity import torch_outputs
 from adapt_deploy.export.verify import compare_outputs, failures, load_sample, tolerance_for
-from adapt_deploy.runtime.backend import Backend, Shape, ShapeCache, as_runner, graph_shape
-from adapt_deploy.runtime.backend import input_dtype as graph_dtype
+from adapt_deploy.runtime.backend import Backend, as_runner
 from adapt_deploy.runtime.segmenter import Segmenter
+from adapt_deploy.runtime.torch_backend import ModelBackend
 from adapt_deploy.tta.folding import FoldingMap, build_folding_map, own_initializers
 
 MAX_PROTO_BYTES = 2_000_000_000  # protobuf cannot serialize a larger graph
@@ -175,39 +175,51 @@ class RuntimeSync:
 # --------------------------------------------------------------------------------------------
 
 
-class ModelBackend:
-    """The torch backend over a DeployModel in memory (TorchBackend loads it from the bundle)."""
-
-    name = "torch"
-    precision = "fp32"
-
-    def __init__(self, model: DeployModel, device: str) -> None:
-        self.model = model.to(device).eval()
-        self.device = device
-        layout = model.graph.layout
-        self._inputs: ShapeCache[np.ndarray] = ShapeCache(
-            lambda shape: np.empty(graph_shape(shape, layout), graph_dtype(layout))
-        )
-
-    def input_buffer(self, shape: Shape) -> np.ndarray:
-        return self._inputs.get(shape)
-
-    def run(self, shape: Shape) -> tuple[np.ndarray, np.ndarray]:
-        batch = torch.from_numpy(self._inputs.get(shape)).to(self.device)
-        with torch.inference_mode():
-            labels, presence = self.model(batch)[:2]
-        return labels.cpu().numpy(), presence.float().cpu().numpy()
-
-    def close(self) -> None:
-        self._inputs.clear()
-
-
 class TorchSync(RuntimeSync):
-    """A new torch backend holding a copy of the pushed weights."""
+    """Pushed weights loaded in place into a standby torch backend (made on the first push
+    like the running one); the backend a swap replaces becomes the standby."""
+
+    def __init__(
+        self, segmenter: Segmenter, template: nn.Module, input_config: InputConfig, graph: GraphSpec
+    ) -> None:
+        super().__init__(segmenter, template, input_config, graph)
+        self._standby: ModelBackend | None = None
 
     def _candidate(self) -> Backend:
-        model = DeployModel(copy.deepcopy(self._ref), self._input_config, self._graph)
-        return ModelBackend(model, self.segmenter.device)
+        standby, self._standby = self._standby, None
+        if standby is None:
+            running = running_backend(self.segmenter)
+            model = DeployModel(copy.deepcopy(self._ref), self._input_config, self._graph)
+            return ModelBackend(
+                model,
+                self.segmenter.device,
+                self.segmenter.precision,
+                cuda_graph=bool(getattr(running, "cuda_graph", False)),
+            )
+        try:
+            standby.load_weights(self._ref.state_dict())
+        except BaseException:
+            self._standby = standby
+            raise
+        return standby
+
+    def _discard(self, candidate: Backend) -> None:
+        """Kept as the standby: the next push sets all its weights again."""
+        self._keep(candidate)
+
+    def _retire(self, old: Backend) -> None:
+        self._keep(old)
+
+    def _keep(self, backend: Backend) -> None:
+        if isinstance(backend, ModelBackend) and self._standby is None:
+            self._standby = backend
+        else:
+            backend.close()
+
+    def close(self) -> None:
+        if self._standby is not None:
+            self._standby.close()
+            self._standby = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,6 +248,7 @@ class OnnxRuntimeSync(RuntimeSync):
         self.map: FoldingMap = own_initializers(self._proto, checked)
         self._inits = {t.name: t for t in self._proto.graph.initializer}
         self._cuda = None if segmenter.device == "cpu" else int(segmenter.device.split(":")[1])
+        self._cuda_graph = bool(getattr(running_backend(segmenter), "cuda_graph", False))
         if threads is None:
             session = getattr(running_backend(segmenter), "session", None)
             count = session.get_session_options().intra_op_num_threads if session else 0
@@ -255,6 +268,7 @@ class OnnxRuntimeSync(RuntimeSync):
             self.segmenter.precision,
             cuda_device=self._cuda,
             threads=self._threads,
+            cuda_graph=self._cuda_graph,
         )
 
 

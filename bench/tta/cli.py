@@ -1,0 +1,123 @@
+"""The command line: the flags, then the methods, the throughput runs and the results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+import bench.tta
+from bench.common import RESULTS, write_results
+from bench.tta.conditions import WORK, render_conditions
+from bench.tta.methods import method_makers
+from bench.tta.model import DEFAULT_CHECKPOINT, DEFAULT_SOURCE, ensure_bundle, model_description
+from bench.tta.report import plot, report
+from bench.tta.runner import kept_torch_threads, run_method
+from bench.tta.settings import parse_settings
+from bench.tta.throughput import stream_fps, write_video
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.tta", description=bench.tta.__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+        help="source checkpoint every method starts from (default: bench.adaptation's "
+        "source-only model, seed 0)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--source-data", type=Path, default=DEFAULT_SOURCE,
+        help="labelled source data for the bundle's adaptation package (source statistics)",
+    )  # fmt: skip
+    parser.add_argument("--frames", type=int, default=40, help="frames per condition")
+    parser.add_argument(
+        "--rounds", type=int, default=10, help="times the whole stream (all conditions) repeats"
+    )
+    parser.add_argument(
+        "--methods",
+        default="none,bn_stats,tent,ours,ours_every_frame,ours_every_64",
+        help="comma-separated methods to run, in order (see the module docstring for all)",
+    )
+    parser.add_argument(
+        "--fps-rounds", type=int, default=3,
+        help="throughput runs with and without adaptation, alternating (0: skip throughput)",
+    )  # fmt: skip
+    parser.add_argument("--fps-loops", type=int, default=5, help="stream rounds per fps run")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads of the PyTorch baselines"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE",
+        help="an AdaptOptions field of the ours* methods (bn_stats takes bn_momentum), e.g. "
+        "lr=1e-3, reset=periodic:100, threshold=auto, size=128x256, threads=none (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--name", default="tta", help="results name: bench/results/NAME.md and NAME.png"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        options = parse_settings(args.set)
+    except ValueError as exc:
+        parser.error(str(exc))
+    bundle = WORK / "bundle"
+    makers = method_makers(args.checkpoint, bundle, options)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in makers]
+    if unknown or not methods:
+        parser.error(
+            f"--methods: unknown {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(makers)}"
+        )
+    if args.rounds < 1 or args.frames < 1:
+        parser.error("--rounds and --frames must be at least 1")
+    if not args.checkpoint.exists():
+        raise SystemExit(
+            f"{args.checkpoint} is missing: train it with `python -m bench.adaptation --seeds 0` "
+            "or pass --checkpoint and --source-data"
+        )
+    torch.set_num_threads(args.threads)
+    meta, exported = ensure_bundle(args.checkpoint, args.source_data, bundle)
+    print(f"bundle {bundle}: {'exported now' if exported else 'reused (same checkpoint)'}")
+    data = render_conditions(args.frames)
+    runs = []
+    for name in methods:
+        print(f"{name}:", flush=True)
+        with kept_torch_threads():
+            runs.append(run_method(makers[name](), data, args.rounds))
+    fps: dict[str, list[float]] = {"without": [], "with": []}
+    worker = None
+    if args.fps_rounds:
+        with tempfile.TemporaryDirectory() as tmp, kept_torch_threads():
+            video = write_video(data, Path(tmp) / "rounds.avi", args.fps_loops)
+            for _ in range(args.fps_rounds):
+                fps["without"].append(stream_fps(bundle, video, None)[0])
+                value, worker = stream_fps(bundle, video, options)
+                fps["with"].append(value)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(runs, args.rounds, RESULTS / f"{args.name}.png")
+    package = meta["adaptation"].get("package", {}).get("summary", {})
+    body = report(
+        runs, args.rounds, args.frames, options, fps, worker, package,
+        name=args.name, model=model_description(args.checkpoint),
+    )  # fmt: skip
+    path = write_results(args.name, "On-device adaptation (bench/tta/)", body)
+    runs_json = {
+        r.name: {
+            "mean": r.mean(),
+            "clean_end": r.clean_end,
+            "miou": {f"{rr}/{c}": v for (rr, c), v in r.miou.items()},
+        }
+        for r in runs
+    }
+    (WORK / f"{args.name}.json").write_text(json.dumps(runs_json, indent=1))
+    print(body)
+    print(f"wrote {path}")

@@ -1,0 +1,40 @@
+"""The model every method starts from: the default checkpoint and source data, its cached
+bundle, and how the report names it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adapt_deploy.export.bundle import BundleError, load_meta, sha256_file
+from adapt_deploy.export.pipeline import export_bundle
+from bench.common import WORK as BENCH_WORK
+
+DEFAULT_CHECKPOINT = BENCH_WORK / "adapt_v2/runs/source_only_seed0/checkpoint.pt"
+DEFAULT_SOURCE = BENCH_WORK / "adapt_v2/data/source"
+
+
+def ensure_bundle(checkpoint: Path, source_data: Path, bundle: Path) -> tuple[dict, bool]:
+    """The bundle of `checkpoint` with its adaptation package from `source_data` at `bundle`:
+    the one there when its meta.json records this checkpoint (sha256) and source data, else a
+    fresh export. Returns (meta, exported now)."""
+    try:
+        meta = load_meta(bundle)
+    except BundleError:
+        meta = None
+    if meta is not None:
+        package = meta.get("adaptation", {}).get("package") or {}
+        same_source = (
+            "source" in package
+            and Path(str(package["source"])).resolve() == Path(source_data).resolve()
+        )
+        if meta["checkpoint"].get("sha256") == sha256_file(checkpoint) and same_source:
+            return meta, False
+    export_bundle(checkpoint, bundle, source_data=source_data, force=True)
+    return load_meta(bundle), True
+
+
+def model_description(checkpoint: Path) -> str:
+    """Which checkpoint the report's methods started from, in words."""
+    if checkpoint.resolve() == DEFAULT_CHECKPOINT.resolve():
+        return f"source-only model of bench.adaptation, seed 0 ({checkpoint.name})"
+    return f"checkpoint {checkpoint}"

@@ -1,0 +1,129 @@
+"""The results: the online mIoU plot and the Markdown report."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from adapt_deploy.tta.options import AdaptOptions
+from bench.tta.conditions import CONDITIONS, SIZE
+from bench.tta.runner import Run
+
+
+def plot(runs: list[Run], rounds: int, path: Path) -> None:
+    """Online mIoU per (round, condition) segment, one line per method, as a PNG (OpenCV)."""
+    width, height, margin = 960, 420, 60
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    segments = rounds * len(CONDITIONS)
+    values = [v for run in runs for v in run.miou.values()]
+    low, high = math.floor(min(values) / 5) * 5, math.ceil(max(values) / 5) * 5
+    colours = [
+        (120, 120, 120), (200, 130, 0), (0, 140, 255), (40, 40, 220), (0, 160, 0), (170, 0, 170)
+    ]  # fmt: skip
+
+    def xy(i: float, v: float) -> tuple[int, int]:
+        x = margin + i * (width - 2 * margin) / max(segments - 1, 1)
+        y = height - margin - (v - low) * (height - 2 * margin) / max(high - low, 1)
+        return int(x), int(y)
+
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    label_x = margin
+    for v in range(int(low), int(high) + 1, 5):
+        cv2.line(canvas, xy(0, v), xy(segments - 1, v), (225, 225, 225), 1)
+        cv2.putText(canvas, str(v), (10, xy(0, v)[1] + 4), font, 0.4, (0, 0, 0), 1)
+    for r in range(rounds):
+        x = xy(r * len(CONDITIONS), low)[0]
+        cv2.putText(canvas, f"r{r + 1}", (x, height - margin + 18), font, 0.4, (0, 0, 0), 1)
+    for k, run in enumerate(runs):
+        colour = colours[k % len(colours)]
+        points = [
+            xy(r * len(CONDITIONS) + c, run.miou[(r, name)])
+            for r in range(rounds)
+            for c, (name, _, _) in enumerate(CONDITIONS)
+        ]
+        cv2.polylines(canvas, [np.array(points, np.int32)], False, colour, 2, cv2.LINE_AA)
+        cv2.putText(canvas, run.name, (label_x, 25), font, 0.5, colour, 2)
+        label_x += cv2.getTextSize(run.name, font, 0.5, 2)[0][0] + 20
+    title = "online mIoU per condition (target, fog, night, rain, snow) and round"
+    cv2.putText(canvas, title, (margin, height - 15), font, 0.45, (0, 0, 0), 1)
+    cv2.imwrite(str(path), canvas[:, :, ::-1])
+
+
+def report(
+    runs: list[Run],
+    rounds: int,
+    frames: int,
+    options: AdaptOptions,
+    fps: dict[str, list[float]],
+    worker: Any,
+    package: dict[str, Any],
+    name: str = "tta",
+    model: str = "source-only model of bench.adaptation, seed 0",
+) -> str:
+    """The results Markdown; `name` is the results name (the plot is `name`.png beside it),
+    `model` says which checkpoint the methods started from."""
+    names = [c for c, _, _ in CONDITIONS]
+    base = {r.name: r for r in runs}.get("none")
+    threads = "leaves torch's thread count" if options.threads is None else (
+        f"runs torch on {options.threads} thread{'s' if options.threads != 1 else ''}"
+    )  # fmt: skip
+    lines = [
+        f"Stream: {len(CONDITIONS)} conditions x {frames} frames at {SIZE[0]}x{SIZE[1]}, "
+        f"{rounds} rounds ({rounds * len(CONDITIONS) * frames} frames per method); every frame "
+        f"scored before its update. Model: {model}.",
+        "",
+        f"Default setting (ours): `{options}`",
+        "",
+        f"seconds: wall time of a method's {rounds} rounds; the adapter {threads} (its setting), "
+        "the PyTorch baselines run on --threads (the thread count is restored after each method).",
+        "",
+        "## Mean online mIoU",
+        "",
+    ]
+    columns = ["method", "mean", "round 1", "last round", "last - first", "clean target at end"]
+    columns += (["vs none"] if base else []) + ["seconds", "counts"]
+    lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for run in runs:
+        first, last = run.round_mean(0), run.round_mean(rounds - 1)
+        counts = ", ".join(f"{k} {v}" for k, v in run.counts.items()) or "-"
+        cells = [
+            run.name, f"{run.mean():.1f}", f"{first:.1f}", f"{last:.1f}", f"{last - first:+.1f}",
+            f"{run.clean_end:.1f}",
+        ]  # fmt: skip
+        if base:
+            cells.append(f"{run.clean_end - base.clean_end:+.1f}")
+        cells += [f"{run.seconds:.0f}", counts]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Per condition (mean over rounds) and per round", ""]
+    lines += ["| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for run in runs:
+        cells = [np.mean([run.miou[(r, n)] for r in range(rounds)]) for n in names]
+        lines.append(f"| {run.name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    lines += ["", "| method | " + " | ".join(f"r{r + 1}" for r in range(rounds)) + " |"]
+    lines.append("|---" * (rounds + 1) + "|")
+    for run in runs:
+        cells = [run.round_mean(r) for r in range(rounds)]
+        lines.append(f"| {run.name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    lines += ["", f"![online mIoU]({name}.png)", ""]
+    if fps["without"]:
+        without, with_ = np.median(fps["without"]), np.median(fps["with"])
+        lines += [
+            "## Throughput (stream pipeline, 256x512 video, ONNX Runtime CPU, stats written)",
+            "",
+            f"- without adaptation: {without:.1f} frames/s (runs: "
+            + ", ".join(f"{v:.1f}" for v in fps["without"])
+            + ")",
+            f"- with adaptation (background worker, default setting): {with_:.1f} frames/s "
+            "(runs: " + ", ".join(f"{v:.1f}" for v in fps["with"]) + ")",
+            f"- cost: {100 * (1 - with_ / without):.1f}% of frames/s (goal <= 15%)",
+        ]
+        if worker is not None:
+            lines += [f"- last run's worker: {line}" for line in worker.lines()]
+        lines.append("")
+    lines += ["## Source statistics in the bundle (adaptation package)", ""]
+    lines += [f"- {k}: {v}" for k, v in package.items()]
+    return "\n".join(lines)
