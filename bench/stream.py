@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,73 +199,49 @@ def measure_memory(seg: Segmenter, video: Path, count: int, scratch: Path) -> di
 def measure_adapter(
     seg: Segmenter, bundle: Path, frames: list[np.ndarray], steps: int, syncs: int
 ) -> dict[str, Any]:
-    """Update and sync times of the bundle's on-device adapter on `seg`'s device: `steps`
-    OnlineAdapter updates and `syncs` pushes of its teacher into `seg` (after untimed ones),
-    with the options `stream --adapt` uses for this backend. UserError when the bundle has no
-    adaptation package."""
+    """Update and sync times of the bundle's on-device adapter as `stream --adapt` opens it
+    (`open_adaptation`: its default options, on `seg`'s GPU where torch reaches it): `steps`
+    updates and `syncs` pushes of its teacher into `seg` (after untimed ones). UserError when
+    the bundle has no adaptation package."""
     import torch
 
     from adapt_deploy.export.bundle import load_meta
-    from adapt_deploy.models.checkpoints import load_checkpoint
-    from adapt_deploy.tta.adapter import OnlineAdapter
     from adapt_deploy.tta.options import AdaptOptions
-    from adapt_deploy.tta.package import load_package
-    from adapt_deploy.tta.sync import make_sync
+    from adapt_deploy.tta.session import AdaptSetup, open_adaptation
 
     meta = load_meta(bundle)
-    package = load_package(bundle, meta)
-    model, config = load_checkpoint(package.checkpoint)
-    template, _ = load_checkpoint(package.checkpoint)  # the CPU model the sync checks against
-    options = AdaptOptions()
-    if seg.backend == "torch":  # as open_adaptation: torch's thread pool is inference's too
-        options = replace(options, threads=None)
-    size = options.size or tuple(meta["evaluation"]["size"])
     threads = torch.get_num_threads()
-    # The Segmenter's device; the CPU where only the runtime sees the GPU (ONNX Runtime CUDA
-    # beside a CPU-only torch).
-    device = seg.device if seg.device == "cpu" or torch.cuda.is_available() else "cpu"
-
-    def synchronize() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
+    worker = open_adaptation(bundle, seg, AdaptSetup(AdaptOptions()))
+    adapter, sync = worker.adapter, worker.sync
+    device = str(adapter.device)
 
     def timed(call: Callable[[], Any]) -> tuple[float, Any]:
-        synchronize()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         result = call()
-        synchronize()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
         return time.perf_counter() - start, result
 
     try:
-        adapter = OnlineAdapter(
-            model.to(device),
-            config.input,
-            package.stats,
-            options,
-            size=(int(size[0]), int(size[1])),
-            lse_k=package.lse_k,
-            checkpoint_sha256=meta["checkpoint"]["sha256"],
-        )
         updates = [
             timed(lambda i=i: adapter.step(frames[i % len(frames)]))
             for i in range(ADAPT_WARMUP + steps)
         ][ADAPT_WARMUP:]
         pushes = []
-        if syncs > 0:
-            sync = make_sync(seg, template, config.input)
-            try:
-                pushes = [
-                    timed(lambda: sync.push(adapter.teacher)) for _ in range(SYNC_WARMUP + syncs)
-                ][SYNC_WARMUP:]
-            finally:
-                sync.close()
+        if syncs > 0 and sync is not None:
+            pushes = [
+                timed(lambda: sync.push(adapter.teacher)) for _ in range(SYNC_WARMUP + syncs)
+            ][SYNC_WARMUP:]
     finally:
+        worker.close()
         torch.set_num_threads(threads)  # AdaptOptions.threads sets the process-wide count
     failed = [r.reason for _, r in pushes if not r.ok]
     return {
-        "device": str(adapter.device),
-        "size": (int(size[0]), int(size[1])),
-        "params": options.params,
+        "device": device,
+        "size": adapter.size,
+        "params": adapter.options.params,
         "trainable": sum(p.numel() for p in adapter.trainable),
         "update_ms": [t * 1000 for t, _ in updates],
         "resets": sum(r.reset is not None for _, r in updates),  # back to the source weights

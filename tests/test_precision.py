@@ -38,6 +38,16 @@ def _metrics(run: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _source_batch() -> dict[str, torch.Tensor]:
+    """A seeded labelled batch of two 32x64 images with their image-level labels (WDA)."""
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.randint(0, 256, (2, 3, 32, 64), generator=gen, dtype=torch.uint8),
+        "label": torch.randint(0, 19, (2, 32, 64), generator=gen),
+        "image_labels": torch.randint(0, 2, (2, 19), generator=gen).float(),
+    }
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_bf16_training_follows_fp32_and_keeps_fp32_weights(
     tmp_path: Path, tiny_config_file: Path, weak_labels: Path, method: str
@@ -65,13 +75,8 @@ def test_losses_are_computed_in_fp32_under_autocast(tiny_config_file: Path) -> N
     comes out in fp32 under bf16 autocast, while the model's convolutions ran in bf16."""
     config = load_config(tiny_config_file, ["train.method=wda_uda", "train.precision=bf16"])
     learner = build_learner(config, CPU)
-    gen = torch.Generator().manual_seed(0)
-    image = torch.randint(0, 256, (2, 3, 32, 64), generator=gen, dtype=torch.uint8)
-    source = {
-        "image": image,
-        "label": torch.randint(0, 19, (2, 32, 64), generator=gen),
-        "image_labels": torch.randint(0, 2, (2, 19), generator=gen).float(),
-    }
+    source = _source_batch()
+    image = source["image"]
     with learner.amp.autocast():
         out = learner.model(learner.method.input(source))
         assert out["logits"].dtype == torch.bfloat16  # the forward did run in bf16
@@ -145,13 +150,8 @@ def test_channels_last_gives_the_same_step(tiny_config_file: Path) -> None:
     """The CUDA layout (channels_last model and inputs) computes the same losses and weights
     as the contiguous layout, here on the CPU."""
     config = load_config(tiny_config_file, ["train.method=wda_uda"])
-    gen = torch.Generator().manual_seed(0)
-    image = torch.randint(0, 256, (2, 3, 32, 64), generator=gen, dtype=torch.uint8)
-    source = {
-        "image": image,
-        "label": torch.randint(0, 19, (2, 32, 64), generator=gen),
-        "image_labels": torch.randint(0, 2, (2, 19), generator=gen).float(),
-    }
+    source = _source_batch()
+    image = source["image"]
     results = []
     for channels_last in (False, True):
         torch.manual_seed(0)
