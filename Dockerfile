@@ -19,7 +19,7 @@ WORKDIR /opt/adapt-deploy
 COPY pyproject.toml README.md ./
 COPY adapt_deploy ./adapt_deploy
 # torch from PyPI is the CUDA build on Linux x86_64; the extras add ONNX Runtime GPU and TensorRT.
-RUN pip install --upgrade pip && pip install torch ".[gpu,trt]"
+RUN pip install --upgrade pip && pip install torch ".[train,gpu,trt]"
 # The fused CUDA kernels of the pooling ops, compiled now (no GPU needed) into a cache the runtime
 # reads, so nothing compiles at run time. nvcc's CUDA major version must match torch's.
 ENV ADAPT_DEPLOY_KERNELS_CACHE=/opt/adapt-deploy/kernels \

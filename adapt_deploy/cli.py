@@ -15,8 +15,11 @@ from rich.table import Table
 
 from adapt_deploy import __version__
 from adapt_deploy.errors import UserError
+from adapt_deploy.extras import missing_extra
+from adapt_deploy.registry import BACKEND_CHOICES, DATASET_LAYOUTS
 from adapt_deploy.tta.options import AdaptOptions
 
+KIND_HELP = f"Layout: {DATASET_LAYOUTS.help()}."  # the registered dataset layouts
 ADAPT = AdaptOptions()  # the adapter defaults the `stream --adapt` help shows
 app = typer.Typer(
     help="Domain-adaptive semantic segmentation: train, evaluate, export, stream.",
@@ -79,7 +82,7 @@ def synth(
     force: Annotated[bool, typer.Option(help="Overwrite a different benchmark in OUT.")] = False,
 ) -> None:
     """Write the synthetic domain-shift benchmark: GTA5-layout source, Cityscapes-layout target."""
-    from adapt_deploy.data.synthetic_writer import SynthSpec, write_benchmark
+    from adapt_deploy.data.synthetic.writer import SynthSpec, write_benchmark
     from adapt_deploy.progress import StageProgress
 
     spec = SynthSpec(
@@ -138,7 +141,7 @@ def evaluate_cmd(
     ],
     data: Annotated[Path, typer.Option(help="Dataset root (Cityscapes, GTA5 or SYNTHIA layout).")],
     split: Annotated[str, typer.Option(help="Split to evaluate (Cityscapes layout).")] = "val",
-    kind: Annotated[str, typer.Option(help="Layout: cityscapes, gta5 or synthia.")] = "cityscapes",
+    kind: Annotated[str, typer.Option(help=KIND_HELP)] = "cityscapes",
     backend: Annotated[
         str,
         typer.Option(
@@ -171,12 +174,12 @@ app.add_typer(data_app, name="data")
 @data_app.command("stats")
 def data_stats(
     root: Annotated[Path, typer.Argument(help="Dataset root.")],
-    kind: Annotated[str, typer.Option(help="Layout: cityscapes, gta5 or synthia.")] = "cityscapes",
+    kind: Annotated[str, typer.Option(help=KIND_HELP)] = "cityscapes",
     split: Annotated[str, typer.Option(help="Split (Cityscapes layout).")] = "train",
 ) -> None:
     """Per-image class pixel counts, the source of image-level labels (stored beside the data)."""
-    from adapt_deploy.data.labels import CLASS_NAMES
     from adapt_deploy.data.weak import image_labels, presence_thresholds, write_class_stats
+    from adapt_deploy.labels import CLASS_NAMES
     from adapt_deploy.progress import StageProgress
 
     with StageProgress(_reporter()) as stage:
@@ -197,7 +200,7 @@ def data_stats(
 @data_app.command("points")
 def data_points(
     root: Annotated[Path, typer.Argument(help="Dataset root.")],
-    kind: Annotated[str, typer.Option(help="Layout: cityscapes, gta5 or synthia.")] = "cityscapes",
+    kind: Annotated[str, typer.Option(help=KIND_HELP)] = "cityscapes",
     split: Annotated[str, typer.Option(help="Split (Cityscapes layout).")] = "train",
     seed: Annotated[int, typer.Option(help="Which random annotation; fixed per seed.")] = 0,
 ) -> None:
@@ -372,7 +375,10 @@ def stream(
         typer.Option(help="JSONL, a line per frame: index, timestamp, latency, presence."),
     ] = None,
     backend: Annotated[
-        str, typer.Option(help="auto, onnxruntime (CUDA with onnxruntime-gpu), tensorrt, torch.")
+        str,
+        typer.Option(
+            help=f"{', '.join(BACKEND_CHOICES)} (onnxruntime: CUDA with onnxruntime-gpu)."
+        ),
     ] = "auto",
     precision: Annotated[
         str, typer.Option(help="auto, fp32, fp16 or bf16 (bf16: the torch backend only).")
@@ -547,6 +553,12 @@ def main() -> None:
         app()
     except UserError as exc:
         _print_error(exc)
+        sys.exit(2)
+    except ImportError as exc:  # torch or onnx on a base (deployment-only) install
+        missing = missing_extra(exc)
+        if missing is None:
+            raise
+        _print_error(missing)
         sys.exit(2)
     except OSError as exc:  # unwritable output, full disk: the file and the reason, no traceback
         _print_error(exc)

@@ -16,20 +16,13 @@ from typing import Any
 
 import yaml
 
-from adapt_deploy.data.labels import EVAL_PROTOCOLS
+from adapt_deploy import registry
 from adapt_deploy.errors import ConfigError
+from adapt_deploy.labels import EVAL_PROTOCOLS
 
-METHODS = (
-    "source_only",
-    "adaptsegnet",
-    "advent_minent",
-    "advent",
-    "wda_uda",
-    "wda_image",
-    "wda_point",
-    "oracle",
-)
-DATASET_KINDS = ("gta5", "cityscapes", "synthia")
+# The registry's names, for callers that only need the choices (the registry is the source).
+METHODS = registry.METHODS.names()  # train.method
+DATASET_KINDS = registry.DATASET_LAYOUTS.names()  # data.*.kind: the dataset layouts
 GAN_MODES = ("bce", "lsgan")
 PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision
 PSEUDO_CALIBRATIONS = ("none", "source")
@@ -302,13 +295,12 @@ def validate(config: ExperimentConfig, source: str) -> None:
     ]
     for name in ("source", "target", "val"):
         ds: DatasetConfig = getattr(config.data, name)
-        checks.append((ds.kind in DATASET_KINDS, f"data.{name}.kind", f"one of {DATASET_KINDS}"))
+        checks.append(
+            (ds.kind in DATASET_KINDS, f"data.{name}.kind", f"one of {list(DATASET_KINDS)}")
+        )
         checks.append(
             (len(ds.size) == 2 and min(ds.size) > 0, f"data.{name}.size", "[height, width] > 0")
         )
-    from adapt_deploy.models.resnet import RESNETS
-
-    checks.append((config.model.backbone in RESNETS, "model.backbone", f"one of {sorted(RESNETS)}"))
     for ok, key, expected in checks:
         if not ok:
             value = _lookup(config, key)

@@ -13,7 +13,7 @@ import numpy as np
 import yaml
 
 from adapt_deploy.config import ConfigError, ExperimentConfig, from_dict, load_config
-from adapt_deploy.data.synthetic_writer import SynthSpec, write_benchmark
+from adapt_deploy.data.synthetic.writer import SynthSpec, write_benchmark
 from adapt_deploy.engine.evaluate import EvalResult, format_iou_table
 from adapt_deploy.engine.train import train
 from adapt_deploy.errors import UserError
@@ -135,7 +135,7 @@ def _train_or_reuse(
 ) -> tuple[EvalResult, float, bool]:
     """Evaluation and training seconds of `config` in `run_dir`, and whether it was trained now
     (a finished run with exactly this config is reused unless `fresh`)."""
-    cached = None if fresh else _completed_run(run_dir, config)
+    cached = None if fresh else completed_run(run_dir, config)
     if cached is not None:
         reporter.log("  reusing the completed run found there")
         return cached[0], cached[1], False
@@ -147,7 +147,7 @@ def _train_or_reuse(
     return result.evaluation, result.seconds, True
 
 
-def _completed_run(run_dir: Path, config: ExperimentConfig) -> tuple[EvalResult, float] | None:
+def completed_run(run_dir: Path, config: ExperimentConfig) -> tuple[EvalResult, float] | None:
     """The evaluation of a finished run with exactly this config, if there is one.
 
     The saved config is read through `from_dict`, so keys added to the config since the run

@@ -7,6 +7,8 @@ import platform
 from dataclasses import dataclass
 from importlib import metadata
 
+from adapt_deploy.extras import TRAIN_INSTALL
+
 
 @dataclass
 class Check:
@@ -65,8 +67,8 @@ def run_checks() -> list[Check]:
         Check(
             "torch",
             torch_version or "missing",
-            torch_version is not None,
-            "pip install torch" if torch_version is None else "",
+            True,  # a base install runs bundles without it
+            f"training and export: {TRAIN_INSTALL}" if torch_version is None else "",
         )
     )
     if torch_version:
@@ -76,16 +78,24 @@ def run_checks() -> list[Check]:
         gpu = torch.cuda.get_device_name(0) if cuda else "none (CPU only)"
         checks.append(Check("torch CUDA", gpu))
         checks.append(_kernels_check())
-    for module, dist in (("cv2", "opencv-python-headless"), ("onnx", "onnx")):
-        version = _module_version(module)
-        checks.append(
-            Check(
-                module,
-                version or "missing",
-                version is not None,
-                f"pip install {dist}" if version is None else "",
-            )
+    cv2_version = _module_version("cv2")
+    checks.append(
+        Check(
+            "cv2",
+            cv2_version or "missing",
+            cv2_version is not None,
+            "pip install opencv-python-headless" if cv2_version is None else "",
         )
+    )
+    onnx_version = _module_version("onnx")
+    checks.append(
+        Check(
+            "onnx",
+            onnx_version or "missing",
+            True,  # export and on-device adaptation read it; running a bundle does not
+            f"export: {TRAIN_INSTALL}" if onnx_version is None else "",
+        )
+    )
     conflict = onnxruntime_conflict()
     ort = _module_version("onnxruntime")
     if conflict:

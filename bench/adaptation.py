@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from adapt_deploy.bundle.meta import sha256_file
 from adapt_deploy.config import METHODS, ExperimentConfig
 from adapt_deploy.data.synthetic.styles import RECOLOURED_CLASSES
-from adapt_deploy.data.synthetic_writer import SynthSpec, write_benchmark
+from adapt_deploy.data.synthetic.writer import SynthSpec, write_benchmark
 from adapt_deploy.data.weak import points_path, stats_path, write_class_stats, write_points
-from adapt_deploy.demo import ADAPT_STAGE, _completed_run, demo_config
+from adapt_deploy.demo import ADAPT_STAGE, completed_run, demo_config
 from adapt_deploy.engine.evaluate import EvalResult
 from adapt_deploy.engine.train import TRAINER_STATE, train
-from adapt_deploy.export.bundle import sha256_file
 from adapt_deploy.progress import RichReporter
 from bench.common import write_results
 
@@ -56,13 +56,13 @@ def _train_once(
     whether it was trained now.
 
     A finished run there is reused when it holds exactly this config (adapt_deploy.demo's
-    `_completed_run`: config.yaml equal to `config`), unless `stale` (what it starts from was
+    `completed_run`: config.yaml equal to `config`), unless `stale` (what it starts from was
     trained again in this call) or the checkpoint it started from changed since; a killed run
     of the same config is continued; anything else there is deleted and trained afresh.
     """
     _adopt_legacy_run(run_dir)
     stale = stale or _init_changed(run_dir, config)
-    cached = None if stale else _completed_run(run_dir, config)
+    cached = None if stale else completed_run(run_dir, config)
     if cached is not None:
         return _record(*cached), False
     resume = (

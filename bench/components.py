@@ -290,8 +290,6 @@ def main() -> None:
             f"speed-up per run {', '.join(f'{r:.2f}' for r in ratios)}"
         )
 
-    reuses = min(w.reuses for w in disc.gradient_workspaces)
-    backwards = len(args.batches) * (1 + args.runs * (args.repeats + 1))  # check, warm-ups, runs
     bandwidth = copy_bandwidth()
     floor = hidden_layer_bytes() / bandwidth
     lines = [
@@ -318,12 +316,10 @@ def main() -> None:
         "loss loop. Batched: `adapt_deploy.ops.attention_pool`, `CategoryDiscriminators` "
         "(one batched matmul per layer, source and target in one call: "
         "`adapt_deploy.models.batched_linear`; the weight gradients and the feature gradient "
-        "written into memory kept between steps: `adapt_deploy.gradient_memory`) and "
-        "`adapt_deploy.adapt.losses`. Target: batched at least 3x faster.",
-        "",
-        f"Weight-gradient memory reused in {reuses} of {backwards} discriminator backward passes "
-        "(at most all but the first, which takes fresh memory; the benchmark clears gradients "
-        "with `zero_grad(set_to_none=True)` between steps, as the trainer does).",
+        "written into memory reused between steps once nobody holds it: "
+        "`adapt_deploy.gradient_memory.reusable_gradient`) and `adapt_deploy.adapt.losses`. "
+        "Gradients are cleared with `zero_grad(set_to_none=True)` between steps, as the trainer "
+        "does. Target: batched at least 3x faster.",
         "",
         f"Memory floor: the step must stream the hidden layers' weights at least 7 times and "
         f"write their gradients once ({hidden_layer_bytes() / 1e9:.2f} GB, whatever the batch); "

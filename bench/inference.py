@@ -44,13 +44,13 @@ import onnx
 import torch
 
 from adapt_deploy.config import InputConfig
-from adapt_deploy.data.labels import CLASS_NAMES, PALETTE
-from adapt_deploy.export.onnx_export import DeployModel, GraphSpec, export_onnx, input_meta
+from adapt_deploy.export.onnx_export import export_onnx, input_meta
 from adapt_deploy.export.parity import target_frames
 from adapt_deploy.export.precision import convert_to_mixed_fp16
-from adapt_deploy.export.verify import OrtRunner
+from adapt_deploy.labels import CLASS_NAMES, PALETTE
 from adapt_deploy.models.checkpoints import load_checkpoint
 from adapt_deploy.models.deeplab import DeepLab
+from adapt_deploy.models.deploy import DeployModel, GraphSpec
 from adapt_deploy.runtime import Segmenter
 from adapt_deploy.runtime.backend import as_runner
 from adapt_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -136,7 +136,7 @@ def cpu_backends(
 
     backends = [Backend(EAGER, eager)]
     for precision, path in files.items():
-        runner = OrtRunner(path, threads=threads)
+        runner = OnnxRuntimeBackend(path, threads=threads).outputs
         backends.append(Backend(f"ONNX Runtime {precision}", lambda x, r=runner: r(x)["labels"]))
     return backends + segmenter_backends(model, "cpu", frame)
 
@@ -165,7 +165,7 @@ def gpu_backends(
     backends += segmenter_backends(cuda, "cuda", frame)
     if "CUDAExecutionProvider" in ort.get_available_providers():
         for precision, path in onnx_paths().items():
-            runner = OrtRunner(path, backend="onnxruntime-cuda")
+            runner = OnnxRuntimeBackend(path, cuda_device=0).outputs
             name = f"ONNX Runtime CUDA {precision}"
             backends.append(Backend(name, lambda x, r=runner: r(x)["labels"]))
             classes = model.model.num_classes

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from adapt_deploy.export.verify import OrtRunner
 from adapt_deploy.runtime import Segmenter
+from adapt_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from bench.common import random_bundle, write_results
 
 
@@ -29,7 +29,7 @@ def measure(bundle: Path, frames: int, threads: int | None) -> list[str]:
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, (256, 512, 3), np.uint8)
     full_hd = rng.integers(0, 256, (1080, 1920, 3), np.uint8)
-    bare = OrtRunner(bundle / "model.onnx", threads=threads)
+    bare = OnnxRuntimeBackend(bundle / "model.onnx", threads=threads).outputs
     native = Segmenter.from_bundle(bundle, device="cpu", threads=threads)
     fixed = Segmenter.from_bundle(bundle, device="cpu", threads=threads, size=(256, 512))
     cases = {

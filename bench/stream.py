@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from adapt_deploy.data.synthetic_writer import SynthSpec, write_benchmark
+from adapt_deploy.data.synthetic.writer import SynthSpec, write_benchmark
 from adapt_deploy.errors import UserError
 from adapt_deploy.progress import RichReporter
 from adapt_deploy.runtime import Segmenter
@@ -205,7 +205,7 @@ def measure_adapter(
     the bundle has no adaptation package."""
     import torch
 
-    from adapt_deploy.export.bundle import load_meta
+    from adapt_deploy.bundle.meta import load_meta
     from adapt_deploy.tta.options import AdaptOptions
     from adapt_deploy.tta.session import AdaptSetup, open_adaptation
 

@@ -137,11 +137,11 @@ def write_tiny_bundle(
     fold_bn: bool = True,
     shapes: dict[str, list[int]] | None = None,
 ) -> Path:
-    """A complete bundle (meta.json valid for adapt_deploy.export.bundle) around tiny_onnx."""
+    """A complete bundle (meta.json valid for adapt_deploy.bundle.meta) around tiny_onnx."""
     import onnx
 
     from adapt_deploy import __version__
-    from adapt_deploy.export.bundle import SCHEMA_VERSION, sha256_file, write_meta
+    from adapt_deploy.bundle.meta import SCHEMA_VERSION, sha256_file, write_meta
     from adapt_deploy.export.precision import convert_to_mixed_fp16
 
     out = Path(out)
@@ -203,7 +203,7 @@ def _export_checkpoint(checkpoint: Path, out: Path) -> Path:
 
 def _mismatch_refused(plan: Path, bundle: Path, precision: str) -> str:
     """Copy the plan under a foreign GPU's name and check load_engine's selection refuses it."""
-    from adapt_deploy.export.engine_files import (
+    from adapt_deploy.bundle.engine_files import (
         EngineMismatchError,
         Platform,
         read_record,
@@ -259,7 +259,7 @@ def _segmenter_check(bundle: Path, precision: str) -> str:
 
 def run_check(bundle: Path, refit: bool) -> list[str]:
     """Build, inspect and load every engine; the report's lines."""
-    from adapt_deploy.export.engine_files import read_record
+    from adapt_deploy.bundle.engine_files import read_record
     from adapt_deploy.export.tensorrt import build_engines, load_engine
     from adapt_deploy.progress import RichReporter
 
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = run_check(bundle, args.refit)
     import tensorrt as trt
 
-    from adapt_deploy.export.tensorrt import detect_platform
+    from adapt_deploy.bundle.platform import detect_platform
 
     here = detect_platform(trt.__version__)
     header = [

@@ -65,7 +65,7 @@ import adapt_deploy
 from adapt_deploy.adapt import METHOD_CLASSES
 from adapt_deploy.adapt.wda import WeakLabelAdaptation
 from adapt_deploy.config import PRECISIONS, ExperimentConfig, load_config
-from adapt_deploy.data.synthetic_writer import SynthSpec, read_manifest, write_benchmark
+from adapt_deploy.data.synthetic.writer import SynthSpec, read_manifest, write_benchmark
 from adapt_deploy.data.weak import points_path, stats_path, write_class_stats, write_points
 from adapt_deploy.engine.method_data import labelled_dataset, target_dataset
 from adapt_deploy.engine.precision import cudnn_benchmark

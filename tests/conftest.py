@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adapt_deploy.data.labels import PALETTE, TRAIN_TO_LABEL_LUT
+from adapt_deploy.labels import PALETTE, TRAIN_TO_LABEL_LUT
 
 # Class bands from top to bottom: sky, building, vegetation, car, sidewalk, road (trainIds).
 BANDS = (10, 2, 8, 13, 1, 0)

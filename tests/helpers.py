@@ -80,7 +80,7 @@ def open_fake_tensorrt_backend(
     installed here, so its Python API is what is faked; the backend's own code runs."""
     from types import SimpleNamespace
 
-    from adapt_deploy.export.engine_files import Platform
+    from adapt_deploy.bundle.engine_files import Platform
     from adapt_deploy.runtime import tensorrt_backend
 
     def logger(level: int) -> None:

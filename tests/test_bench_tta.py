@@ -11,7 +11,7 @@ import torch
 from conftest import write_gta5
 from helpers import write_source_checkpoint
 
-from adapt_deploy.export.bundle import sha256_file
+from adapt_deploy.bundle.meta import sha256_file
 from adapt_deploy.export.pipeline import export_bundle
 from adapt_deploy.tta.options import AdaptOptions, ResetPolicy
 from bench.tta.cli import build_parser, main

@@ -5,6 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from adapt_deploy.cli import app
+from adapt_deploy.registry import BACKEND_CHOICES, DATASET_LAYOUTS
 
 COMMANDS = ["demo", "synth", "train", "evaluate", "export", "verify", "stream", "data", "doctor"]
 runner = CliRunner()
@@ -39,6 +40,22 @@ def test_every_command_has_help(command):
 def test_data_subcommands_have_help(command):
     result = runner.invoke(app, ["data", command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "names"),
+    [
+        (["evaluate"], DATASET_LAYOUTS.names()),
+        (["data", "stats"], DATASET_LAYOUTS.names()),
+        (["data", "points"], DATASET_LAYOUTS.names()),
+        (["stream"], BACKEND_CHOICES),
+    ],
+)
+def test_help_lists_every_registered_choice(command, names):
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    for name in names:
+        assert name in result.output
 
 
 def test_data_stats_on_a_missing_root_is_one_clear_line(tmp_path):

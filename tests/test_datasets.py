@@ -3,6 +3,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import scene, write_cityscapes, write_gta5
 from PIL import Image
 
 from adapt_deploy.config import DatasetConfig
@@ -10,6 +11,57 @@ from adapt_deploy.data.cityscapes import cityscapes
 from adapt_deploy.data.datasets import build_dataset
 from adapt_deploy.data.gta5 import gta5
 from adapt_deploy.errors import DatasetError
+from adapt_deploy.labels import SYNTHIA_LABEL_TO_TRAIN
+from adapt_deploy.registry import DATASET_LAYOUTS
+
+
+def write_synthia(root: Path, count: int, size: tuple[int, int] = (36, 64)) -> Path:
+    """SYNTHIA layout: RGB/NNNNNNN.png and 16-bit GT/LABELS/NNNNNNN.png, class id in R."""
+    to_synthia = np.zeros(256, np.uint16)  # trainId -> SYNTHIA id; 255 -> 0 (void)
+    for synthia_id, train_id in SYNTHIA_LABEL_TO_TRAIN.items():
+        to_synthia[train_id] = synthia_id
+    rng = np.random.default_rng(2)
+    (root / "RGB").mkdir(parents=True)
+    (root / "GT" / "LABELS").mkdir(parents=True)
+    for i in range(count):
+        image, train_ids = scene(rng, *size)
+        cv2.imwrite(str(root / "RGB" / f"{i:07d}.png"), image[:, :, ::-1])
+        rgb = np.zeros((*size, 3), np.uint16)
+        rgb[:, :, 0] = to_synthia[train_ids]
+        cv2.imwrite(str(root / "GT" / "LABELS" / f"{i:07d}.png"), rgb[:, :, ::-1])  # BGR
+    return root
+
+
+# A tiny labelled set of each registered layout (train split), as its official layout stores it.
+WRITERS = {
+    "gta5": lambda root: write_gta5(root, 3),
+    "cityscapes": lambda root: write_cityscapes(root, {"train": 3}),
+    "synthia": lambda root: write_synthia(root, 3),
+}
+
+
+def test_every_registered_layout_is_tested():
+    assert set(WRITERS) == set(DATASET_LAYOUTS.names())
+
+
+@pytest.mark.parametrize("kind", DATASET_LAYOUTS.names())
+def test_every_layout_builds_from_its_config_entry(tmp_path, kind):
+    root = WRITERS[kind](tmp_path / kind)
+    ds = build_dataset(DatasetConfig(kind, str(root), "train", [16, 32]))
+    assert len(ds) == 3 and ds.has_labels
+    item = ds[0]
+    assert item["image"].shape == (3, 16, 32) and item["label"].shape == (16, 32)
+    assert set(item["label"].unique().tolist()) <= {0, 1, 2, 8, 10, 13, 255}
+    assert item["label"][-1, -1] == 0  # the road band, whatever the layout's label ids
+    unlabelled = build_dataset(DatasetConfig(kind, str(root), "train", [16, 32]), labels=False)
+    assert not unlabelled.has_labels and (unlabelled[0]["label"] == 255).all()
+
+
+@pytest.mark.parametrize("kind", DATASET_LAYOUTS.names())
+def test_every_layout_names_its_expected_layout_when_the_root_is_missing(tmp_path, kind):
+    with pytest.raises(DatasetError, match="directory not found") as err:
+        build_dataset(DatasetConfig(kind, str(tmp_path / "nope"), "train", [16, 32]))
+    assert "expected layout" in str(err.value)
 
 
 def test_gta5_layout_reads_palette_labels_as_train_ids(gta5_root):

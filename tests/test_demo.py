@@ -1,7 +1,7 @@
 import cv2
 import yaml
 
-from adapt_deploy.data.synthetic_writer import SynthSpec
+from adapt_deploy.data.synthetic.writer import SynthSpec
 from adapt_deploy.demo import DEMO_METHODS, demo_config, run_demo
 from adapt_deploy.progress import Reporter, StageProgress
 

@@ -28,12 +28,7 @@ from helpers import (
 from onnx import TensorProto
 from typer.testing import CliRunner
 
-from adapt_deploy.cli import app
-from adapt_deploy.data.labels import CLASS_NAMES, PALETTE
-from adapt_deploy.engine.evaluate import evaluate_checkpoint, predict_logits
-from adapt_deploy.errors import UserError
-from adapt_deploy.export import parity
-from adapt_deploy.export.bundle import (
+from adapt_deploy.bundle.meta import (
     BundleError,
     load_meta,
     model_path,
@@ -41,21 +36,26 @@ from adapt_deploy.export.bundle import (
     validate_meta,
     verify_hashes,
 )
+from adapt_deploy.cli import app
+from adapt_deploy.engine.evaluate import evaluate_checkpoint, predict_logits
+from adapt_deploy.errors import UserError
+from adapt_deploy.export import parity
 from adapt_deploy.export.evaluate_bundle import evaluate_bundle
-from adapt_deploy.export.onnx_export import DeployModel, GraphSpec
 from adapt_deploy.export.parity import ParityError, target_frames, torch_outputs
 from adapt_deploy.export.pipeline import export_bundle, parse_shape
 from adapt_deploy.export.precision import node_dtypes
 from adapt_deploy.export.verify import (
-    OrtRunner,
     check_samples,
     compare_outputs,
     graph_input,
     verify_bundle,
 )
+from adapt_deploy.labels import CLASS_NAMES, PALETTE
 from adapt_deploy.models.checkpoints import build_model, checkpoint_meta, load_checkpoint
 from adapt_deploy.models.checkpoints import save_checkpoint as save_weights
+from adapt_deploy.models.deploy import DeployModel, GraphSpec
 from adapt_deploy.ops.pooling import lse_pool
+from adapt_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,7 +163,7 @@ def test_onnxruntime_matches_pytorch_at_shapes_never_exported(bundle, checkpoint
     deploy = DeployModel(model, config.input, GraphSpec(logits=True))
     frames = target_frames(*shape, first=50)
     reference = torch_outputs(deploy, frames)
-    got = OrtRunner(bundle / "model.onnx")(frames)
+    got = OnnxRuntimeBackend(bundle / "model.onnx").outputs(frames)
     assert got["labels"].shape == shape and got["presence"].shape == (shape[0], 19)
     metrics = compare_outputs(reference, got)
     assert metrics["label_agreement"] >= 0.999
@@ -179,8 +179,8 @@ def test_fp16_keeps_reductions_in_fp32_and_agrees_with_fp32(bundle: Path):
     outputs = {o.name: o.type.tensor_type.elem_type for o in mixed.graph.output}
     assert outputs == {"labels": TensorProto.INT32, "presence": TensorProto.FLOAT, "logits": 1}
     frames = target_frames(3, 96, 160, first=60)
-    fp32 = OrtRunner(bundle / "model.onnx")(frames)
-    metrics = compare_outputs(fp32, OrtRunner(bundle / "model_fp16.onnx")(frames))
+    fp32 = OnnxRuntimeBackend(bundle / "model.onnx").outputs(frames)
+    metrics = compare_outputs(fp32, OnnxRuntimeBackend(bundle / "model_fp16.onnx").outputs(frames))
     assert metrics["label_agreement"] >= 0.995 and metrics["presence_max_abs_diff"] <= 1e-2
 
 
@@ -194,7 +194,7 @@ def test_nchw_float_input_with_a_bgr_checkpoint(nchw_bundle: Path, work: Path):
     expected = predict_logits(
         model, torch.from_numpy(frames).permute(0, 3, 1, 2), config.input, (57, 90)
     )
-    got = OrtRunner(nchw_bundle / "model.onnx")(graph_input(frames, meta["input"]))
+    got = OnnxRuntimeBackend(nchw_bundle / "model.onnx").outputs(graph_input(frames, meta["input"]))
     assert np.mean(got["labels"] == expected.argmax(1).numpy()) >= 0.999
 
 
@@ -316,7 +316,7 @@ def test_verify_passes_and_catches_a_changed_model(copy: Path):
 
 def test_verify_reports_outputs_that_drift(bundle: Path):
     meta = load_meta(bundle)
-    run = OrtRunner(bundle / "model.onnx")
+    run = OnnxRuntimeBackend(bundle / "model.onnx").outputs
 
     def drifting(batch):
         out = run(batch)
@@ -334,7 +334,7 @@ def test_verify_and_bundle_reading_need_no_torch(bundle: Path):
         "from adapt_deploy.export.verify import verify_bundle\n"
         f"reports = verify_bundle({str(bundle)!r})\n"
         "assert all(r.passed for r in reports)\n"
-        "import adapt_deploy.export.bundle, adapt_deploy.export.precision\n"
+        "import adapt_deploy.bundle.meta, adapt_deploy.export.precision\n"
         "print('ok')\n"
     )
     result = subprocess.run(

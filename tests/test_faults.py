@@ -32,11 +32,11 @@ from onnx import numpy_helper
 from PIL import Image
 
 from adapt_deploy import cli
-from adapt_deploy.data.labels import EGO_VEHICLE_LABEL_ID
+from adapt_deploy.bundle.meta import load_meta, sha256_file
 from adapt_deploy.data.synthetic import ego_vehicle_mask
-from adapt_deploy.data.synthetic_writer import SynthSpec, write_benchmark
+from adapt_deploy.data.synthetic.writer import SynthSpec, write_benchmark
 from adapt_deploy.doctor import Check
-from adapt_deploy.export.bundle import load_meta, sha256_file
+from adapt_deploy.labels import EGO_VEHICLE_LABEL_ID
 from adapt_deploy.models.checkpoints import build_model, checkpoint_meta, save_checkpoint
 
 SIZE = (64, 128)  # (H, W) of the test videos

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from helpers import open_fake_tensorrt_backend
 
+from adapt_deploy.bundle import platform as trt_platform
+from adapt_deploy.bundle.engine_files import EngineError, EngineRecord, Platform
+from adapt_deploy.bundle.meta import BundleError, load_meta
+from adapt_deploy.bundle.platform import TensorRTMissingError, detect_platform
 from adapt_deploy.errors import UserError
-from adapt_deploy.export import tensorrt as trt_export
-from adapt_deploy.export.bundle import BundleError, load_meta
-from adapt_deploy.export.engine_files import EngineError, EngineRecord, Platform
-from adapt_deploy.export.tensorrt import TensorRTMissingError, detect_platform
 from adapt_deploy.export.trt_plan import build_mode, prepare_build
 from bench.tensorrt_check import write_tiny_bundle
 
@@ -175,7 +175,7 @@ def nvidia_smi(tmp_path, monkeypatch):
         )
         script.chmod(0o755)
         monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
-        monkeypatch.setattr(trt_export, "import_cudart", lambda: None)  # no cuda-python here
+        monkeypatch.setattr(trt_platform, "import_cudart", lambda: None)  # no cuda-python here
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
         monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
         return log
@@ -463,12 +463,10 @@ def test_item20_the_tensorrt_sync_refuses_a_refit_all_engine_before_loading_it(
     for generated names (fused weights) the ONNX lacks, so every push would fail."""
     import onnx
 
-    from adapt_deploy.export import engine_files
-    from adapt_deploy.export.bundle import model_path
+    from adapt_deploy.bundle.meta import model_path
     from adapt_deploy.models.checkpoints import load_checkpoint
-    from adapt_deploy.runtime import tensorrt_backend
     from adapt_deploy.tta import sync_tensorrt
-    from adapt_deploy.tta.sync import graph_spec
+    from adapt_deploy.tta.push import graph_spec
 
     model, config = load_checkpoint(tiny_bundle.parent / "tiny.pt")
     meta = load_meta(tiny_bundle)
@@ -477,7 +475,7 @@ def test_item20_the_tensorrt_sync_refuses_a_refit_all_engine_before_loading_it(
     opened: list[object] = []
 
     class Standby:
-        _engine = object()
+        engine = object()
 
         def __init__(self, *args: object, **kwargs: object) -> None:
             opened.append(self)
@@ -500,8 +498,8 @@ def test_item20_the_tensorrt_sync_refuses_a_refit_all_engine_before_loading_it(
     record = engine_record("all", onnx_file="model.onnx")
     monkeypatch.setattr(sync_tensorrt, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(sync_tensorrt, "detect_platform", lambda version, device: None)
-    monkeypatch.setattr(engine_files, "read_engine", lambda *args: (b"", record))
-    monkeypatch.setattr(tensorrt_backend, "TensorRTBackend", Standby)
+    monkeypatch.setattr(sync_tensorrt, "read_engine", lambda *args: (b"", record))
+    monkeypatch.setattr(sync_tensorrt, "TensorRTBackend", Standby)
     seg = SimpleNamespace(bundle=tiny_bundle, meta=meta, precision="fp32", device="cuda:0")
     with pytest.raises(UserError, match=r"REFIT_INDIVIDUAL"):
         sync_tensorrt.TensorRTSync(seg, model, config.input, graph_spec(meta))

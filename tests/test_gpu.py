@@ -43,16 +43,17 @@ from conftest import write_cityscapes, write_gta5
 from helpers import TINY_SHAPES, band_model
 from torch import Tensor
 
+from adapt_deploy.bundle.meta import load_meta, model_path
 from adapt_deploy.config import METHODS, load_config
 from adapt_deploy.data.weak import write_class_stats, write_points
 from adapt_deploy.engine.train import train
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.bundle import load_meta, model_path
-from adapt_deploy.export.onnx_export import DeployModel, GraphSpec
+from adapt_deploy.export.adaptation_package import load_package
 from adapt_deploy.export.parity import target_frames
 from adapt_deploy.export.pipeline import export_bundle
-from adapt_deploy.export.verify import OrtRunner, graph_input, verify_bundle
+from adapt_deploy.export.verify import graph_input, verify_bundle
 from adapt_deploy.models.checkpoints import load_checkpoint, read_checkpoint
+from adapt_deploy.models.deploy import DeployModel, GraphSpec
 from adapt_deploy.ops import (
     KernelStatus,
     attention_pool,
@@ -68,9 +69,9 @@ from adapt_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend, cuda_av
 from adapt_deploy.runtime.torch_backend import ModelBackend
 from adapt_deploy.tta.adapter import OnlineAdapter, StepReport
 from adapt_deploy.tta.options import AdaptOptions
-from adapt_deploy.tta.package import load_package
+from adapt_deploy.tta.push import graph_spec
 from adapt_deploy.tta.session import AdaptSetup, open_adaptation
-from adapt_deploy.tta.sync import graph_spec, make_sync, running_backend
+from adapt_deploy.tta.sync import make_sync
 
 CUDA = torch.cuda.is_available()
 DEVICES = [
@@ -290,7 +291,9 @@ def _model_outputs(model: DeployModel, frames: np.ndarray, device: str) -> dict[
 def _onnxruntime(bundle: Path, frames: np.ndarray) -> dict[str, np.ndarray]:
     """What the bundle's fp32 ONNX model gives on ONNX Runtime (CPU) for these frames."""
     meta = load_meta(bundle)
-    return OrtRunner(model_path(bundle, meta, "fp32"))(graph_input(frames, meta["input"]))
+    return OnnxRuntimeBackend(model_path(bundle, meta, "fp32")).outputs(
+        graph_input(frames, meta["input"])
+    )
 
 
 def _assert_same_segmentation(
@@ -582,7 +585,7 @@ def test_torch_segmenter_replays_one_cuda_graph_per_shape_equal_to_eager(
     with Segmenter.from_bundle(trained.bundle, "torch", runtime, cuda_graph=False) as eager:
         expected = [eager.batch(list(frames)), eager(small), eager(frames[0])]
     with Segmenter.from_bundle(trained.bundle, "torch", runtime) as seg:
-        backend = running_backend(seg)
+        backend = seg.current_backend()
         got = [seg.batch(list(frames)), seg(small), seg(frames[0])]
         again = seg(frames[0])  # a replay of a captured graph
         assert seg.notes == ()

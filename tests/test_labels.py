@@ -1,6 +1,6 @@
 import numpy as np
 
-from adapt_deploy.data.labels import (
+from adapt_deploy.labels import (
     CITYSCAPES_LABEL_TO_TRAIN,
     CLASS_NAMES,
     PALETTE,

@@ -2,16 +2,17 @@ import pytest
 import torch
 
 from adapt_deploy.models import DeepLab
+from adapt_deploy.models.resnet import RESNETS  # the backbones' one source: tests run over it
 
 
-@pytest.mark.parametrize(
-    ("backbone", "feature_dim"), [("resnet18", 512), ("resnet50", 2048), ("resnet101", 2048)]
-)
-def test_full_width_feature_dimension(backbone, feature_dim):
-    assert DeepLab(backbone, 19).feature_dim == feature_dim
+@pytest.mark.parametrize("backbone", list(RESNETS))
+def test_full_width_feature_dimension(backbone):
+    """A standard-width ResNet's last stage: 512 channels times the block's expansion
+    (resnet18: 512; resnet50, resnet101: 2048)."""
+    assert DeepLab(backbone, 19).feature_dim == 512 * RESNETS[backbone].block.expansion
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "resnet101"])
+@pytest.mark.parametrize("backbone", list(RESNETS))
 @pytest.mark.parametrize(("height", "width"), [(64, 128), (97, 211)])
 def test_outputs_are_at_one_eighth_resolution(backbone, height, width):
     model = DeepLab(backbone, 19, width=8).eval()
@@ -59,3 +60,12 @@ def test_head_and_backbone_parameter_groups_cover_the_trainable_parameters():
 def test_unknown_backbone_is_rejected():
     with pytest.raises(ValueError, match="resnet101"):
         DeepLab("vgg16")
+
+
+@pytest.mark.parametrize("backbone", list(RESNETS))
+def test_a_config_builds_every_backbone(backbone):
+    from adapt_deploy.config import from_dict
+    from adapt_deploy.models.checkpoints import build_model
+
+    config = from_dict({"model": {"backbone": backbone, "width": 8}})
+    assert isinstance(build_model(config.model), DeepLab)

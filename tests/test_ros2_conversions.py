@@ -1,6 +1,6 @@
 """The ROS 2 package's message conversions and image handling, without ROS.
 
-export/ros2 is a colcon package, not part of adapt_deploy: its Python package is put on the
+integrations/ros2 is a colcon package, not part of adapt_deploy: its Python package is put on the
 path here. Messages are dicts and plain objects with the sensor_msgs/Image fields.
 """
 
@@ -18,7 +18,7 @@ import pytest
 from adapt_deploy.errors import UserError
 from adapt_deploy.runtime import Segmenter, colour_table
 
-ROS2 = Path(__file__).resolve().parents[1] / "export" / "ros2"
+ROS2 = Path(__file__).resolve().parents[1] / "integrations" / "ros2"
 sys.path.insert(0, str(ROS2))
 
 from adapt_deploy_ros import segmenter_node  # noqa: E402

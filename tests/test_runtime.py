@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from helpers import CAFFE_INPUT, open_fake_tensorrt_backend, write_checkpoint
 
+from adapt_deploy.bundle.engine_files import EngineError, Platform, engine_path
+from adapt_deploy.bundle.meta import BundleError, load_meta
+from adapt_deploy.bundle.platform import TensorRTMissingError
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.bundle import BundleError, load_meta
-from adapt_deploy.export.engine_files import EngineError, Platform, engine_path
 from adapt_deploy.export.pipeline import export_bundle
-from adapt_deploy.export.tensorrt import TensorRTMissingError
-from adapt_deploy.export.verify import OrtRunner, graph_input, verify_bundle
+from adapt_deploy.export.verify import graph_input, verify_bundle
 from adapt_deploy.runtime import FrameError, Segmentation, Segmenter, colour_table, overlay
 from adapt_deploy.runtime.backend import ShapeCache
 from adapt_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -46,7 +46,9 @@ def frame(height: int, width: int, seed: int = 0) -> np.ndarray:
 def reference(bundle: Path, frames: np.ndarray, precision: str = "fp32") -> dict:
     """What the bundle's ONNX model gives through verify's plain session.run."""
     name = "model.onnx" if precision == "fp32" else "model_fp16.onnx"
-    return OrtRunner(bundle / name)(graph_input(frames, load_meta(bundle)["input"]))
+    return OnnxRuntimeBackend(bundle / name).outputs(
+        graph_input(frames, load_meta(bundle)["input"])
+    )
 
 
 @pytest.fixture(scope="module")

@@ -29,16 +29,17 @@ from conftest import write_gta5
 from helpers import CAFFE_INPUT, RGB_INPUT, band_model, write_source_checkpoint
 from typer.testing import CliRunner
 
+from adapt_deploy.bundle.meta import load_meta
 from adapt_deploy.cli import app
 from adapt_deploy.config import ExperimentConfig, InputConfig
 from adapt_deploy.data.normalize import normalize
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.bundle import load_meta
-from adapt_deploy.export.onnx_export import DeployModel, GraphSpec
+from adapt_deploy.export.adaptation_package import load_package
 from adapt_deploy.export.parity import target_frames
 from adapt_deploy.export.pipeline import export_bundle
 from adapt_deploy.models.checkpoints import load_checkpoint
 from adapt_deploy.models.deeplab import DeepLab
+from adapt_deploy.models.deploy import DeployModel, GraphSpec
 from adapt_deploy.runtime import Segmenter
 from adapt_deploy.runtime.backend import as_runner
 from adapt_deploy.runtime.cuda_graphs import GraphedForward
@@ -59,8 +60,7 @@ from adapt_deploy.runtime.torch_backend import ModelBackend
 from adapt_deploy.runtime.torch_inference import LogitsInference, check_precision, graph_safe
 from adapt_deploy.tta.adapter import OnlineAdapter
 from adapt_deploy.tta.options import AdaptOptions
-from adapt_deploy.tta.package import load_package
-from adapt_deploy.tta.sync import make_sync, running_backend
+from adapt_deploy.tta.sync import make_sync
 
 Array = np.ndarray
 SIZE = (64, 96)  # frames inside TINY_SHAPES: they run at their own size
@@ -278,7 +278,7 @@ def test_graphs_asked_for_on_the_cpu_run_eager_with_a_note(tiny_bundle, trained)
     with Segmenter.from_bundle(tiny_bundle, "torch", "cpu", cuda_graph=True) as seg:
         assert seg.notes == ("torch: CUDA graphs need a CUDA device; running eager on the CPU",)
         result = seg(frame)
-        assert running_backend(seg).captured == []
+        assert seg.current_backend().captured == []
     np.testing.assert_array_equal(result.labels, expected.labels)
     np.testing.assert_array_equal(result.presence, expected.presence)
     model, config, _ = trained
@@ -291,7 +291,7 @@ def test_a_failed_capture_in_a_segmenter_shows_in_its_notes(tiny_bundle):
     frame = target_frames(1, *SIZE, first=5)[0]
     with Segmenter.from_bundle(tiny_bundle, "torch", "cpu") as seg:
         expected = seg(frame)
-        backend = running_backend(seg)
+        backend = seg.current_backend()
         backend._forward.graphs = True  # a capture is tried on the next new shape
         with pytest.warns(RuntimeWarning, match="torch: CUDA graphs off"):
             result = seg.batch([frame, frame])
@@ -313,9 +313,9 @@ def test_onnxruntime_cuda_graph_needs_the_cuda_provider(tiny_bundle, tmp_path):
         create_session(model, None, 1, cuda_graph=True)
     frame = target_frames(1, *SIZE, first=6)[0]
     with Segmenter.from_bundle(tiny_bundle, "onnxruntime", 0, cuda_graph=True) as seg:
-        assert seg.device == "cpu" and not running_backend(seg).cuda_graph
+        assert seg.device == "cpu" and not seg.current_backend().cuda_graph
         assert any("onnxruntime: CUDA graphs need a CUDA device" in n for n in seg.notes)
-        assert running_backend(seg).session.get_providers() == ["CPUExecutionProvider"]
+        assert seg.current_backend().session.get_providers() == ["CPUExecutionProvider"]
         assert seg(frame).labels.shape == SIZE
     assert cuda_provider_options(1, True) == {"device_id": 1, "enable_cuda_graph": "1"}
     assert cuda_provider_options(0) == {"device_id": 0}
@@ -393,7 +393,7 @@ def test_pushes_reuse_the_replaced_torch_backend_and_keep_its_precision(tiny_bun
     model, config = load_checkpoint(tiny_bundle.parent / "tiny.pt")
     frame = target_frames(1, *SIZE, first=9)[0]
     with Segmenter.from_bundle(tiny_bundle, "torch", "cpu", "bf16") as seg:
-        original = running_backend(seg)
+        original = seg.current_backend()
         sync = make_sync(seg, model, config.input)
         pushed = copy.deepcopy(trained[0])
         results = []
@@ -405,7 +405,7 @@ def test_pushes_reuse_the_replaced_torch_backend_and_keep_its_precision(tiny_bun
             assert result.ok, result.reason
             results.append(seg(frame))
             assert seg.precision == "bf16"
-            assert (running_backend(seg) is original) == (step == 1)
+            assert (seg.current_backend() is original) == (step == 1)
         sync.close()
     assert not np.array_equal(results[0].presence, results[1].presence)
     expected = as_runner(_backend(pushed, config, "bf16"), "NHWC")(frame[None])

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from adapt_deploy.channel import Channel
 from adapt_deploy.cli import app
 from adapt_deploy.errors import UserError
 from adapt_deploy.runtime import Segmenter
@@ -33,7 +34,6 @@ from adapt_deploy.stream import (
 )
 from adapt_deploy.stream import demo as stream_demo
 from adapt_deploy.stream import outputs as stream_outputs
-from adapt_deploy.stream.channel import Channel
 from adapt_deploy.stream.outputs import OutputError
 from adapt_deploy.stream.sources import LiveStream
 

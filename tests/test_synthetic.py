@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from adapt_deploy.data.corruptions import CORRUPTIONS, apply_corruption
-from adapt_deploy.data.labels import CLASS_NAMES, IGNORE_INDEX, label_ids_to_train_ids
 from adapt_deploy.data.synthetic import (
     ABSENT_CLASSES,
     STYLES,
@@ -20,7 +19,8 @@ from adapt_deploy.data.synthetic import (
     render_image,
     render_video,
 )
-from adapt_deploy.data.synthetic_writer import SynthSpec, write_benchmark
+from adapt_deploy.data.synthetic.writer import SynthSpec, write_benchmark
+from adapt_deploy.labels import CLASS_NAMES, IGNORE_INDEX, label_ids_to_train_ids
 
 H, W = 128, 256
 N = 20

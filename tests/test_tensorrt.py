@@ -21,9 +21,7 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from adapt_deploy.atomic import atomic_write
-from adapt_deploy.cli import app
-from adapt_deploy.export.bundle import BundleError, load_meta, sha256_file
-from adapt_deploy.export.engine_files import (
+from adapt_deploy.bundle.engine_files import (
     EngineError,
     EngineMismatchError,
     EngineRecord,
@@ -42,12 +40,11 @@ from adapt_deploy.export.engine_files import (
     timing_cache_path,
     write_record,
 )
+from adapt_deploy.bundle.meta import BundleError, load_meta, sha256_file
+from adapt_deploy.bundle.platform import import_tensorrt, parse_nvidia_smi
+from adapt_deploy.cli import app
 from adapt_deploy.export.refit import plan_refit, plan_refit_file
-from adapt_deploy.export.tensorrt import (
-    build_engines,
-    import_tensorrt,
-    parse_nvidia_smi,
-)
+from adapt_deploy.export.tensorrt import build_engines
 from adapt_deploy.export.trt_layers import keep_in_fp32, layer_precision, parse_layer_report
 from adapt_deploy.export.trt_plan import build_mode, prepare_build, profile_shapes
 from bench.tensorrt_check import tiny_onnx, write_tiny_bundle
@@ -102,7 +99,7 @@ def fake_engine(bundle: Path, precision: str, built_on: Platform, plan_bytes=b"p
 def test_tensorrt_modules_import_without_torch_or_tensorrt():
     code = (
         "import sys\n"
-        "import adapt_deploy.export.tensorrt, adapt_deploy.export.engine_files\n"
+        "import adapt_deploy.export.tensorrt, adapt_deploy.bundle.engine_files\n"
         "import adapt_deploy.export.trt_plan, adapt_deploy.export.trt_layers\n"
         "import adapt_deploy.export.refit\n"
         "print(sorted(m for m in ('torch', 'tensorrt', 'cuda') if m in sys.modules))\n"
@@ -608,7 +605,7 @@ def _tensorrt_reason() -> str | None:
         import_tensorrt()
     except Exception:
         return "tensorrt not importable"
-    from adapt_deploy.export.tensorrt import _gpu_from_cuda_python, _gpu_from_nvidia_smi
+    from adapt_deploy.bundle.platform import _gpu_from_cuda_python, _gpu_from_nvidia_smi
 
     try:
         found = _gpu_from_cuda_python(0) or _gpu_from_nvidia_smi(0)

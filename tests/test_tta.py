@@ -22,23 +22,24 @@ import torch.nn.functional as F
 from helpers import TINY_SHAPES, corrupting, write_source_checkpoint
 from typer.testing import CliRunner
 
+from adapt_deploy.bundle.meta import load_meta
 from adapt_deploy.cli import app
 from adapt_deploy.data.datasets import build_dataset
 from adapt_deploy.data.normalize import normalize
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.bundle import load_meta
-from adapt_deploy.export.onnx_export import DeployModel
+from adapt_deploy.export import folding
+from adapt_deploy.export.adaptation_package import load_package
 from adapt_deploy.export.pipeline import export_bundle
 from adapt_deploy.models.checkpoints import checkpoint_meta, load_checkpoint, save_checkpoint
+from adapt_deploy.models.deploy import DeployModel
 from adapt_deploy.runtime import Segmenter
-from adapt_deploy.tta import folding
 from adapt_deploy.tta.adapter import OnlineAdapter
 from adapt_deploy.tta.options import AdaptOptions, ResetPolicy
-from adapt_deploy.tta.package import load_package
+from adapt_deploy.tta.push import SyncResult, graph_spec
 from adapt_deploy.tta.session import AdaptSetup, open_adaptation
 from adapt_deploy.tta.shift import ShiftDetector
 from adapt_deploy.tta.state import load_state, resume, save_state
-from adapt_deploy.tta.sync import OnnxRuntimeSync, SyncResult, graph_spec, make_sync
+from adapt_deploy.tta.sync import OnnxRuntimeSync, make_sync
 from adapt_deploy.tta.worker import AdaptWorker
 
 SIZE = (36, 64)

@@ -17,24 +17,24 @@ from helpers import write_source_checkpoint
 from PIL import Image
 from typer.testing import CliRunner
 
+from adapt_deploy.bundle.meta import BundleError, load_meta, sha256_file, validate_meta
 from adapt_deploy.cli import app
 from adapt_deploy.config import DatasetConfig
 from adapt_deploy.data.datasets import build_dataset
-from adapt_deploy.data.labels import TRAIN_TO_LABEL_LUT
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.bundle import BundleError, load_meta, sha256_file, validate_meta
+from adapt_deploy.export.adaptation_package import load_package
 from adapt_deploy.export.pipeline import export_bundle
-from adapt_deploy.models.checkpoints import load_checkpoint
-from adapt_deploy.progress import Reporter
-from adapt_deploy.runtime.torch_backend import TorchBackend, find_checkpoint
-from adapt_deploy.tta.package import load_package
-from adapt_deploy.tta.source_stats import (
+from adapt_deploy.export.source_stats import (
     SourceStats,
     best_threshold,
     compute_source_stats,
     presence_metrics,
     spaced_indices,
 )
+from adapt_deploy.labels import TRAIN_TO_LABEL_LUT
+from adapt_deploy.models.checkpoints import load_checkpoint
+from adapt_deploy.progress import Reporter
+from adapt_deploy.runtime.torch_backend import TorchBackend, find_checkpoint
 
 PRESENT = sorted(BANDS)
 ABSENT = [c for c in range(19) if c not in BANDS]

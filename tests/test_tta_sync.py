@@ -20,18 +20,20 @@ import torch
 from helpers import corrupting, write_checkpoint
 from torch import nn
 
+from adapt_deploy.bundle.engine_files import EngineRecord
+from adapt_deploy.bundle.meta import load_meta, model_path
 from adapt_deploy.config import ExperimentConfig
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.bundle import load_meta, model_path
-from adapt_deploy.export.engine_files import EngineRecord
-from adapt_deploy.export.onnx_export import DeployModel
+from adapt_deploy.export import folding
+from adapt_deploy.export.folding import build_folding_map, conv_bn_pairs, own_initializers
 from adapt_deploy.export.parity import target_frames, torch_outputs
 from adapt_deploy.models.checkpoints import load_checkpoint
 from adapt_deploy.models.deeplab import DeepLab
+from adapt_deploy.models.deploy import DeployModel
 from adapt_deploy.runtime import Segmenter
-from adapt_deploy.tta import folding
-from adapt_deploy.tta.folding import build_folding_map, conv_bn_pairs, own_initializers
-from adapt_deploy.tta.sync import ModelBackend, graph_spec, make_sync
+from adapt_deploy.runtime.torch_backend import ModelBackend
+from adapt_deploy.tta.push import graph_spec
+from adapt_deploy.tta.sync import make_sync
 from adapt_deploy.tta.sync_tensorrt import check_refittable
 
 FRAME = target_frames(1, 64, 96, first=11)[0]  # inside the tiny bundle's range: runs as is
@@ -303,8 +305,6 @@ def test_a_tensorrt_sync_whose_set_up_fails_closes_its_standby_engine(
 ):
     from types import SimpleNamespace
 
-    from adapt_deploy.export import engine_files
-    from adapt_deploy.runtime import tensorrt_backend
     from adapt_deploy.tta import sync_tensorrt
 
     model, config = source
@@ -314,7 +314,7 @@ def test_a_tensorrt_sync_whose_set_up_fails_closes_its_standby_engine(
     closed: list[object] = []
 
     class Standby:  # the TensorRTBackend the sync holds as its standby
-        _engine = object()
+        engine = object()
 
         def __init__(self, *args: object, **kwargs: object) -> None:
             pass
@@ -329,8 +329,8 @@ def test_a_tensorrt_sync_whose_set_up_fails_closes_its_standby_engine(
     trt = FakeTensorRT(names if refittable else set())
     monkeypatch.setattr(sync_tensorrt, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(sync_tensorrt, "detect_platform", lambda version, device: None)
-    monkeypatch.setattr(engine_files, "read_engine", lambda *args: (b"", record))
-    monkeypatch.setattr(tensorrt_backend, "TensorRTBackend", Standby)
+    monkeypatch.setattr(sync_tensorrt, "read_engine", lambda *args: (b"", record))
+    monkeypatch.setattr(sync_tensorrt, "TensorRTBackend", Standby)
     seg = SimpleNamespace(bundle=tiny_bundle, meta=meta, precision="fp32", device="cuda:0")
     graph = graph_spec(meta)
     if refittable:

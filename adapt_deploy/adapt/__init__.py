@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-from adapt_deploy.adapt.adaptsegnet import AdaptSegNet
-from adapt_deploy.adapt.advent import Advent, AdventMinEnt
+from adapt_deploy import registry
 from adapt_deploy.adapt.base import Method
-from adapt_deploy.adapt.wda import WeakLabelAdaptation, WeakLabelImage, WeakLabelPoint
 
-
-class Oracle(Method):
-    """The upper bound: segmentation loss on the labelled target train split."""
-
-    name = "oracle"
-
-
+# Every registered method's class by name (adapt_deploy.registry.METHODS is the source).
 METHOD_CLASSES: dict[str, type[Method]] = {
-    cls.name: cls
-    for cls in (
-        Method,
-        AdaptSegNet,
-        AdventMinEnt,
-        Advent,
-        WeakLabelAdaptation,
-        WeakLabelImage,
-        WeakLabelPoint,
-        Oracle,
-    )
+    name: registry.METHODS.load(name) for name in registry.METHODS.names()
 }
 
 __all__ = ["METHOD_CLASSES", "Method"]

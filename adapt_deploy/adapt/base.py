@@ -81,3 +81,9 @@ class Method:
         """Register a discriminator (moved to the device, in train mode)."""
         self.discriminators[name] = module.to(self.device).train()
         return self.discriminators[name]
+
+
+class Oracle(Method):
+    """The upper bound: segmentation loss on the labelled target train split."""
+
+    name: ClassVar[str] = "oracle"

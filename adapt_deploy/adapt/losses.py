@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from adapt_deploy.data.labels import IGNORE_INDEX
+from adapt_deploy.labels import IGNORE_INDEX
 
 SOURCE_LABEL = 0.0
 TARGET_LABEL = 1.0

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapt_deploy.data.labels import label_ids_to_train_ids
-from adapt_deploy.data.segmentation import Sample, SegmentationDataset, require_dir
+from adapt_deploy.data.datasets import Layout
+from adapt_deploy.data.segmentation import Sample, require_dir
 from adapt_deploy.errors import DatasetError
+from adapt_deploy.labels import label_ids_to_train_ids
 
 LAYOUT = """  ROOT/leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png
   ROOT/gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelIds.png"""
@@ -14,7 +15,7 @@ IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 
 
-def cityscapes_samples(root: Path, split: str, labels: bool = True) -> list[Sample]:
+def cityscapes_samples(root: Path, split: str = "train", labels: bool = True) -> list[Sample]:
     """Every image of a split, paired with its labelIds file when `labels` is set."""
     image_dir = root / "leftImg8bit" / split
     require_dir(image_dir, f"Cityscapes split {split!r}", LAYOUT)
@@ -36,14 +37,5 @@ def cityscapes_samples(root: Path, split: str, labels: bool = True) -> list[Samp
     return samples
 
 
-def cityscapes(
-    root: str | Path,
-    split: str = "train",
-    size: tuple[int, int] | None = (512, 1024),
-    labels: bool = True,
-    resize_labels: bool = True,
-    cache: bool = False,
-) -> SegmentationDataset:
-    """A Cityscapes split; labels mapped labelId→trainId (255 ignored)."""
-    samples = cityscapes_samples(Path(root), split, labels)
-    return SegmentationDataset(samples, label_ids_to_train_ids, size, resize_labels, cache)
+CITYSCAPES = Layout(cityscapes_samples, label_ids_to_train_ids)  # labelId→trainId, 255 ignored
+cityscapes = CITYSCAPES.dataset  # the loader: cityscapes(root, split, size, labels, ...)

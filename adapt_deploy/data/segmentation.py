@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from adapt_deploy.data.labels import IGNORE_INDEX
 from adapt_deploy.errors import DatasetError
+from adapt_deploy.labels import IGNORE_INDEX
 
 LabelMapper = Callable[[np.ndarray], np.ndarray]
 LabelReader = Callable[[Path], np.ndarray]

@@ -7,9 +7,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from adapt_deploy.data.labels import SYNTHIA_LABEL_TO_TRAIN, lookup_table
-from adapt_deploy.data.segmentation import LabelIds, Sample, SegmentationDataset, same_name_pairs
+from adapt_deploy.data.datasets import Layout
+from adapt_deploy.data.segmentation import LabelIds, Sample, same_name_pairs
 from adapt_deploy.errors import DatasetError
+from adapt_deploy.labels import SYNTHIA_LABEL_TO_TRAIN, lookup_table
 
 LAYOUT = """  ROOT/RGB/{id}.png
   ROOT/GT/LABELS/{id}.png   (16-bit PNG, SYNTHIA class id in the first (R) channel)"""
@@ -30,27 +31,13 @@ def synthia_to_train_ids(class_ids: np.ndarray) -> np.ndarray:
     return SYNTHIA_TO_TRAIN_LUT[class_ids.astype(np.intp, copy=False)]
 
 
-def synthia_samples(root: Path, labels: bool = True) -> list[Sample]:
-    """Every image, paired with the label of the same file name when `labels` is set."""
+def synthia_samples(root: Path, split: str = "train", labels: bool = True) -> list[Sample]:
+    """Every image (SYNTHIA-RAND-CITYSCAPES has no official splits: `split` is not used),
+    paired with the label of the same file name when `labels` is set."""
     label_dir = root / "GT" / "LABELS" if labels else None
     return same_name_pairs(root / "RGB", label_dir, "SYNTHIA", LAYOUT)
 
 
-def synthia(
-    root: str | Path,
-    size: tuple[int, int] | None = (760, 1280),
-    labels: bool = True,
-    resize_labels: bool = True,
-    cache: bool = False,
-) -> SegmentationDataset:
-    """SYNTHIA-RAND-CITYSCAPES (all images); labels mapped to Cityscapes trainIds."""
-    samples = synthia_samples(Path(root), labels)
-    return SegmentationDataset(
-        samples,
-        synthia_to_train_ids,
-        size,
-        resize_labels,
-        cache,
-        read_label=read_synthia_label,
-        label_ids=SYNTHIA_IDS,
-    )
+# Labels mapped to Cityscapes trainIds from the class id in the R channel of a 16-bit PNG.
+SYNTHIA = Layout(synthia_samples, synthia_to_train_ids, read_synthia_label, SYNTHIA_IDS)
+synthia = SYNTHIA.dataset  # the loader: synthia(root, split, size, labels, resize_labels, cache)

@@ -21,9 +21,9 @@ import torch
 from torch.utils.data import Dataset
 
 from adapt_deploy.atomic import atomic_write
-from adapt_deploy.data.labels import IGNORE_INDEX
 from adapt_deploy.data.segmentation import SegmentationDataset, image_size
 from adapt_deploy.errors import DatasetError
+from adapt_deploy.labels import IGNORE_INDEX
 
 PRESENCE_FRACTION = 0.1  # official PER_TH
 PSEUDO_THRESHOLD = 0.2  # official pweak_th

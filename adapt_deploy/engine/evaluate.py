@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from adapt_deploy.config import InputConfig
-from adapt_deploy.data.labels import CLASS_NAMES, EVAL_PROTOCOLS, IGNORE_INDEX
 from adapt_deploy.data.normalize import normalize
 from adapt_deploy.data.segmentation import SegmentationDataset
 from adapt_deploy.engine.sampling import without_worker_tracebacks
+from adapt_deploy.labels import CLASS_NAMES, EVAL_PROTOCOLS, IGNORE_INDEX
 from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.progress import Reporter
 
@@ -143,13 +143,12 @@ def evaluate_checkpoint(
     reporter: Reporter | None = None,
 ) -> EvalResult:
     """Evaluate a checkpoint on a labelled split, resized as its training config's val set."""
-    from adapt_deploy.config import DATASET_KINDS, DatasetConfig
+    from adapt_deploy.config import DatasetConfig
     from adapt_deploy.data.datasets import build_dataset
-    from adapt_deploy.errors import UserError
     from adapt_deploy.models.checkpoints import load_checkpoint
+    from adapt_deploy.registry import DATASET_LAYOUTS
 
-    if kind not in DATASET_KINDS:
-        raise UserError(f"--kind must be one of {DATASET_KINDS}, got {kind!r}")
+    DATASET_LAYOUTS.check(kind, "--kind")
     reporter = reporter or Reporter()
     model, config = load_checkpoint(checkpoint)
     entry = DatasetConfig(kind, str(data), split, list(config.data.val.size))

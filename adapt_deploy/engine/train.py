@@ -15,16 +15,16 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
-from adapt_deploy.adapt import METHOD_CLASSES
+from adapt_deploy import registry
 from adapt_deploy.adapt.base import Method
 from adapt_deploy.config import ExperimentConfig, dump_config, from_dict
 from adapt_deploy.data.datasets import build_dataset
-from adapt_deploy.data.labels import CLASS_NAMES
 from adapt_deploy.engine.evaluate import EvalResult, evaluate
 from adapt_deploy.engine.method_data import labelled_dataset, target_dataset
 from adapt_deploy.engine.precision import MixedPrecision, cudnn_benchmark
 from adapt_deploy.engine.sampling import EpochBatchSampler, without_worker_tracebacks
 from adapt_deploy.errors import ConfigError, UserError
+from adapt_deploy.labels import CLASS_NAMES
 from adapt_deploy.models.checkpoints import (
     atomic_save,
     build_model,
@@ -132,7 +132,7 @@ def build_learner(
         model.load_state_dict(init)
     model = model.to(device, memory_format=amp.memory_format)
     forward = torch.compile(model, backend=COMPILE_BACKEND) if config.train.compile else model
-    method = METHOD_CLASSES[config.train.method](config, forward, device)
+    method: Method = registry.METHODS.load(config.train.method)(config, forward, device)
     method.memory_format = amp.memory_format
     for discriminator in method.discriminators.values():
         discriminator.to(memory_format=amp.memory_format)
@@ -150,7 +150,7 @@ def train(
     """Train `config` into `out/`; with `resume`, continue from `out/trainer_state.pt`."""
     reporter = reporter or Reporter()
     out = Path(out)
-    method_cls = METHOD_CLASSES[config.train.method]
+    method_cls: type[Method] = registry.METHODS.load(config.train.method)
     # Dataset and init-weight errors surface before anything is written.
     init = None if resume else initial_weights(config.model)  # resume: the state has them
     labelled = labelled_dataset(config, method_cls, reporter)

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adapt_deploy.bundle.meta import load_meta
 from adapt_deploy.config import DATASET_KINDS, DatasetConfig
 from adapt_deploy.data.datasets import build_dataset
-from adapt_deploy.data.labels import EVAL_PROTOCOLS
 from adapt_deploy.engine.evaluate import EvalResult, confusion_matrix
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.bundle import load_meta
 from adapt_deploy.export.verify import graph_input, open_runner
+from adapt_deploy.labels import EVAL_PROTOCOLS
 from adapt_deploy.progress import Reporter
 
 

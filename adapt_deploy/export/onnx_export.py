@@ -1,12 +1,6 @@
-"""The deployed graph and its ONNX export (torch.onnx.export, the dynamo exporter).
-
-`DeployModel` wraps a DeepLab so the graph does what a robot would otherwise do by hand: it
-takes camera frames as they come (RGB uint8 NHWC) and normalizes them inside, or, for NVIDIA's
-ROS pipelines, float32 NCHW already normalized outside; it returns `labels` (argmax of the
-logits upsampled bilinearly with align_corners=True to the input size, as evaluation does),
-`presence` (sigmoid of LSE pooling per class, the pseudo-weak label source for on-device
-adaptation) and optionally the 1/8-resolution `logits`.
-"""
+"""The ONNX export of the deployed graph (models/deploy.py's `DeployModel`) with
+torch.onnx.export (the dynamo exporter), and the meta.json entries that describe its input and
+outputs."""
 
 from __future__ import annotations
 
@@ -14,37 +8,20 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from adapt_deploy.config import InputConfig
-from adapt_deploy.data.normalize import normalize
 from adapt_deploy.models.deeplab import DeepLab
-from adapt_deploy.ops.pooling import lse_pool, onnx_translations
+from adapt_deploy.models.deploy import INPUT_NAME, DeployModel, GraphSpec
+from adapt_deploy.ops.pooling import onnx_translations
 
 OPSET = 20
 MIN_OPSET = 18  # ReduceLogSumExp with axes as an input (the LSE pooling translation)
-INPUT_NAME = "image"
 MAX_SINGLE_FILE_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with room for the graph
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    """What the deployed graph takes and returns."""
-
-    layout: str = "NHWC"  # NHWC: RGB uint8 frames, normalized in the graph; NCHW: float32 input
-    logits: bool = False  # also output the 1/8-resolution logits
-    lse_k: float = 1.0  # k of LSE pooling for `presence`
-
-    @property
-    def output_names(self) -> list[str]:
-        return ["labels", "presence", *(["logits"] if self.logits else [])]
 
 
 def input_meta(spec: InputConfig, graph: GraphSpec) -> dict[str, Any]:
@@ -76,31 +53,6 @@ def outputs_meta(graph: GraphSpec) -> list[dict[str, Any]]:
         dims = ["batch", "classes", "logits_height", "logits_width"]
         outputs.append({"name": "logits", "dtype": "float32", "dims": dims})
     return outputs
-
-
-class DeployModel(nn.Module):
-    """DeepLab plus deployment pre- and post-processing: (labels, presence[, logits])."""
-
-    def __init__(self, model: DeepLab, spec: InputConfig, graph: GraphSpec) -> None:
-        super().__init__()
-        if graph.layout not in ("NHWC", "NCHW"):
-            raise ValueError(f"layout must be NHWC or NCHW, got {graph.layout!r}")
-        self.model = model.eval()
-        self.spec = spec
-        self.graph = graph
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.graph.layout == "NHWC":  # RGB uint8 (N, H, W, 3): the checkpoint's normalization
-            # contiguous: eager convs are ~20% slower on the permuted strides (a no-op in ONNX)
-            x = normalize(image.permute(0, 3, 1, 2), self.spec).contiguous()
-        else:  # float32 (N, 3, H, W), normalized outside in RGB order
-            x = image.flip(1) if self.spec.color_order == "BGR" else image
-        size = x.shape[-2:]
-        logits = self.model(x)["logits"]
-        upsampled = F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
-        labels = upsampled.argmax(1).to(torch.int32)
-        presence = torch.sigmoid(lse_pool(logits, self.graph.lse_k))
-        return (labels, presence, logits) if self.graph.logits else (labels, presence)
 
 
 def example_input(graph: GraphSpec, batch: int = 2, height: int = 64, width: int = 96):
@@ -187,6 +139,6 @@ def _separate_conv_weights(proto: onnx.ModelProto, model: DeepLab) -> None:
     """Give every conv its own weight and bias initializers (a zero bias where the exporter
     dropped an all-zero one, a copy where it merged equal tensors of different convs): on-device
     adaptation refits exactly these tensors, and a built TensorRT engine cannot be rewired."""
-    from adapt_deploy.tta.folding import build_folding_map, own_initializers
+    from adapt_deploy.export.folding import build_folding_map, own_initializers
 
     own_initializers(proto, build_folding_map(model, proto))

@@ -16,8 +16,8 @@ import torch
 
 from adapt_deploy.data.synthetic import render_image
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.onnx_export import DeployModel
 from adapt_deploy.export.verify import Runner, compare_outputs, failures, graph_input
+from adapt_deploy.models.deploy import DeployModel
 from adapt_deploy.progress import Reporter
 
 # (batch, height, width): three resolutions, two of them odd, batch sizes 1 and 3.

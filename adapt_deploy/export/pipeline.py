@@ -18,12 +18,7 @@ import numpy as np
 import onnx
 
 from adapt_deploy import __version__
-from adapt_deploy.config import ExperimentConfig
-from adapt_deploy.data.datasets import build_dataset
-from adapt_deploy.data.labels import CLASS_NAMES, PALETTE
-from adapt_deploy.data.segmentation import SegmentationDataset
-from adapt_deploy.errors import DatasetError, UserError
-from adapt_deploy.export.bundle import (
+from adapt_deploy.bundle.meta import (
     SCHEMA_VERSION,
     check_destination,
     file_hashes,
@@ -31,11 +26,14 @@ from adapt_deploy.export.bundle import (
     staged_directory,
     write_meta,
 )
+from adapt_deploy.config import ExperimentConfig
+from adapt_deploy.data.datasets import build_dataset
+from adapt_deploy.data.segmentation import SegmentationDataset
+from adapt_deploy.errors import DatasetError, UserError
+from adapt_deploy.export.adaptation_package import write_package
 from adapt_deploy.export.onnx_export import (
     MIN_OPSET,
     OPSET,
-    DeployModel,
-    GraphSpec,
     export_onnx,
     graph_opset,
     input_meta,
@@ -43,12 +41,14 @@ from adapt_deploy.export.onnx_export import (
 )
 from adapt_deploy.export.parity import check_parity, raise_on_failure
 from adapt_deploy.export.precision import convert_to_mixed_fp16
-from adapt_deploy.export.verify import VERIFY_TOLERANCES, OrtRunner
+from adapt_deploy.export.source_stats import compute_source_stats
+from adapt_deploy.export.verify import VERIFY_TOLERANCES
+from adapt_deploy.labels import CLASS_NAMES, PALETTE
 from adapt_deploy.models.checkpoints import load_checkpoint, read_checkpoint
 from adapt_deploy.models.deeplab import DeepLab
+from adapt_deploy.models.deploy import DeployModel, GraphSpec
 from adapt_deploy.progress import Reporter
-from adapt_deploy.tta.package import write_package
-from adapt_deploy.tta.source_stats import compute_source_stats
+from adapt_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 MAX_OPSET = 21  # onnxruntime 1.18, the oldest the package accepts, reads up to opset 21
 MODEL_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
@@ -221,7 +221,10 @@ def export_bundle(
         if fp16:
             reporter.log("converting to mixed fp16 (reductions, resize and argmax in fp32)")
             models["fp16"] = _write_fp16(models["fp32"][0], tmp / MODEL_FILES["fp16"])
-        runners = {p: OrtRunner(files[0]) for p, files in models.items()}
+        runners = {
+            p: OnnxRuntimeBackend(files[0], layout, len(classes), p).outputs
+            for p, files in models.items()
+        }
         parity = check_parity(deploy, spec, runners, reporter=reporter)
         raise_on_failure(parity)
         samples = _write_samples(tmp, parity.samples)

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from adapt_deploy.export.engine_files import EngineError
+from adapt_deploy.bundle.engine_files import EngineError
 
 # Names a tensor type goes by in the report → our precision names (word-bounded: "BFloat16" is
 # not "Float"; "FP16" inside "Channel major FP16 format ..." is).

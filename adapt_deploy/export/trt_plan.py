@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapt_deploy.export.bundle import BundleError, model_path, verify_hashes
-from adapt_deploy.export.engine_files import EngineError, parse_version
+from adapt_deploy.bundle.engine_files import EngineError, parse_version
+from adapt_deploy.bundle.meta import BundleError, model_path, verify_hashes
 from adapt_deploy.export.refit import RefitPlan, plan_refit_file
 
 MIN_MAJOR = 10

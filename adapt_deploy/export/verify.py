@@ -1,9 +1,9 @@
 """Re-check a bundle on the target: run its samples through a backend, compare with references.
 
-Torch-free. A backend is anything that maps an input batch to named outputs (`Runner`): ONNX
-Runtime (CPU or CUDA) sessions made by `adapt_deploy.runtime.onnxruntime_backend`, or the
-runtime's TensorRT backend where TensorRT is installed. Tolerances per precision are the ones
-export wrote into meta.json.
+Torch-free. The samples run through the runtime's own backends, adapted to a `Runner` (an input
+batch in, named outputs out): ONNX Runtime on the CPU or CUDA (every output, logits included),
+or the TensorRT backend where TensorRT is installed (labels and presence). Tolerances per
+precision are the ones export wrote into meta.json.
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from adapt_deploy.errors import UserError
-from adapt_deploy.export.bundle import (
+from adapt_deploy.bundle.meta import (
     BundleError,
     load_meta,
     model_path,
     sha256_file,
     verify_hashes,
 )
+from adapt_deploy.errors import UserError
 from adapt_deploy.runtime.backend import as_runner
 from adapt_deploy.runtime.frames import graph_input as graph_input  # re-exported for callers
-from adapt_deploy.runtime.onnxruntime_backend import create_session, require_cuda
+from adapt_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend, require_cuda
 
 Runner = Callable[[np.ndarray], dict[str, np.ndarray]]
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
@@ -71,34 +71,18 @@ def ort_device(backend: str) -> int | None:
     raise UserError(f"--backend must be one of {list(BACKENDS)}, got {backend!r}")
 
 
-class OrtRunner:
-    """One ONNX Runtime session over a model file; returns outputs by name."""
-
-    def __init__(self, path: Path, backend: str = "onnxruntime", threads: int | None = None):
-        self.session = create_session(path, ort_device(backend), threads)
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = self.session.run(None, {self.input_name: batch})
-        return dict(zip(self.output_names, outputs, strict=True))
-
-
 def open_runner(bundle: Path, meta: dict[str, Any], precision: str, backend: str) -> Runner:
-    """A Runner over one precision of a bundle, after checking its model files' hashes."""
+    """A Runner over one precision of a bundle on the runtime's own backend (ONNX Runtime on
+    the CPU or GPU 0, or this machine's TensorRT engine on GPU 0), after the hash check."""
+    layout = meta["input"]["layout"]
     if backend == "tensorrt":
-        return _tensorrt_runner(bundle, meta, precision)
-    ort_device(backend)  # a clear error before hashing large files
+        from adapt_deploy.runtime.tensorrt_backend import TensorRTBackend
+
+        return as_runner(TensorRTBackend(bundle, meta, precision, device=0), layout)
+    device = ort_device(backend)  # a clear error before hashing large files
     verify_hashes(bundle, meta, precision)
-    return OrtRunner(model_path(bundle, meta, precision), backend)
-
-
-def _tensorrt_runner(bundle: Path, meta: dict[str, Any], precision: str) -> Runner:
-    """The runtime's TensorRT backend on this machine's engine (GPU 0); UserError without one."""
-    from adapt_deploy.runtime.tensorrt_backend import TensorRTBackend
-
-    backend = TensorRTBackend(bundle, meta, precision, device=0)
-    return as_runner(backend, meta["input"]["layout"])
+    path = model_path(bundle, meta, precision)
+    return OnnxRuntimeBackend(path, layout, meta["num_classes"], precision, device).outputs
 
 
 def compare_outputs(

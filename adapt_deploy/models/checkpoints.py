@@ -13,13 +13,19 @@ import torch
 from adapt_deploy import __version__
 from adapt_deploy.atomic import atomic_file
 from adapt_deploy.config import ExperimentConfig, ModelConfig, from_dict
-from adapt_deploy.data.labels import CLASS_NAMES
-from adapt_deploy.errors import UserError
+from adapt_deploy.errors import ConfigError, UserError
+from adapt_deploy.labels import CLASS_NAMES
 from adapt_deploy.models.deeplab import DeepLab
+from adapt_deploy.models.resnet import RESNETS
 
 
 def build_model(cfg: ModelConfig) -> DeepLab:
-    """The DeepLab a model config describes."""
+    """The DeepLab a model config describes. The backbone names are the models' own (RESNETS),
+    so they are checked here, where they are defined, not in config.py."""
+    if cfg.backbone not in RESNETS:
+        raise ConfigError(
+            f"config key 'model.backbone' must be one of {sorted(RESNETS)}, got {cfg.backbone!r}"
+        )
     return DeepLab(cfg.backbone, cfg.num_classes, cfg.width, cfg.freeze_bn, cfg.aspp_branches)
 
 

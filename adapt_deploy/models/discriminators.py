@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from adapt_deploy.gradient_memory import GradientWorkspace
 from adapt_deploy.models.batched_linear import batched_linear
 
 
@@ -48,7 +47,7 @@ class CategoryDiscriminators(nn.Module):
     The official code keeps C ``nn.Sequential`` (Linear, ReLU, Linear, ReLU, Linear) and loops
     over them; here layer k of all classes is one stacked weight ``weight{k}`` of shape
     (C, in, out) with bias (C, out), and each layer is one batched matmul whose weight gradient
-    reuses its memory from step to step (models/batched_linear.py). Initialisation is
+    reuses its memory from step to step on CPU (models/batched_linear.py). Initialisation is
     ``nn.Linear``'s default (uniform ±1/sqrt(fan_in) for weight and bias), as in the official code.
     Input: the attention-pooled features (N, C, in_dim); output: logits (N, C). Run the source and
     target features through one call (concatenated on N) to read the weights once.
@@ -65,8 +64,6 @@ class CategoryDiscriminators(nn.Module):
                 f"weight{k}", nn.Parameter(torch.empty(num_classes, fan_in, fan_out))
             )
             self.register_parameter(f"bias{k}", nn.Parameter(torch.empty(num_classes, fan_out)))
-        # Not state: kept weight-gradient memory, one per layer (see batched_linear).
-        self.gradient_workspaces = tuple(GradientWorkspace() for _ in dims)
         self.reset_parameters()
 
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -89,10 +86,10 @@ class CategoryDiscriminators(nn.Module):
                 f"got {tuple(pooled.shape)}"
             )
         x = pooled.transpose(0, 1)  # (C, N, in): the class is the matmul batch
-        layers = zip(self.layers(), self.gradient_workspaces, strict=True)
-        for i, ((weight, bias), workspace) in enumerate(layers):
-            x = batched_linear(x, weight, bias, workspace)
-            if i < len(self.gradient_workspaces) - 1:
+        layers = self.layers()
+        for i, (weight, bias) in enumerate(layers):
+            x = batched_linear(x, weight, bias)
+            if i < len(layers) - 1:
                 x = torch.relu(x)
         return x.squeeze(-1).transpose(0, 1)
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adapt_deploy.gradient_memory import GradientWorkspace, reuse_applies
+from adapt_deploy.gradient_memory import reusable_gradient
 from adapt_deploy.ops import kernels as _kernels
 
 __all__ = [
@@ -87,15 +87,12 @@ def _attention_and_grad_features(
     return attn, grad_features.reshape(features.shape).to(features.dtype)
 
 
-# The feature gradient of the features-only backward: 68 MB per image at the paper's shapes,
-# reused between steps on CPU once the backbone's backward has dropped it (gradient_memory.py).
-_FEATURE_GRADIENT = GradientWorkspace()
-
-
 def _grad_features_only(grad: Tensor, logits: Tensor, features: Tensor) -> Tensor:
-    """dF for detached logits, in kept memory where that applies."""
-    keep = reuse_applies(features) and _compute_dtype(features.dtype) == features.dtype
-    out = _FEATURE_GRADIENT.take(features) if keep and not torch.is_grad_enabled() else None
+    """dF for detached logits. On CPU it is written into memory reused between steps once the
+    backbone's backward has dropped it (68 MB per image at the paper's shapes;
+    gradient_memory.py)."""
+    same_dtype = _compute_dtype(features.dtype) == features.dtype
+    out = reusable_gradient(features) if same_dtype else None
     return _attention_and_grad_features(grad, logits, features, out)[1]
 
 

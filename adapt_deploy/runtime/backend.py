@@ -4,9 +4,10 @@ A backend owns the graph's input buffer and its output buffers. The Segmenter as
 host input buffer of a batch shape (N, H, W), writes the frames there, then calls `run(shape)`,
 which returns views of the `labels` (N, H, W) int32 and `presence` (N, C) float32 outputs that
 stay valid until the next call. Buffers are allocated once per shape (ONNX Runtime, torch) or
-once for the engine profile's largest shape (TensorRT). A backend may also have `notes`: what
-it turned off while running (a CUDA graph that failed to capture), which `Segmenter.notes`
-reports.
+once for the engine profile's largest shape (TensorRT). `notes` says what a backend turned off
+while running (a CUDA graph that failed to capture), which `Segmenter.notes` reports.
+`as_runner` adapts any backend to the batch-in, named-outputs-out form that verify and the
+on-device sync check samples with.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class Backend(Protocol):
     name: str  # "onnxruntime" | "tensorrt" | "torch"
     precision: str  # "fp32" | "fp16" | "bf16" (torch only)
     device: str  # "cpu" | "cuda:N"
+    cuda_graph: bool  # replays CUDA graphs (a replacement backend is made alike)
+    notes: list[str]  # what it turned off while running, for Segmenter.notes
 
     def input_buffer(self, shape: Shape) -> np.ndarray:
         """The host buffer the graph reads for a batch of `shape`, in the graph's layout."""

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from adapt_deploy.export.tensorrt import (
+from adapt_deploy.bundle.platform import (
     INSTALL_HINT,
     TensorRTMissingError,
     error_name,

@@ -126,16 +126,18 @@ class _Binding:
 
 
 class OnnxRuntimeBackend:
-    """A bundle's ONNX model in one ONNX Runtime session (see the module docstring)."""
+    """A bundle's ONNX model in one ONNX Runtime session (see the module docstring). Without
+    `layout` and `num_classes` they are read from the graph (a uint8 NHWC or float NCHW input,
+    and the `presence` output's class count): enough for a model file on its own."""
 
     name = "onnxruntime"
 
     def __init__(
         self,
         model: Path | bytes,
-        layout: str,
-        num_classes: int,
-        precision: str,
+        layout: str | None = None,
+        num_classes: int | None = None,
+        precision: str = "fp32",
         cuda_device: int | None = None,
         threads: int | None = None,
         cuda_graph: bool = False,
@@ -156,14 +158,23 @@ class OnnxRuntimeBackend:
             )
         self.precision = precision
         self.device = "cpu" if cuda_device is None else f"cuda:{cuda_device}"
+        self.threads = threads  # intra-op CPU threads (None: all cores); replacements reuse it
         self._cuda = cuda_device
-        self._layout = layout
-        self._num_classes = num_classes
-        self._input = self.session.get_inputs()[0].name
+        graph_input = self.session.get_inputs()[0]
+        self._input = graph_input.name
+        self._layout = layout or ("NHWC" if graph_input.shape[-1] == 3 else "NCHW")
+        self._num_classes = num_classes or self._graph_classes()
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._extra = [n for n in self._outputs if n not in ("labels", "presence")]
         self._graph_ids = 0  # gpu_graph_id given out so far (ids start at 1: 0 is ORT's own)
         self._bindings: ShapeCache[_Binding] = ShapeCache(self._bind)
+
+    def _graph_classes(self) -> int:
+        """The class count the graph's `presence` output declares (batch, classes)."""
+        for output in self.session.get_outputs():
+            if output.name == "presence" and isinstance(output.shape[-1], int):
+                return output.shape[-1]
+        raise UserError("the ONNX graph declares no static class count on its presence output")
 
     def _graphs_supported(self) -> bool:
         import onnxruntime as ort
@@ -292,6 +303,17 @@ class OnnxRuntimeBackend:
         assert outputs is not None
         np.copyto(binding.labels, outputs["labels"].numpy())
         np.copyto(binding.presence, outputs["presence"].numpy())
+
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every graph output by name (logits too, when the graph has them) for one input batch
+        in the graph's layout, as fresh arrays: what verify, export's parity check and bundle
+        evaluation compare. Not under CUDA graphs (they need the bound buffers of `run`)."""
+        if self.session is None:
+            raise UserError("this ONNX Runtime backend is closed")
+        if self.cuda_graph:
+            raise UserError("outputs(): not available with CUDA graphs on; use run()")
+        values = self.session.run(None, {self._input: batch})
+        return dict(zip(self._outputs, values, strict=True))
 
     def close(self) -> None:
         self._bindings.clear()

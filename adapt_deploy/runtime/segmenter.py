@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from adapt_deploy.bundle.meta import load_meta
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.bundle import load_meta
 from adapt_deploy.runtime.backend import Backend, Shape, ShapeCache
 from adapt_deploy.runtime.frames import FrameError, as_image, graph_input, write_image
 from adapt_deploy.runtime.resize import fit_size, resize_nearest
@@ -103,7 +103,7 @@ class Segmenter:
         the CPU), and what the running backend turned off since (a graph that failed to
         capture: eager runs instead)."""
         impl = self._impl
-        return self._choice_notes + tuple(getattr(impl, "notes", ()) if impl else ())
+        return self._choice_notes + tuple(impl.notes if impl else ())
 
     def _check_size(self, size: tuple[int, int] | None) -> tuple[int, int] | None:
         if size is None:
@@ -174,6 +174,14 @@ class Segmenter:
             timings["total"] = preprocess + infer + post
             results.append(Segmentation(frame_labels, presence[i].copy(), timings))
         return results
+
+    def current_backend(self) -> Backend:
+        """The backend that runs the next call (UserError once the segmenter is closed): what
+        on-device adaptation copies its settings from and checks a replacement against."""
+        impl = self._impl
+        if impl is None:
+            raise UserError("this Segmenter is closed")
+        return impl
 
     def swap_backend(self, new: Backend) -> Backend:
         """Run `new` (same backend kind, precision and device) from the next call on and return

@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapt_deploy.bundle.engine_files import list_engines
+from adapt_deploy.bundle.meta import model_path, verify_hashes
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.bundle import model_path, verify_hashes
-from adapt_deploy.export.engine_files import list_engines
+from adapt_deploy.registry import BACKEND_CHOICES
 from adapt_deploy.runtime import graph_policy
 from adapt_deploy.runtime.backend import Backend
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+BACKENDS = BACKEND_CHOICES  # "auto" or a backend of adapt_deploy.registry.BACKENDS
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # bf16: the torch backend only
 ENGINE_PRECISIONS = ("fp16", "fp32")  # preference order on a GPU
 
@@ -148,11 +149,11 @@ def choose(
 def probe_engines(bundle: Path, device: int, explicit: bool) -> dict[str, Exception | None]:
     """{precision: None if this machine has a usable engine, else why not}. Without any plan
     file in the bundle TensorRT is not even imported (unless asked for explicitly)."""
-    from adapt_deploy.export.engine_files import EngineError, select_engine
+    from adapt_deploy.bundle.engine_files import EngineError, select_engine
 
     if not explicit and not list_engines(bundle):
         return {p: EngineError(f"no TensorRT engine in {bundle}") for p in ENGINE_PRECISIONS}
-    from adapt_deploy.export.tensorrt import detect_platform, import_tensorrt
+    from adapt_deploy.bundle.platform import detect_platform, import_tensorrt
 
     try:
         here = detect_platform(import_tensorrt().__version__, device)

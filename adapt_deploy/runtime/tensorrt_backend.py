@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from adapt_deploy.export.engine_files import EngineError, read_engine
-from adapt_deploy.export.tensorrt import detect_platform, import_tensorrt
+from adapt_deploy.bundle.engine_files import EngineError, read_engine
+from adapt_deploy.bundle.platform import detect_platform, import_tensorrt
 from adapt_deploy.runtime.backend import Shape, graph_shape
 from adapt_deploy.runtime.cuda_memory import open_memory
 
@@ -60,6 +60,8 @@ class TensorRTBackend:
         plan, record = read_engine(bundle, meta, precision, here)  # refuses foreign engines
         self.precision = precision
         self.device = f"cuda:{device}"
+        self.cuda_graph = False  # execute_async_v3 per call; TensorRT's own graphs are not used
+        self.notes: list[str] = []
         self._plan = record.engine
         self._layout = meta["input"]["layout"]
         self._input = record.input_name
@@ -150,6 +152,18 @@ class TensorRTBackend:
             outputs.append(host[:count].reshape(out_shape))
         memory.synchronize()
         return outputs[0], outputs[1]
+
+    @property
+    def engine(self) -> Any:
+        """The deserialized ICudaEngine, for on-device adaptation to refit in place (the
+        execution context sees new weights after `refit_cuda_engine`); EngineError once closed."""
+        if self._engine is None:
+            raise EngineError(f"{self._plan}: this TensorRT backend is closed")
+        return self._engine
+
+    def make_current(self) -> None:
+        """Make the engine's GPU the current device of this thread (a refit must run there)."""
+        self._memory.activate()
 
     def close(self) -> None:
         self._context = None

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from adapt_deploy.bundle.meta import META_FILE, presence_lse_k, sha256_file
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.bundle import META_FILE, presence_lse_k, sha256_file
 from adapt_deploy.runtime.backend import Shape, ShapeCache, graph_shape, input_dtype
 
 if TYPE_CHECKING:
-    from adapt_deploy.export.onnx_export import DeployModel
+    from adapt_deploy.models.deploy import DeployModel
 
 
 def find_checkpoint(bundle: Path, meta: dict[str, Any]) -> Path:
@@ -82,7 +82,7 @@ class ModelBackend:
     ) -> None:
         import torch
 
-        from adapt_deploy.export import onnx_export
+        from adapt_deploy.models.deploy import DeployModel
         from adapt_deploy.runtime.cuda_graphs import GraphedForward
         from adapt_deploy.runtime.torch_inference import (
             LogitsInference,
@@ -99,7 +99,7 @@ class ModelBackend:
         self.cuda_graph = cuda_graph
         self.network = model.model.to(target).eval()  # the DeepLab: what weight pushes load
         wrapped = LogitsInference(self.network, precision, target.type)
-        deployed = onnx_export.DeployModel(wrapped, model.spec, model.graph)
+        deployed = DeployModel(wrapped, model.spec, model.graph)
         self.model = graph_safe(deployed).to(target).eval()
         self._layout = model.graph.layout
         self._torch = torch
@@ -175,8 +175,8 @@ class TorchBackend(ModelBackend):
         precision: str = "fp32",
         cuda_graph: bool = False,
     ) -> None:
-        from adapt_deploy.export.onnx_export import DeployModel, GraphSpec
         from adapt_deploy.models.checkpoints import load_checkpoint
+        from adapt_deploy.models.deploy import DeployModel, GraphSpec
 
         model, config = load_checkpoint(find_checkpoint(bundle, meta))
         graph = GraphSpec(layout=meta["input"]["layout"], lse_k=presence_lse_k(meta))

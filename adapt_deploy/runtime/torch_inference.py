@@ -28,7 +28,7 @@ from torch import nn
 
 from adapt_deploy.config import InputConfig
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.onnx_export import DeployModel
+from adapt_deploy.models.deploy import DeployModel
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")}

@@ -11,10 +11,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from adapt_deploy.atomic import atomic_write_json
-from adapt_deploy.export.bundle import load_meta, sha256_file
+from adapt_deploy.bundle.meta import load_meta, sha256_file
 from adapt_deploy.progress import Reporter
-from adapt_deploy.stream.pipeline import StreamOptions, StreamSummary, stream
+from adapt_deploy.stream.options import StreamOptions
+from adapt_deploy.stream.pipeline import stream
 from adapt_deploy.stream.sources import open_source
+from adapt_deploy.stream.summary import StreamSummary
 
 
 def export_demo_bundle(checkpoint: Path, bundle: Path, reporter: Reporter) -> Path:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from adapt_deploy.adapt.losses import weak_label_loss
 from adapt_deploy.config import InputConfig
 from adapt_deploy.data.normalize import normalize
+from adapt_deploy.export.source_stats import SourceStats
 from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.ops.pooling import attention_pool, lse_pool
 from adapt_deploy.runtime import graph_policy
@@ -54,7 +55,6 @@ from adapt_deploy.tta.safety import (
     ema_update,
     stochastic_restore,
 )
-from adapt_deploy.tta.source_stats import SourceStats
 
 STATE_FORMAT = "adapt-deploy/tta-state"
 STATE_VERSION = 1

@@ -7,8 +7,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from adapt_deploy.bundle.meta import load_meta
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.bundle import load_meta
 from adapt_deploy.progress import Reporter
 from adapt_deploy.tta.options import AdaptOptions, ResetPolicy, parse_threshold
 from adapt_deploy.tta.shift import ShiftDetector
@@ -88,9 +88,9 @@ def open_adaptation(
 ) -> AdaptWorker:
     """The worker adapting `segmenter`'s model (not started). UserError, with the re-export
     command, when the bundle lacks what adaptation needs."""
+    from adapt_deploy.export.adaptation_package import load_package
     from adapt_deploy.models.checkpoints import load_checkpoint
     from adapt_deploy.tta.adapter import OnlineAdapter
-    from adapt_deploy.tta.package import load_package
     from adapt_deploy.tta.state import resume
     from adapt_deploy.tta.sync import make_sync
 

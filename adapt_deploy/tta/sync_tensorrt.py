@@ -32,17 +32,18 @@ import onnx
 from onnx import numpy_helper
 from torch import nn
 
+from adapt_deploy.bundle.engine_files import EngineRecord, read_engine
+from adapt_deploy.bundle.meta import model_path
+from adapt_deploy.bundle.platform import detect_platform, import_tensorrt
 from adapt_deploy.config import InputConfig
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.bundle import model_path
-from adapt_deploy.export.engine_files import EngineRecord
-from adapt_deploy.export.onnx_export import GraphSpec
+from adapt_deploy.export.folding import FoldingMap, build_folding_map
 from adapt_deploy.export.refit import plan_refit_file
-from adapt_deploy.export.tensorrt import detect_platform, import_tensorrt
+from adapt_deploy.models.deploy import GraphSpec
 from adapt_deploy.runtime.backend import Backend
 from adapt_deploy.runtime.segmenter import Segmenter
-from adapt_deploy.tta.folding import FoldingMap, build_folding_map
-from adapt_deploy.tta.sync import RuntimeSync, SyncFailure
+from adapt_deploy.runtime.tensorrt_backend import TensorRTBackend
+from adapt_deploy.tta.push import RuntimeSync, SyncFailure
 
 
 def check_refittable(record: EngineRecord, bundle: Path) -> None:
@@ -83,14 +84,6 @@ def check_names(fmap: FoldingMap, refittable: set[str], plan: str, bundle: Path)
             f"this engine (e.g. {missing[:3]}); rebuild it with "
             f"`adapt-deploy build-engine {bundle} --refit`"
         )
-
-
-def engine_of(backend: Backend) -> Any:
-    """The ICudaEngine inside the runtime's TensorRT backend."""
-    engine = getattr(backend, "_engine", None)
-    if engine is None:
-        raise SyncFailure("the TensorRT backend holds no engine (it was closed)")
-    return engine
 
 
 def refit(
@@ -136,9 +129,6 @@ class TensorRTSync(RuntimeSync):
     def __init__(
         self, segmenter: Segmenter, template: nn.Module, input_config: InputConfig, graph: GraphSpec
     ) -> None:
-        from adapt_deploy.export.engine_files import read_engine
-        from adapt_deploy.runtime.tensorrt_backend import TensorRTBackend
-
         super().__init__(segmenter, template, input_config, graph)
         trt = import_tensorrt()
         bundle, meta, precision = segmenter.bundle, segmenter.meta, segmenter.precision
@@ -150,9 +140,9 @@ class TensorRTSync(RuntimeSync):
         self._constants = {t.name: t for t in proto.graph.initializer}
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self._standby: Backend | None = TensorRTBackend(bundle, meta, precision, device=device)
+        self._standby: TensorRTBackend | None = TensorRTBackend(bundle, meta, precision, device)
         try:
-            names = set(trt.Refitter(engine_of(self._standby), self._logger).get_all_weights())
+            names = set(trt.Refitter(self._standby.engine, self._logger).get_all_weights())
             check_names(self.map, names, record.engine, bundle)
         except BaseException:
             self.close()  # else the standby engine holds its GPU memory until collected
@@ -166,17 +156,15 @@ class TensorRTSync(RuntimeSync):
             values = self.map.initializers(self._ref)
         except ValueError as exc:  # the exporter shared or dropped an initializer
             raise SyncFailure(f"{exc}; a built engine cannot take such weights") from None
-        activate = getattr(getattr(standby, "_memory", None), "activate", None)
-        if activate is not None:
-            activate()  # refit on this thread's current device: the engine's
-        refit(self._trt, engine_of(standby), values, self._constants, self._logger)
+        standby.make_current()  # refit on this thread's current device: the engine's
+        refit(self._trt, standby.engine, values, self._constants, self._logger)
         return standby
 
     def _discard(self, candidate: Backend) -> None:
         """Kept as the standby: the next push sets all its weights again."""
 
     def _retire(self, old: Backend) -> None:
-        self._standby = old
+        self._standby = old  # type: ignore[assignment]  # swap_backend took a TensorRT one
 
     def close(self) -> None:
         if self._standby is not None:

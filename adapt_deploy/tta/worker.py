@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from adapt_deploy.stream.channel import Channel
+from adapt_deploy.channel import Channel
 from adapt_deploy.tta.shift import ShiftDetector
 
 if TYPE_CHECKING:

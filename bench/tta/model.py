@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapt_deploy.export.bundle import BundleError, load_meta, sha256_file
+from adapt_deploy.bundle.meta import BundleError, load_meta, sha256_file
 from adapt_deploy.export.pipeline import export_bundle
 from bench.common import WORK as BENCH_WORK
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from adapt_deploy.data.labels import IGNORE_INDEX
 from adapt_deploy.data.synthetic.styles import MATERIALS, TEXTURES, Style
 from adapt_deploy.data.synthetic.world import ZMIN
+from adapt_deploy.labels import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from adapt_deploy.data.labels import CLASS_NAMES
 from adapt_deploy.data.synthetic.appearance import finish
 from adapt_deploy.data.synthetic.ground import draw_ground
 from adapt_deploy.data.synthetic.painter import Painter, View
@@ -13,6 +12,7 @@ from adapt_deploy.data.synthetic.populate import make_scene
 from adapt_deploy.data.synthetic.styles import Style, get_style
 from adapt_deploy.data.synthetic.things import draw_thing
 from adapt_deploy.data.synthetic.world import FAR, Scene, Thing
+from adapt_deploy.labels import CLASS_NAMES
 
 DOMAIN_CODES = {"source": 1, "target": 2}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapt_deploy.data.labels import CLASS_NAMES, IGNORE_INDEX
+from adapt_deploy.labels import CLASS_NAMES, IGNORE_INDEX
 
 STYLES: tuple[str, ...] = ("source", "target")
 SCENE_TYPES: tuple[str, ...] = ("downtown", "residential", "suburb", "highway")

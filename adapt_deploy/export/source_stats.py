@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from adapt_deploy.config import ExperimentConfig
-from adapt_deploy.data.labels import IGNORE_INDEX
 from adapt_deploy.data.normalize import normalize
 from adapt_deploy.errors import UserError
+from adapt_deploy.labels import IGNORE_INDEX
 from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.ops.pooling import attention_pool, lse_pool
 from adapt_deploy.progress import Reporter

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapt_deploy.bundle.meta import META_FILE, BundleError, sha256_file
 from adapt_deploy.errors import UserError
-from adapt_deploy.export.bundle import META_FILE, BundleError, sha256_file
-from adapt_deploy.tta.source_stats import SourceStats
+from adapt_deploy.export.source_stats import SourceStats
 
 PACKAGE_DIR = "adapt"
 STATS_FILE = "source_stats.npz"

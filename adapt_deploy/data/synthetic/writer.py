@@ -27,13 +27,6 @@ import numpy as np
 from PIL import Image
 
 from adapt_deploy.atomic import atomic_write, atomic_write_json
-from adapt_deploy.data.labels import (
-    CITYSCAPES_LABEL_TO_TRAIN,
-    CLASS_NAMES,
-    EGO_VEHICLE_LABEL_ID,
-    PALETTE,
-    train_ids_to_label_ids,
-)
 from adapt_deploy.data.synthetic import (
     DEFAULT_SCHEDULE,
     ego_vehicle_mask,
@@ -42,6 +35,13 @@ from adapt_deploy.data.synthetic import (
     scale_schedule,
 )
 from adapt_deploy.errors import UserError
+from adapt_deploy.labels import (
+    CITYSCAPES_LABEL_TO_TRAIN,
+    CLASS_NAMES,
+    EGO_VEHICLE_LABEL_ID,
+    PALETTE,
+    train_ids_to_label_ids,
+)
 
 MANIFEST = "synth.json"
 TRAIN_CITIES: tuple[str, ...] = ("synthaachen", "synthbremen")
