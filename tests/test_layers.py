@@ -7,6 +7,7 @@ lazy import that runs upward fails here too."""
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.cache
 def modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
@@ -95,7 +97,7 @@ def imports_of(name: str, path: Path) -> list[tuple[str, int, bool]]:
             else:
                 module = node.module or ""
             # `from pkg import mod` imports the submodule when there is one
-            known = modules()
+            known = modules()  # read once per test session (cached)
             targets = [
                 f"{module}.{alias.name}" if f"{module}.{alias.name}" in known else module
                 for alias in node.names
