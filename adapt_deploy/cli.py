@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from adapt_deploy import __version__
+from adapt_deploy.config import INIT_FORMATS
 from adapt_deploy.errors import UserError
 from adapt_deploy.extras import missing_extra
 from adapt_deploy.registry import BACKEND_CHOICES, DATASET_LAYOUTS
@@ -34,6 +35,11 @@ def _reporter():
     from adapt_deploy.progress import RichReporter
 
     return RichReporter()
+
+
+def _print_plain(line: str) -> None:
+    """A line as it is: paths and lists may hold [brackets], which are not markup."""
+    console.print(line, markup=False)
 
 
 def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -114,18 +120,30 @@ def train_cmd(
     resume: Annotated[
         bool, typer.Option(help="Continue the run in OUT from its last state.")
     ] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            help="Train in N processes on this machine (one per GPU; gloo on CPU) under "
+            "torchrun. train.batch_size stays the global batch."
+        ),
+    ] = None,
 ) -> None:
     """Train a model from a config; checkpoints are written atomically and runs can be resumed."""
     from adapt_deploy.config import load_config
+    from adapt_deploy.engine.distributed import launch_training
     from adapt_deploy.engine.train import train
     from adapt_deploy.signals import SignalInterrupt
 
     cfg = load_config(config, set_ or [])
     run_dir = out or Path("runs") / cfg.name
+    if nproc is not None:
+        raise typer.Exit(launch_training(nproc, config, set_ or [], run_dir, resume))
     try:
         result = train(cfg, run_dir, resume=resume, reporter=_reporter())
     except SignalInterrupt as exc:  # the state is saved: exit as the signal's convention says
         raise typer.Exit(128 + exc.signum) from None
+    if not result.primary:  # rank 0 reports for every process
+        return
     console.print(f"checkpoint: {result.checkpoint} ({result.iterations} iterations)")
     if result.evaluation is not None:
         console.print(
@@ -153,18 +171,71 @@ def evaluate_cmd(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write results here.")
     ] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="Read CHECKPOINT as released weights of this architecture preset, e.g. "
+            "deeplab_v2_r101 (ADVENT) or adaptsegnet_r101 (AdaptSegNet, WDA); docs/weights.md."
+        ),
+    ] = None,
+    init_format: Annotated[
+        str, typer.Option(help=f"With --arch: {', '.join(INIT_FORMATS)}.")
+    ] = "auto",
 ) -> None:
     """mIoU of a checkpoint or an exported bundle on a labelled split, IoU per class."""
     from adapt_deploy.engine.evaluate import format_iou_table
     from adapt_deploy.export.evaluate_bundle import evaluate_path
 
     result, what = evaluate_path(
-        checkpoint, data, split, kind, backend, precision, reporter=_reporter()
+        checkpoint,
+        data,
+        split,
+        kind,
+        backend,
+        precision,
+        reporter=_reporter(),
+        arch=arch,
+        init_format=init_format,
     )
     rows = format_iou_table({"model": result})
     _print_table(f"IoU (%) of {what} on {data} ({split})", ["class", "IoU"], rows)
     if json_out is not None:
         json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+
+
+@app.command(name="convert-weights")
+def convert_weights_cmd(
+    src: Annotated[
+        Path, typer.Argument(help="Weights: a checkpoint, DeepLab-v2 or torchvision ResNet file.")
+    ],
+    out: Annotated[Path, typer.Argument(help="The checkpoint.pt to write.")],
+    arch: Annotated[
+        str, typer.Option(help="Architecture preset, e.g. adaptsegnet_r101 (docs/weights.md).")
+    ] = "deeplab_v2_r101",
+    init_format: Annotated[str, typer.Option(help=f"{', '.join(INIT_FORMATS)}.")] = "auto",
+    strict: Annotated[
+        bool, typer.Option(help="Refuse weights that do not match; --no-strict loads what does.")
+    ] = True,
+) -> None:
+    """Write released weights as a checkpoint of this project (for model.init, export, evaluate)."""
+    from adapt_deploy.models.checkpoints import convert_weights
+    from adapt_deploy.models.weight_formats import arch_preset
+
+    convert_weights(src, out, arch_preset(arch), init_format, strict, log=_print_plain)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def plot(
+    run: Annotated[Path, typer.Argument(help="A run directory (holding metrics.jsonl).")],
+    out: Annotated[
+        Path | None, typer.Option(help="The image to write (default: RUN/curves.png).")
+    ] = None,
+) -> None:
+    """Draw a run's loss and mIoU curves as a PNG (no TensorBoard needed)."""
+    from adapt_deploy.run_plot import plot_run
+
+    console.print(f"wrote {plot_run(run, out)}")
 
 
 data_app = typer.Typer(help="Weak labels of a dataset: class statistics and point labels.")

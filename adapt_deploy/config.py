@@ -28,6 +28,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision
 PSEUDO_CALIBRATIONS = ("none", "source")
 IMAGE_LABEL_MODES = ("fraction", "any")
 COLOR_ORDERS = ("RGB", "BGR")
+# model.init_format: how to read model.init (models/weight_formats.py); auto detects from the keys
+INIT_FORMATS = ("auto", "adapt_deploy", "deeplab_v2", "torchvision")
 
 
 @dataclass
@@ -75,7 +77,11 @@ class ModelConfig:
     width: int = 64
     freeze_bn: bool = True
     aspp_branches: int = 4
-    init: str | None = None  # start from these weights: a checkpoint.pt of the same architecture
+    # Start from these weights: a checkpoint.pt of this project, or released DeepLab-v2 or
+    # torchvision ResNet weights (docs/weights.md). init_strict=false loads what matches.
+    init: str | None = None
+    init_format: str = "auto"  # auto | adapt_deploy | deeplab_v2 | torchvision
+    init_strict: bool = True
 
 
 @dataclass
@@ -128,6 +134,8 @@ class TrainConfig:
     # reductions and discriminator outputs stay fp32; checkpoints stay fp32.
     precision: str = "fp32"
     compile: bool = False  # torch.compile the segmentation model's forward
+    eval_every: int = 0  # evaluate on data.val every this many iterations (0: at the end only)
+    tensorboard: bool | None = None  # TensorBoard event files; None: when tensorboard imports
 
 
 @dataclass
@@ -249,6 +257,7 @@ def validate(config: ExperimentConfig, source: str) -> None:
         (o.grad_clip >= 0, "optim.grad_clip", "0 (off) or a positive gradient norm"),
         (m.width > 0, "model.width", "a positive integer (64 is the standard ResNet)"),
         (1 <= m.aspp_branches <= 4, "model.aspp_branches", "1 to 4"),
+        (m.init_format in INIT_FORMATS, "model.init_format", f"one of {list(INIT_FORMATS)}"),
         (config.train.log_every > 0, "train.log_every", "a positive integer"),
         (config.train.checkpoint_every > 0, "train.checkpoint_every", "a positive integer"),
         (config.train.method in METHODS, "train.method", f"one of {list(METHODS)}"),
@@ -268,6 +277,7 @@ def validate(config: ExperimentConfig, source: str) -> None:
         (config.train.iterations > 0, "train.iterations", "a positive integer"),
         (config.train.precision in PRECISIONS, "train.precision", f"one of {list(PRECISIONS)}"),
         (config.train.batch_size > 0, "train.batch_size", "a positive integer"),
+        (config.train.eval_every >= 0, "train.eval_every", "0 (at the end only) or more"),
         (config.optim.schedule_iters > 0, "optim.schedule_iters", "a positive integer"),
         (config.data.num_workers >= 0, "data.num_workers", "0 or more"),
     ]

@@ -66,7 +66,7 @@ class RichReporter(Reporter):
         self._progress.update(self._task_id, advance=steps, **fields)
 
     def log(self, message: str) -> None:
-        self.console.print(message)
+        self.console.print(message, markup=False)  # paths and lists may hold [brackets]
 
 
 class StageProgress(AbstractContextManager):

@@ -211,6 +211,7 @@ def experiment_config(
         "data.cache=false",
         f"train.device={device}",
         f"train.precision={precision}",
+        "model.init=null",  # random weights: the speed does not depend on them
     ]
     if workers is not None:
         overrides.append(f"data.num_workers={workers}")

@@ -29,6 +29,7 @@ RANKS: dict[str, int] = {
     "extras": 0,
     "registry": 0,
     "gradient_memory": 0,
+    "run_plot": 0,
     "config": 1,
     "bundle": 2,
     "data": 3,

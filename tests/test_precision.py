@@ -35,7 +35,11 @@ def weak_labels(cityscapes_root: Path) -> Path:
 
 
 def _metrics(run: Path) -> list[dict[str, float]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    # Training records (not evaluations), without the throughput (a timing, not a result).
+    return [
+        {k: v for k, v in r.items() if k != "images_per_second"} for r in records if "loss" in r
+    ]
 
 
 def _source_batch() -> dict[str, torch.Tensor]:

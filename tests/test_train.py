@@ -11,10 +11,12 @@ from adapt_deploy.models.checkpoints import load_checkpoint, read_checkpoint
 from adapt_deploy.progress import Reporter
 
 
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir):
-    return [
-        json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-    ]
+    return [r["loss"] for r in records(run_dir) if "loss" in r]  # not the evaluation records
 
 
 def test_twenty_iterations_lower_the_loss_and_write_an_evaluated_checkpoint(
@@ -27,6 +29,9 @@ def test_twenty_iterations_lower_the_loss_and_write_an_evaluated_checkpoint(
     assert sum(curve[-5:]) / 5 < 0.7 * sum(curve[:5]) / 5
     assert result.evaluation is not None and 0.0 <= result.evaluation.miou <= 1.0
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["miou"] >= 0
+    evaluation = records(tmp_path / "run")[-1]  # the final evaluation, logged with the losses
+    assert evaluation["iteration"] == 20 and evaluation["eval"]["miou"] >= 0
+    assert records(tmp_path / "run")[0]["images_per_second"] > 0
     model, saved = load_checkpoint(result.checkpoint)
     assert saved == config and not model.training
     meta = read_checkpoint(result.checkpoint)["meta"]
@@ -69,6 +74,43 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, tiny_config_fi
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     assert losses(tmp_path / "straight") == pytest.approx(losses(tmp_path / "split"), rel=1e-5)
+
+
+def test_eval_every_logs_evaluations_and_keeps_the_best_model(tmp_path, tiny_config_file):
+    every = ["train.iterations=6", "optim.schedule_iters=12", "train.eval_every=2"]
+    train(load_config(tiny_config_file, every), tmp_path / "run")
+    evaluations = [r for r in records(tmp_path / "run") if "eval" in r]
+    assert [r["iteration"] for r in evaluations] == [2, 4, 6]
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    top = max(evaluations, key=lambda r: r["eval"]["miou"])
+    assert best["miou"] == pytest.approx(top["eval"]["miou"], abs=0.01)
+    assert read_checkpoint(tmp_path / "run" / "best.pt")["meta"]["iteration"] == best["iteration"]
+    # A resumed run continues the record: a better model replaces best.pt, a worse one does not.
+    longer = load_config(tiny_config_file, [*every[1:], "train.iterations=8"])
+    train(longer, tmp_path / "run", resume=True)
+    evaluations = [r for r in records(tmp_path / "run") if "eval" in r]
+    assert [r["iteration"] for r in evaluations] == [2, 4, 6, 8]
+    resumed = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert resumed["miou"] == pytest.approx(max(r["eval"]["miou"] for r in evaluations), abs=0.01)
+    (tmp_path / "run" / "best.json").write_text("{}")
+    with pytest.raises(UserError, match=r"best\.json"):
+        train(
+            load_config(tiny_config_file, [*every[1:], "train.iterations=9"]),
+            tmp_path / "run",
+            resume=True,
+        )
+
+
+def test_required_tensorboard_fails_before_anything_is_written(
+    tmp_path, tiny_config_file, monkeypatch
+):
+    from adapt_deploy.engine import run_log
+
+    monkeypatch.setattr(run_log, "summary_writer_class", lambda: None)
+    config = load_config(tiny_config_file, ["train.tensorboard=true"])
+    with pytest.raises(UserError, match=r"train\.tensorboard.*adapt-deploy\[tb\]"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_existing_run_is_never_overwritten(tmp_path, tiny_config_file):

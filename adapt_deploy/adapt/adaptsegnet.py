@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from adapt_deploy.adapt.base import Batch, Losses, Method
 from adapt_deploy.adapt.losses import SOURCE_LABEL, adversarial_loss, discriminator_loss, upsample
@@ -20,9 +21,12 @@ class AdaptSegNet(Method):
 
     def __init__(self, config, model, device) -> None:
         super().__init__(config, model, device)
-        self.d_out = self.add_discriminator(
-            "output", FCDiscriminator(model.num_classes, config.adapt.ndf)
-        )
+        self.add_discriminator("output", FCDiscriminator(model.num_classes, config.adapt.ndf))
+
+    @property
+    def d_out(self) -> nn.Module:
+        """The output-space discriminator (read from the table, which the trainer may wrap)."""
+        return self.discriminators["output"]
 
     def discriminator_input(self, logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
         """What the output-space discriminator sees: softmax of the upsampled logits."""

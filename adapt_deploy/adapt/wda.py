@@ -33,7 +33,7 @@ class WeakLabelAdaptation(AdaptSegNet):
 
     def __init__(self, config, model, device) -> None:
         super().__init__(config, model, device)
-        self.d_cat = self.add_discriminator(
+        self.add_discriminator(
             "category",
             CategoryDiscriminators(model.num_classes, model.feature_dim, config.adapt.cw_hidden),
         )
@@ -43,6 +43,11 @@ class WeakLabelAdaptation(AdaptSegNet):
             if config.adapt.pseudo_calibration == "source"
             else None
         )
+
+    @property
+    def d_cat(self) -> nn.Module:
+        """The category-wise discriminators (read from the table, which the trainer may wrap)."""
+        return self.discriminators["category"]
 
     def extra_state(self) -> dict[str, Any]:
         """The source calibration's running averages, when it is on."""

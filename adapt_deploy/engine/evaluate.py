@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from adapt_deploy.config import InputConfig
+from adapt_deploy.config import InputConfig, ModelConfig
 from adapt_deploy.data.normalize import normalize
 from adapt_deploy.data.segmentation import SegmentationDataset
 from adapt_deploy.engine.sampling import without_worker_tracebacks
@@ -141,16 +141,31 @@ def evaluate_checkpoint(
     split: str = "val",
     kind: str = "cityscapes",
     reporter: Reporter | None = None,
+    arch: str | ModelConfig | None = None,
+    init_format: str = "auto",
 ) -> EvalResult:
-    """Evaluate a checkpoint on a labelled split, resized as its training config's val set."""
+    """Evaluate a checkpoint on a labelled split, resized as its training config's val set.
+
+    With `arch` (a preset name of models/weight_formats.py, or a ModelConfig) the file is read as
+    released weights (`init_format`, strict), built into that architecture and evaluated as the
+    official code does: at 512x1024 with the normalization the format expects.
+    """
     from adapt_deploy.config import DatasetConfig
     from adapt_deploy.data.datasets import build_dataset
-    from adapt_deploy.models.checkpoints import load_checkpoint
+    from adapt_deploy.errors import UserError
+    from adapt_deploy.models.checkpoints import load_checkpoint, load_released
+    from adapt_deploy.models.weight_formats import arch_preset
     from adapt_deploy.registry import DATASET_LAYOUTS
 
     DATASET_LAYOUTS.check(kind, "--kind")
     reporter = reporter or Reporter()
-    model, config = load_checkpoint(checkpoint)
+    if arch is not None:
+        model_cfg = arch_preset(arch) if isinstance(arch, str) else arch
+        model, config = load_released(checkpoint, model_cfg, init_format)
+    elif init_format != "auto":
+        raise UserError("--init-format reads released weights: give their --arch too")
+    else:
+        model, config = load_checkpoint(checkpoint)
     entry = DatasetConfig(kind, str(data), split, list(config.data.val.size))
     dataset = build_dataset(entry, labels=True, resize_labels=False)
     names = list(CLASS_NAMES[: config.model.num_classes])

@@ -1,8 +1,9 @@
 """The training loop: SGD with a poly schedule, mixed precision, atomic checkpoints, exact
-resume."""
+resume, data-parallel processes under torchrun, periodic evaluation with the best checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -13,15 +14,20 @@ from typing import Any
 
 import torch
 import yaml
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from adapt_deploy import registry
 from adapt_deploy.adapt.base import Method
+from adapt_deploy.atomic import atomic_file
 from adapt_deploy.config import ExperimentConfig, dump_config, from_dict
 from adapt_deploy.data.datasets import build_dataset
+from adapt_deploy.engine import distributed
+from adapt_deploy.engine.distributed import World
 from adapt_deploy.engine.evaluate import EvalResult, evaluate
 from adapt_deploy.engine.method_data import labelled_dataset, target_dataset
+from adapt_deploy.engine.overlays import prediction_overlays
 from adapt_deploy.engine.precision import MixedPrecision, cudnn_benchmark
+from adapt_deploy.engine.run_log import RunLog, check_tensorboard
 from adapt_deploy.engine.sampling import EpochBatchSampler, without_worker_tracebacks
 from adapt_deploy.errors import ConfigError, UserError
 from adapt_deploy.labels import CLASS_NAMES
@@ -38,6 +44,9 @@ from adapt_deploy.progress import Reporter
 from adapt_deploy.signals import StopOnSignals
 
 CHECKPOINT = "checkpoint.pt"
+ONE_PROCESS = World()
+BEST_CHECKPOINT = "best.pt"
+BEST_RECORD = "best.json"
 COMPILE_BACKEND = "inductor"  # train.compile's torch.compile backend
 TRAINER_STATE = "trainer_state.pt"
 # Keys that may change between a run and its resumption.
@@ -49,18 +58,22 @@ RESUMABLE_CHANGES = (
     "train.device",
     "train.precision",
     "train.compile",
+    "train.eval_every",
+    "train.tensorboard",
     "data.num_workers",
 )
 
 
 @dataclass
 class TrainResult:
-    """Where the run left its model and how it scored."""
+    """Where the run left its model and how it scored (`primary`: this process is rank 0, the
+    one that wrote them; the others return without an evaluation)."""
 
     checkpoint: Path
     iterations: int
     seconds: float
     evaluation: EvalResult | None
+    primary: bool = True
 
 
 def poly_lr(base_lr: float, iteration: int, total: int, power: float) -> float:
@@ -81,10 +94,8 @@ def build_optimizer(model: DeepLab, config: ExperimentConfig) -> torch.optim.SGD
 
 
 def pick_device(name: str) -> torch.device:
-    """`auto` is CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """`auto` is CUDA when available, else CPU (one process; see distributed.pick_device)."""
+    return distributed.pick_device(name, World())
 
 
 @dataclass
@@ -100,11 +111,13 @@ class Learner:
     amp: MixedPrecision
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs besides the iteration."""
+        """Everything a resumed run needs besides the iteration (the same for any number of
+        processes: wrapped discriminators are saved as their modules)."""
+        discriminators = self.method.discriminators.items()
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "discriminators": {k: d.state_dict() for k, d in self.method.discriminators.items()},
+            "discriminators": {k: distributed.unwrap(d).state_dict() for k, d in discriminators},
             "d_optimizers": {k: o.state_dict() for k, o in self.d_optimizers.items()},
             "method": self.method.extra_state(),
             "scaler": self.amp.state_dict(),
@@ -114,7 +127,7 @@ class Learner:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         for k, d in self.method.discriminators.items():
-            d.load_state_dict(state["discriminators"][k])
+            distributed.unwrap(d).load_state_dict(state["discriminators"][k])
         for k, o in self.d_optimizers.items():
             o.load_state_dict(state["d_optimizers"][k])
         self.method.load_extra_state(state.get("method", {}))  # absent in older trainer states
@@ -122,20 +135,30 @@ class Learner:
 
 
 def build_learner(
-    config: ExperimentConfig, device: torch.device, init: dict[str, Any] | None = None
+    config: ExperimentConfig,
+    device: torch.device,
+    init: dict[str, Any] | None = None,
+    world: World | None = None,
 ) -> Learner:
-    """Model (from `init` weights when given), method (with its discriminators), optimizers
-    and the precision policy (channels_last on CUDA; torch.compile when train.compile)."""
+    """Model (from `init` weights when given: the keys model.init loads), method (with its
+    discriminators), optimizers and the precision policy (channels_last on CUDA; torch.compile
+    when train.compile). With several processes the network and the discriminators run in
+    DistributedDataParallel; `Learner.model` is always the module itself."""
+    world = world or World()
     amp = MixedPrecision(config.train.precision, device)
     model = build_model(config.model)
-    if init is not None:
-        model.load_state_dict(init)
+    if init is not None:  # checked against the architecture by initial_weights
+        model.load_state_dict(init, strict=False)
     model = model.to(device, memory_format=amp.memory_format)
-    forward = torch.compile(model, backend=COMPILE_BACKEND) if config.train.compile else model
-    method: Method = registry.METHODS.load(config.train.method)(config, forward, device)
+    method: Method = registry.METHODS.load(config.train.method)(config, model, device)
+    forward = distributed.wrap_segmenter(model, world, device)
+    if config.train.compile:
+        forward = torch.compile(forward, backend=COMPILE_BACKEND)
+    method.model = forward
     method.memory_format = amp.memory_format
-    for discriminator in method.discriminators.values():
+    for name, discriminator in method.discriminators.items():
         discriminator.to(memory_format=amp.memory_format)
+        method.discriminators[name] = distributed.wrap_discriminator(discriminator, world, device)
     optimizer = build_optimizer(model, config)
     return Learner(model, method, optimizer, method.optimizers(), amp)
 
@@ -146,78 +169,195 @@ def train(
     resume: bool = False,
     reporter: Reporter | None = None,
     evaluate_at_end: bool = True,
+    world: World | None = None,
 ) -> TrainResult:
-    """Train `config` into `out/`; with `resume`, continue from `out/trainer_state.pt`."""
-    reporter = reporter or Reporter()
+    """Train `config` into `out/`; with `resume`, continue from `out/trainer_state.pt`.
+
+    Under torchrun (`world` from its environment unless given) each process trains on its shard
+    of every global batch; rank 0 alone writes the checkpoints, logs and progress."""
+    world = world or distributed.world_from_env()
+    reporter = (reporter or Reporter()) if world.primary else Reporter()
     out = Path(out)
+    distributed.check_global_batch(config.train.batch_size, world)
+    check_tensorboard(config.train.tensorboard)
     method_cls: type[Method] = registry.METHODS.load(config.train.method)
     # Dataset and init-weight errors surface before anything is written.
-    init = None if resume else initial_weights(config.model)  # resume: the state has them
+    init = None if resume else initial_weights(config.model, log=reporter.log)
     labelled = labelled_dataset(config, method_cls, reporter)
     target = target_dataset(config, method_cls)
     val = None
-    if evaluate_at_end:
+    if evaluate_at_end or config.train.eval_every:
         val = build_dataset(config.data.val, labels=True, resize_labels=False)
-    state = _prepare_out(config, out, resume)  # read once: it holds every optimizer's moments
+    state = _prepare_out(config, out, resume, world)  # read once: every optimizer's moments
     start = state["iteration"] if state is not None else 0
-    torch.manual_seed(config.train.seed)
-    device = pick_device(config.train.device)
-    learner = build_learner(config, device, init)
-    if state is not None:
-        _load_state(learner, state, out / TRAINER_STATE)
-        del state
+    device = distributed.pick_device(config.train.device, world)
+    with distributed.process_group(world, device):
+        torch.manual_seed(config.train.seed)  # the same initial weights in every process
+        learner = build_learner(config, device, init, world)
+        if world.rank:  # its own dropout masks (rank 0 keeps the one-process stream)
+            torch.manual_seed(config.train.seed + 1_000_003 * world.rank)
+        if state is not None:
+            _load_state(learner, state, out / TRAINER_STATE)
+            del state
+        data = (labelled, target, val)
+        return _run(config, out, learner, data, start, reporter, world, evaluate_at_end)
+
+
+def _run(
+    config: ExperimentConfig,
+    out: Path,
+    learner: Learner,
+    data: tuple[Dataset, Dataset | None, Dataset | None],
+    start: int,
+    reporter: Reporter,
+    world: World,
+    evaluate_at_end: bool,
+) -> TrainResult:
+    """The iterations from `start` on, the periodic evaluations and the final one; `data` is
+    (labelled, target, val)."""
+    labelled, target, val = data
+    device = learner.method.device
     workers = 0 if config.data.cache else config.data.num_workers
     batch, seed = config.train.batch_size, config.train.seed
-    sources = _batches(labelled, batch, seed, start, workers)
-    targets = _batches(target, batch, seed + 1, start, workers) if target is not None else None
-
-    total = config.train.iterations
+    sources = _batches(labelled, batch, seed, start, workers, world)
+    targets = _batches(target, batch, seed + 1, start, workers, world) if target else None
+    total, every = config.train.iterations, config.train.eval_every
+    best = _read_best(out) if world.primary else None
     t0 = time.perf_counter()
     done = start  # iterations whose update has been applied
     learner.model.train()
     with (
         cudnn_benchmark(device),
-        (out / "metrics.jsonl").open("a") as log,
+        _run_log(out, start, config, world) as log,
         reporter.task("training", total - start),
         StopOnSignals() as stop,  # SIGTERM (docker stop, a preempted job) saves as Ctrl-C does
     ):
         try:
+            window = (time.perf_counter(), done)  # images/s over each logging interval
             for iteration in range(start, total):
                 target_batch = next(targets) if targets is not None else None
                 metrics = train_step(learner, next(sources), target_batch, config, iteration)
                 done = iteration + 1
-                if done % config.train.log_every == 0 or done == total:
-                    log.write(json.dumps({"iteration": done, **metrics}) + "\n")
-                    log.flush()
+                metrics = distributed.average(metrics, world, device)  # the global batch's
+                if log is not None and (done % config.train.log_every == 0 or done == total):
+                    now = time.perf_counter()
+                    rate = batch * (done - window[1]) / max(now - window[0], 1e-9)
+                    log.log_train(done, metrics, rate)
+                    window = (now, done)
                 reporter.advance(1, f"loss {metrics['loss']:.3f} lr {metrics['lr']:.2e}")
-                if done % config.train.checkpoint_every == 0:
+                if world.primary and done % config.train.checkpoint_every == 0:
                     _save(out, learner, config, done)
-        except KeyboardInterrupt:
-            with stop.deferred():  # a second signal must not cut the save short
-                _save(out, learner, config, done)
-            why = f"stopped by {stop.name}" if stop.name else "interrupted"
-            reporter.log(f"{why} after iteration {done}: state saved; resume with --resume ({out})")
-            raise
-    _save(out, learner, config, total)
-    seconds = time.perf_counter() - t0
-    result = None
-    if val is not None:
-        with reporter.task("evaluating", len(val)):
-            result = evaluate(
-                learner.model,
-                val,
-                config.input,
-                list(CLASS_NAMES[: config.model.num_classes]),
-                progress=lambda done, n: reporter.advance(1),
-                protocol=config.train.eval_protocol,
-            )
-        (out / "eval.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    return TrainResult(out / CHECKPOINT, total, seconds, result)
+                if val is not None and every and done % every == 0 and done < total:
+                    result = _evaluate(learner, val, config, world, reporter)
+                    best = _record_eval(out, learner, config, done, result, val, log, best)
+                    learner.model.train()
+        except (KeyboardInterrupt, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and not world.distributed:
+                raise  # a bug, not a stop: nothing to tell apart from a peer that stopped
+            if world.primary:
+                with stop.deferred():  # a second signal must not cut the save short
+                    _save(out, learner, config, done)
+            if isinstance(exc, KeyboardInterrupt):
+                why = f"stopped by {stop.name}" if stop.name else "interrupted"
+                reporter.log(
+                    f"{why} after iteration {done}: state saved; resume with --resume ({out})"
+                )
+                raise
+            saved = f"state saved in {out}" if world.primary else "rank 0 saves the state"
+            raise UserError(
+                f"training process {world.rank} of {world.size} stopped after iteration {done} "
+                f"({str(exc).strip().splitlines()[0][:200]}; a process that stops or fails stops "
+                f"the others); {saved}, resume with --resume"
+            ) from exc
+        if world.primary:
+            _save(out, learner, config, total)
+        seconds = time.perf_counter() - t0
+        result = None
+        if val is not None and (evaluate_at_end or (every and total % every == 0)):
+            result = _evaluate(learner, val, config, world, reporter)
+            best = _record_eval(out, learner, config, total, result, val, log, best)
+            if world.primary:
+                (out / "eval.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return TrainResult(out / CHECKPOINT, total, seconds, result, world.primary)
 
 
-def _batches(dataset: Dataset, batch: int, seed: int, start: int, workers: int) -> Iterator:
-    """An endless iterator of batches whose i-th batch is the same in a resumed run."""
-    sampler = EpochBatchSampler(len(dataset), batch, seed, start)
+def _run_log(out: Path, start: int, config: ExperimentConfig, world: World):
+    """Rank 0's metrics.jsonl and TensorBoard writer; nothing in the other processes."""
+    if not world.primary:
+        return contextlib.nullcontext(None)
+    return RunLog(out, start=start, tensorboard=config.train.tensorboard)
+
+
+def _evaluate(
+    learner: Learner, val: Dataset, config: ExperimentConfig, world: World, reporter: Reporter
+) -> EvalResult:
+    """mIoU on the val split, each process evaluating its shard of it (one confusion matrix)."""
+    shard = Subset(val, range(world.rank, len(val), world.size)) if world.distributed else val
+    names = list(CLASS_NAMES[: config.model.num_classes])
+    with reporter.task("evaluating", len(shard)):
+        result = evaluate(
+            learner.model,
+            shard,
+            config.input,
+            names,
+            progress=lambda done, n: reporter.advance(1),
+            protocol=config.train.eval_protocol,
+        )
+    if not world.distributed:
+        return result
+    confusion = torch.from_numpy(result.confusion).to(learner.method.device)
+    distributed.sum_over_processes(confusion, world)
+    return EvalResult(confusion.cpu().numpy(), names, config.train.eval_protocol)
+
+
+def _record_eval(
+    out: Path,
+    learner: Learner,
+    config: ExperimentConfig,
+    iteration: int,
+    result: EvalResult,
+    val: Dataset,
+    log: RunLog | None,
+    best: dict[str, Any] | None,
+) -> dict[str, Any] | None:
+    """Rank 0 logs an evaluation (with a few val predictions as overlays in TensorBoard) and
+    keeps the best model so far as best.pt (its iteration and mIoU in best.json); returns the
+    best record. The other processes (`log` None) do nothing."""
+    if log is None:
+        return best
+    overlays = prediction_overlays(learner.model, val, config.input) if log.tensorboard_on else None
+    log.log_eval(iteration, result, overlays)
+    miou = 100 * result.miou
+    if best is not None and not miou > best["miou"]:
+        return best
+    save_checkpoint(out / BEST_CHECKPOINT, learner.model, checkpoint_meta(config, iteration))
+    best = {"iteration": iteration, "miou": round(miou, 4)}
+    with atomic_file(out / BEST_RECORD) as f:
+        f.write((json.dumps(best) + "\n").encode())
+    return best
+
+
+def _read_best(out: Path) -> dict[str, Any] | None:
+    """The best evaluation of a resumed run (best.json), None before the first."""
+    path = out / BEST_RECORD
+    if not path.is_file():
+        return None
+    try:
+        best = json.loads(path.read_text())
+        return {"iteration": int(best["iteration"]), "miou": float(best["miou"])}
+    except (ValueError, KeyError, TypeError):
+        raise UserError(
+            f"{path}: expected {{'iteration': N, 'miou': X}} (the best evaluation so far); "
+            "delete it to start the best.pt record afresh"
+        ) from None
+
+
+def _batches(
+    dataset: Dataset, batch: int, seed: int, start: int, workers: int, world: World = ONE_PROCESS
+) -> Iterator:
+    """An endless iterator of this process's shards of the global batches; the i-th is the same
+    in a resumed run, whatever the number of processes."""
+    sampler = EpochBatchSampler(len(dataset), batch, seed, start, world.rank, world.size)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
     return without_worker_tracebacks(loader)
 
@@ -284,8 +424,11 @@ def _require_grad(modules: Iterable[torch.nn.Module], flag: bool) -> None:
         module.requires_grad_(flag)
 
 
-def _prepare_out(config: ExperimentConfig, out: Path, resume: bool) -> dict[str, Any] | None:
-    """Create the run directory; on resume check the config and return the trainer state."""
+def _prepare_out(
+    config: ExperimentConfig, out: Path, resume: bool, world: World
+) -> dict[str, Any] | None:
+    """Create the run directory (rank 0); on resume check the config and return the trainer
+    state (every process reads it)."""
     path = out / TRAINER_STATE
     state = None
     if resume:
@@ -301,8 +444,9 @@ def _prepare_out(config: ExperimentConfig, out: Path, resume: bool) -> dict[str,
             )
     elif (out / CHECKPOINT).exists() or path.exists():
         raise UserError(f"{out} already holds a run; pass --resume or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(config, out / "config.yaml")
+    if world.primary:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(config, out / "config.yaml")
     return state
 
 

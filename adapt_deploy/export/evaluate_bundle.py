@@ -86,14 +86,19 @@ def evaluate_path(
     backend: str = "auto",
     precision: str = "fp32",
     reporter: Reporter | None = None,
+    arch: str | None = None,
+    init_format: str = "auto",
 ) -> tuple[EvalResult, str]:
-    """Evaluate a checkpoint (PyTorch) or a bundle directory (a deployment backend).
+    """Evaluate a checkpoint (PyTorch) or a bundle directory (a deployment backend); with `arch`
+    (a preset) the file is released weights of another code base (docs/weights.md).
 
     Returns the result and a short description of what ran, for the report.
     """
     from adapt_deploy.engine.evaluate import evaluate_checkpoint
 
     path = Path(path)
+    if path.is_dir() and (arch is not None or init_format != "auto"):
+        raise UserError(f"{path} is a bundle: --arch and --init-format are for released weights")
     if path.is_dir():
         backend = "onnxruntime" if backend == "auto" else backend
         if backend == "torch":
@@ -107,4 +112,7 @@ def evaluate_path(
             f"--backend {backend} runs a bundle, and {path} is a checkpoint: export it first "
             f"(adapt-deploy export {path} --out BUNDLE), then evaluate BUNDLE"
         )
-    return evaluate_checkpoint(path, data, split, kind, reporter=reporter), f"checkpoint {path}"
+    result = evaluate_checkpoint(
+        path, data, split, kind, reporter=reporter, arch=arch, init_format=init_format
+    )
+    return result, f"checkpoint {path}" + (f" as {arch}" if arch else "")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,14 @@ from adapt_deploy.errors import ConfigError, UserError
 from adapt_deploy.labels import CLASS_NAMES
 from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.models.resnet import RESNETS
+from adapt_deploy.models.weight_formats import (
+    ARCH_PRESETS,
+    MatchedWeights,
+    detect_format,
+    input_for_format,
+    match_weights,
+    state_dict_of,
+)
 
 
 def build_model(cfg: ModelConfig) -> DeepLab:
@@ -89,8 +99,23 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     ckpt = load_weights_only(path, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
-        raise UserError(f"{path}: expected an adapt-deploy checkpoint with 'model' and 'meta'")
+        raise UserError(
+            f"{path}: expected an adapt-deploy checkpoint with 'model' and 'meta'"
+            + _foreign_hint(ckpt)
+        )
     return ckpt
+
+
+def _foreign_hint(obj: Any) -> str:
+    """What to do with released weights (a bare state dict) given where a checkpoint is needed."""
+    try:
+        fmt = detect_format(list(state_dict_of(obj, "file")[0]))[0]
+    except UserError:
+        return ""
+    return (
+        f"; it holds {fmt} weights: evaluate them with --arch (one of {sorted(ARCH_PRESETS)}), "
+        "or make a checkpoint with `adapt-deploy convert-weights` (docs/weights.md)"
+    )
 
 
 def _shape(value: Any) -> tuple[int, ...]:
@@ -146,10 +171,86 @@ def load_checkpoint(path: str | Path) -> tuple[DeepLab, ExperimentConfig]:
     return model.eval(), config
 
 
-def initial_weights(arch: ModelConfig) -> dict[str, Any] | None:
-    """The weights `model.init` names, checked against `arch`; None when training from scratch."""
+def read_weights(
+    path: str | Path, arch: ModelConfig, fmt: str = "auto", strict: bool = True, what: str = ""
+) -> MatchedWeights:
+    """The weights of a file of any supported format (models/weight_formats.py), keyed and
+    shape-checked for the model `arch` describes. Read weights-only: never runs pickled code."""
+    source = what or str(path)
+    state, meta = state_dict_of(load_weights_only(path, "checkpoint"), source)
+    expected = build_model(arch).state_dict()
+    matched = match_weights(state, expected, arch, fmt, strict, source)
+    matched.meta = meta
+    return matched
+
+
+def initial_weights(
+    arch: ModelConfig, log: Callable[[str], None] | None = None
+) -> dict[str, Any] | None:
+    """The weights `model.init` names, keyed as the model `arch` describes (only those that load;
+    load them with strict=False); None when training from scratch. `log` gets one summary line."""
     if arch.init is None:
         return None
-    weights = read_checkpoint(arch.init)["model"]
-    check_weights(build_model(arch), weights, arch, f"{arch.init} (model.init)")
-    return weights
+    source = f"{arch.init} (model.init)"
+    matched = read_weights(arch.init, arch, arch.init_format, arch.init_strict, source)
+    if log is not None:
+        log(matched.summary(source))
+    return matched.weights
+
+
+def _seeded_model(arch: ModelConfig, seed: int) -> DeepLab:
+    """build_model with its random init drawn from `seed`, the global RNG left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(arch)
+
+
+def convert_weights(
+    src: str | Path,
+    dst: str | Path,
+    arch: ModelConfig,
+    fmt: str = "auto",
+    strict: bool = True,
+    log: Callable[[str], None] | None = None,
+    seed: int = 0,
+) -> MatchedWeights:
+    """Write `src` (any supported format) as a checkpoint of this project at `dst`, atomically.
+    What the file lacks (a skipped classifier, non-strict leftovers) keeps an init seeded by
+    `seed`; the meta records the input normalization the format expects."""
+    matched = read_weights(src, arch, fmt, strict)
+    model = _seeded_model(dataclasses.replace(arch, init=None), seed)
+    model.load_state_dict(matched.weights, strict=False)
+    config = ExperimentConfig(model=dataclasses.replace(arch, init=None))
+    spec = input_for_format(matched.format)
+    if spec is None and matched.meta is not None:  # a checkpoint of ours: keep its normalization
+        spec = from_dict(matched.meta["config"], source=f"{src} (meta.config)").input
+    if spec is not None:
+        config.input = spec
+    meta = checkpoint_meta(config, iteration=0)
+    meta["converted_from"] = {"file": Path(src).name, "format": matched.format}
+    save_checkpoint(Path(dst), model, meta)
+    if log is not None:
+        log(matched.summary(str(src)))
+    return matched
+
+
+def load_released(
+    path: str | Path, arch: ModelConfig, fmt: str = "auto"
+) -> tuple[DeepLab, ExperimentConfig]:
+    """A released checkpoint (foreign weights, read strictly) built into `arch` for evaluation,
+    with the config of the official protocol: Cityscapes at 512x1024 and the normalization the
+    format expects. Refused when the file has no classifier for the model's classes."""
+    matched = read_weights(path, arch, fmt, strict=True)
+    if not matched.head_loaded:
+        raise UserError(
+            f"{path}: no classifier for {arch.num_classes} classes in the file "
+            f"({'; '.join(matched.skipped) or matched.format}): nothing to evaluate"
+        )
+    model = build_model(arch)
+    model.load_state_dict(matched.weights, strict=False)
+    config = ExperimentConfig(model=dataclasses.replace(arch, init=None))
+    if matched.meta is not None:  # a checkpoint of ours, read through --arch
+        config.input = from_dict(matched.meta["config"], source=f"{path} (meta.config)").input
+    else:
+        config.input = input_for_format(matched.format) or config.input
+    return model.eval(), config
