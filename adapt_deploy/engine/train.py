@@ -222,7 +222,7 @@ def _run(
     sources = _batches(labelled, batch, seed, start, workers, world)
     targets = _batches(target, batch, seed + 1, start, workers, world) if target else None
     total, every = config.train.iterations, config.train.eval_every
-    best = _read_best(out) if world.primary else None
+    best = _read_best(out) if world.primary and start > 0 else None  # a resumed run's record
     t0 = time.perf_counter()
     done = start  # iterations whose update has been applied
     learner.model.train()
