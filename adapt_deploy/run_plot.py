@@ -18,7 +18,7 @@ from adapt_deploy.errors import UserError
 
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
-NOT_LOSSES = ("iteration", "lr", "images_per_second")
+NOT_LOSSES = ("iteration", "lr", "images_per_second")  # keys of a training record, not losses
 TOTAL = "loss (total)"  # the legend's name of the `loss` key
 PANEL = (700, 560)  # (width, height) of each of the two panels, side by side
 MARGINS = (80, 24, 56, 64)  # left, right, top, bottom: room for the title and tick labels

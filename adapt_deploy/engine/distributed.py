@@ -164,26 +164,11 @@ def average(values: dict[str, float], world: World, device: torch.device) -> dic
     return dict(zip(values, (stacked / world.size).tolist(), strict=True))
 
 
-def any_process(flag: bool, world: World, device: torch.device) -> bool:
-    """Whether `flag` is true in any process: all stop together, none waits forever."""
-    if not world.distributed:
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def sum_over_processes(tensor: torch.Tensor, world: World) -> torch.Tensor:
     """`tensor` summed over the processes, in place (e.g. a confusion matrix of a shard)."""
     if world.distributed:
         dist.all_reduce(tensor)
     return tensor
-
-
-def barrier(world: World) -> None:
-    """Wait until every process gets here."""
-    if world.distributed:
-        dist.barrier()
 
 
 def torchrun_command(nproc: int, train_args: list[str]) -> list[str]:

@@ -12,10 +12,9 @@ import numpy as np
 
 from adapt_deploy.engine.evaluate import EvalResult
 from adapt_deploy.errors import UserError
-from adapt_deploy.run_plot import METRICS
+from adapt_deploy.run_plot import METRICS, NOT_LOSSES
 
 TB_INSTALL = "pip install 'adapt-deploy[tb]'"
-NOT_LOSSES = ("lr", "images_per_second")  # keys of a training record that are not loss terms
 TAIL = 1 << 16  # bytes read back to find the start of a partial last line
 FLUSH_SECS = 30  # TensorBoard sees new scalars within this long (evaluations flush at once)
 
