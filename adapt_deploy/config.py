@@ -119,6 +119,30 @@ class AdaptConfig:
 
 
 @dataclass
+class SelfTrainConfig:
+    """Self-training methods (adapt/self_training.py, adapt/selftrain.py, adapt/intrada.py)."""
+
+    # CBST / CRST: train.iterations split into `rounds`; each round first pseudo-labels the
+    # target train split keeping per class the top `portion` of its confident pixels, the
+    # portion growing by `portion_step` per round up to `portion_max` (CRST: 0.2, 0.05, 0.5).
+    rounds: int = 3
+    portion: float = 0.2
+    portion_step: float = 0.05
+    portion_max: float = 0.5
+    lambda_target: float = 1.0  # weight of the target's pseudo-label cross-entropy
+    lambda_kld: float = 0.1  # CRST-MRKLD: KL(uniform || p) on pseudo-labelled pixels
+    lrent_alpha: float = 0.25  # CRST-LRENT: soft labels (p / k) ** (1 / alpha), normalized
+    # The teacher-student recipe (DACS / DAFormer): EMA teacher, class-mix, rare-class sampling.
+    ema: float = 0.999  # teacher = ema * teacher + (1 - ema) * student after every step
+    confidence: float = 0.968  # tau: a pseudo-label's weight is the share of pixels above it
+    class_mix: bool = True  # paste half of a source image's classes onto the target
+    rare_class_temperature: float = 0.01  # source sampling by class frequency; 0: uniform
+    # IntraDA: the rank.json `adapt-deploy rank` wrote (the target's easy/hard split and the
+    # easy part's pseudo-labels); model.init must be the checkpoint it ranked with.
+    rank: str | None = None
+
+
+@dataclass
 class TrainConfig:
     """The training loop."""
 
@@ -148,6 +172,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -302,6 +327,19 @@ def validate(config: ExperimentConfig, source: str) -> None:
             "adapt.pseudo_calibration",
             "'none' unless train.method is wda_uda (the only method with pseudo-weak labels)",
         ),
+    ]
+    st = config.selftrain
+    checks += [
+        (st.rounds > 0, "selftrain.rounds", "a positive number of rounds"),
+        (0 < st.portion <= 1, "selftrain.portion", "in (0, 1]"),
+        (st.portion_step >= 0, "selftrain.portion_step", "0 or more"),
+        (st.portion <= st.portion_max <= 1, "selftrain.portion_max", "in [portion, 1]"),
+        (st.lambda_target >= 0, "selftrain.lambda_target", "0 or more (a loss weight)"),
+        (st.lambda_kld >= 0, "selftrain.lambda_kld", "0 or more (a loss weight)"),
+        (st.lrent_alpha > 0, "selftrain.lrent_alpha", "positive"),
+        (0 <= st.ema < 1, "selftrain.ema", "in [0, 1)"),
+        (0 <= st.confidence < 1, "selftrain.confidence", "in [0, 1)"),
+        (st.rare_class_temperature >= 0, "selftrain.rare_class_temperature", "0 or more"),
     ]
     for name in ("source", "target", "val"):
         ds: DatasetConfig = getattr(config.data, name)

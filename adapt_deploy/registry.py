@@ -98,6 +98,26 @@ METHODS = Registry(
             "ADVENT AdvEnt: adversarial on self-information maps",
         ),
         Entry(
+            "cbst",
+            "adapt_deploy.adapt.self_training:ClassBalancedSelfTraining",
+            "CBST: rounds of self-training on class-balanced pseudo-labels",
+        ),
+        Entry(
+            "crst_mrkld",
+            "adapt_deploy.adapt.self_training:ConfidenceRegularizedKLD",
+            "CRST-MRKLD: CBST with a KL-to-uniform confidence regulariser",
+        ),
+        Entry(
+            "crst_lrent",
+            "adapt_deploy.adapt.self_training:ConfidenceRegularizedEntropy",
+            "CRST-LRENT: CBST on entropy-regularised soft pseudo-labels",
+        ),
+        Entry(
+            "intrada",
+            "adapt_deploy.adapt.advent:IntraDomain",
+            "IntraDA: AdvEnt from the easy to the hard target split (needs `rank`)",
+        ),
+        Entry(
             "wda_uda",
             "adapt_deploy.adapt.wda:WeakLabelAdaptation",
             "WDA with pseudo-weak labels (unsupervised)",
@@ -111,6 +131,21 @@ METHODS = Registry(
             "wda_point",
             "adapt_deploy.adapt.wda:WeakLabelPoint",
             "WDA with image-level and point labels of the target",
+        ),
+        Entry(
+            "selftrain",
+            "adapt_deploy.adapt.selftrain:SelfTrain",
+            "DACS/DAFormer: EMA teacher, ClassMix, rare-class sampling",
+        ),
+        Entry(
+            "selftrain_image",
+            "adapt_deploy.adapt.selftrain:SelfTrainImage",
+            "self-training with the target's image-level labels",
+        ),
+        Entry(
+            "selftrain_point",
+            "adapt_deploy.adapt.selftrain:SelfTrainPoint",
+            "self-training with image-level and point labels of the target",
         ),
         Entry(
             "oracle",

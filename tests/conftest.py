@@ -105,3 +105,21 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("tiny_bundle")
     checkpoint = write_checkpoint(work / "tiny.pt")
     return export_bundle(checkpoint, work / "bundle", fp16=True, shapes=TINY_SHAPES).bundle
+
+
+def method_overrides(method: str, config_file: Path, work: Path) -> list[str]:
+    """The overrides a method needs beyond its name to train on `config_file`'s data: IntraDA
+    starts from a model whose ranking of the target it reads, so one is trained (a single
+    source-only iteration on the CPU) and ranked under `work`; other methods need none."""
+    from adapt_deploy.adapt.ranking import rank_target
+    from adapt_deploy.config import load_config
+    from adapt_deploy.engine.train import train
+    from adapt_deploy.registry import METHODS
+
+    if not METHODS.load(method).trains_on_ranked_target:
+        return []
+    base = ["train.method=source_only", "train.iterations=1", "train.device=cpu"]
+    config = load_config(config_file, base)
+    inter = train(config, work / "inter_domain", evaluate_at_end=False).checkpoint
+    rank_target(inter, Path(config.data.target.root), work / "rank", easy_share=0.5)
+    return [f"model.init={inter}", f"selftrain.rank={work / 'rank' / 'rank.json'}"]

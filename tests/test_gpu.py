@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_cityscapes, write_gta5
+from conftest import method_overrides, write_cityscapes, write_gta5
 from helpers import TINY_SHAPES, band_model
 from torch import Tensor
 
@@ -419,7 +419,8 @@ def test_two_training_iterations_of_each_method_are_the_same_with_and_without_th
     CUDA also =require (every fused kernel), and =off (the reference): the same losses in both
     iterations (the second follows the first's gradients) and the same weights after them."""
     _needs_kernels(request, device)
-    config = load_config(run_config, [f"train.method={method}", f"train.device={device}"])
+    needs = method_overrides(method, run_config, tmp_path)
+    config = load_config(run_config, [f"train.method={method}", f"train.device={device}", *needs])
     modes = TRAINING_MODES[device]
     checkpoints = {}
     for mode in modes:

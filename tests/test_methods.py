@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import method_overrides
 
 from adapt_deploy.adapt import METHOD_CLASSES
 from adapt_deploy.config import load_config
@@ -24,12 +25,15 @@ def test_every_registered_method_has_a_recipe():
 
 @pytest.mark.parametrize("method", METHODS.names())
 def test_each_method_trains_and_resumes(tmp_path, tiny_config_file, weak_labels, method):
-    overrides = [f"train.method={method}", "train.iterations=2", "adapt.lambda_adv=0.1"]
+    needs = method_overrides(method, tiny_config_file, tmp_path)
+    overrides = [f"train.method={method}", "train.iterations=2", "adapt.lambda_adv=0.1", *needs]
     config = load_config(tiny_config_file, overrides)
     train(config, tmp_path / "run", evaluate_at_end=False)
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 2
-    longer = load_config(tiny_config_file, [*overrides[:1], "train.iterations=3", overrides[2]])
+    longer = load_config(
+        tiny_config_file, [overrides[0], "train.iterations=3", overrides[2], *needs]
+    )
     result = train(longer, tmp_path / "run", resume=True, evaluate_at_end=False)
     assert result.iterations == 3
     state = torch.load(tmp_path / "run" / "trainer_state.pt", weights_only=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import method_overrides
 
 from adapt_deploy.adapt import losses as L
 from adapt_deploy.config import METHODS, load_config
@@ -59,6 +60,7 @@ def test_bf16_training_follows_fp32_and_keeps_fp32_weights(
     """Two iterations of every method under bf16 autocast: finite losses near fp32's, every
     loss term logged as in fp32, and the checkpoint's weights in fp32."""
     base = [f"train.method={method}", "train.iterations=2", "adapt.lambda_adv=0.1"]
+    base += method_overrides(method, tiny_config_file, tmp_path)
     runs = {}
     for precision in ("fp32", "bf16"):
         config = load_config(tiny_config_file, [*base, f"train.precision={precision}"])

@@ -30,3 +30,12 @@ class Advent(AdaptSegNet):
 
     def discriminator_input(self, logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
         return weighted_self_information(F.softmax(upsample(logits, size), dim=1))
+
+
+class IntraDomain(Advent):
+    """IntraDA's intra-domain stage: AdvEnt from the easy target split, pseudo-labelled by the
+    inter-domain model (`adapt-deploy rank`), as the source to the hard split as the target.
+    Starts from that model (model.init); selftrain.rank names the rank.json."""
+
+    name: ClassVar[str] = "intrada"
+    trains_on_ranked_target: ClassVar[bool] = True

@@ -7,18 +7,38 @@ discriminators' losses on detached outputs (backward), then one step of every op
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from adapt_deploy.adapt.losses import segmentation_loss
 from adapt_deploy.config import ExperimentConfig
 from adapt_deploy.data.normalize import normalize
 from adapt_deploy.models.deeplab import DeepLab
+from adapt_deploy.progress import Reporter
 
 Batch = dict[str, Any]
 Losses = dict[str, torch.Tensor]
+
+
+@dataclass
+class RunContext:
+    """What the trainer hands a method before the first iteration (`Method.attach`): where the
+    run writes, the target train split, the network itself (not its DistributedDataParallel or
+    compiled wrapper) and this process's place among the training processes."""
+
+    out: Path
+    target: Dataset | None  # the target train split as the method's batches carry it
+    network: DeepLab
+    start: int  # the first iteration this process runs (a resumed run's saved iteration)
+    reporter: Reporter
+    primary: bool = True  # rank 0: the one process that writes files
+    barrier: Callable[[], None] = lambda: None  # every process waits here for the others
 
 
 class Method:
@@ -30,6 +50,12 @@ class Method:
     target_needs: ClassVar[str] = ""
     # Whether the source batches must carry image-level labels (category discriminators).
     source_needs_image_labels: ClassVar[bool] = False
+    # How source images are drawn: "uniform" (shuffled epochs) or "rare_class" (by class
+    # frequency with selftrain.rare_class_temperature; engine/sampling.py).
+    source_sampling: ClassVar[str] = "uniform"
+    # IntraDA: the labelled batches are the easy target split with its pseudo-labels and the
+    # target batches the hard split (selftrain.rank; engine/method_data.py).
+    trains_on_ranked_target: ClassVar[bool] = False
 
     def __init__(self, config: ExperimentConfig, model: DeepLab, device: torch.device) -> None:
         self.config = config
@@ -69,6 +95,15 @@ class Method:
             name: torch.optim.Adam(d.parameters(), lr=self.config.adapt.lr_d, betas=(0.9, 0.99))
             for name, d in self.discriminators.items()
         }
+
+    def attach(self, run: RunContext) -> None:
+        """Called once before the first iteration (nothing here; self-training keeps `run`)."""
+
+    def before_iteration(self, iteration: int) -> None:
+        """Called before each iteration's batches are used (self-training rounds start here)."""
+
+    def after_step(self, iteration: int) -> None:
+        """Called after each iteration's optimizer step (an EMA teacher follows the model)."""
 
     def extra_state(self) -> dict[str, Any]:
         """State of the method itself (not its modules) that a resumed run must continue from."""

@@ -42,6 +42,38 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX)
 
 
+def pseudo_label_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy against pseudo-labels (N, H, W), 255 ignored, each pixel weighted by
+    `weights` (N, H, W) when given; the sum over labelled pixels divided by their count (all
+    pixels when weighted, as DACS averages the weighted loss over the image). A batch without a
+    labelled pixel gives a zero that keeps the graph (cross_entropy alone would give NaN)."""
+    up = upsample(at_least_fp32(logits), labels.shape[-2:])
+    per_pixel = F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    if weights is not None:
+        return (per_pixel * weights).mean()
+    count = (labels != IGNORE_INDEX).sum()
+    return per_pixel.sum() / count.clamp(min=1)
+
+
+def soft_label_loss(logits: torch.Tensor, soft: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """-Σ_c soft_c log p_c averaged over the pixels of `mask` (N, H, W); `soft` (N, C, H, W)
+    at the mask's size. Zero, graph kept, when the mask is empty."""
+    log_p = F.log_softmax(upsample(at_least_fp32(logits), mask.shape[-2:]), dim=1)
+    per_pixel = -(soft * log_p).sum(dim=1)
+    return (per_pixel * mask).sum() / mask.sum().clamp(min=1)
+
+
+def uniform_kl_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """CRST's MRKLD regulariser: KL(uniform || p) up to a constant, -(1/C) Σ_c log p_c,
+    averaged over the pixels of `mask` (N, H, W): it keeps the pseudo-labelled predictions from
+    becoming over-confident."""
+    log_p = F.log_softmax(upsample(at_least_fp32(logits), mask.shape[-2:]), dim=1)
+    per_pixel = -log_p.mean(dim=1)
+    return (per_pixel * mask).sum() / mask.sum().clamp(min=1)
+
+
 def weak_label_loss(lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Eq. 2: mean BCE of p = clamp(sigmoid(lse), EPS, 1 - EPS) against image labels y (N, C).
 

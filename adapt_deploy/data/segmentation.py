@@ -99,6 +99,23 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def subset(self, names: list[str]) -> SegmentationDataset:
+        """The same dataset restricted to the samples called `names`, in that order;
+        DatasetError naming the first that is not in it."""
+        by_name = {s.name: s for s in self.samples}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise DatasetError(f"{missing[0]} is not a sample of this split ({len(self)} images)")
+        return SegmentationDataset(
+            [by_name[n] for n in names],
+            self.to_train_ids,
+            self.size,
+            self.resize_labels,
+            self._cache is not None,
+            read_label=self.read_label,
+            label_ids=self.label_ids,
+        )
+
     @property
     def has_labels(self) -> bool:
         return all(s.label is not None for s in self.samples)

@@ -50,6 +50,11 @@ class World:
     def distributed(self) -> bool:
         return self.size > 1
 
+    @property
+    def shard(self) -> tuple[int, int]:
+        """(rank, size): which shard of each global batch this process takes."""
+        return self.rank, self.size
+
 
 def world_from_env(env: Mapping[str, str] = os.environ) -> World:
     """The World torchrun describes in `env`; one process when WORLD_SIZE is unset."""
@@ -169,6 +174,12 @@ def sum_over_processes(tensor: torch.Tensor, world: World) -> torch.Tensor:
     if world.distributed:
         dist.all_reduce(tensor)
     return tensor
+
+
+def barrier(world: World) -> None:
+    """Every process waits here until all have arrived (rank 0 writing files the others read)."""
+    if world.distributed:
+        dist.barrier()
 
 
 def torchrun_command(nproc: int, train_args: list[str]) -> list[str]:

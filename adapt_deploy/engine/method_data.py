@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 from torch.utils.data import Dataset
 
 from adapt_deploy.adapt.base import Method
+from adapt_deploy.adapt.ranking import read_rank
 from adapt_deploy.config import DatasetConfig, ExperimentConfig
 from adapt_deploy.data.datasets import build_dataset
+from adapt_deploy.data.pseudo_labels import PseudoLabelled
 from adapt_deploy.data.segmentation import SegmentationDataset
 from adapt_deploy.data.weak import (
     ClassStats,
@@ -16,7 +21,7 @@ from adapt_deploy.data.weak import (
     points_path,
     stats_path,
 )
-from adapt_deploy.errors import DatasetError
+from adapt_deploy.errors import DatasetError, UserError
 from adapt_deploy.progress import Reporter
 
 
@@ -42,6 +47,8 @@ def class_stats(
 def labelled_dataset(config: ExperimentConfig, method: type[Method], reporter: Reporter) -> Dataset:
     """Pixel-labelled batches: the source set, or the target train split for the oracle; with
     image-level labels from its statistics when the method's discriminators need them."""
+    if method.trains_on_ranked_target:
+        return ranked_target(config)[0]
     entry = config.data.target if method.name == "oracle" else config.data.source
     dataset = build_dataset(entry, labels=True, cache=config.data.cache)
     if not method.source_needs_image_labels:
@@ -51,10 +58,44 @@ def labelled_dataset(config: ExperimentConfig, method: type[Method], reporter: R
     return WeaklyLabelled(dataset, stats.labels_for(names, config.adapt.image_labels))
 
 
+def ranked_target(config: ExperimentConfig) -> tuple[Dataset, Dataset]:
+    """IntraDA's (easy split with its pseudo-labels, hard split) of the target train split, as
+    the rank file selftrain.rank lists them."""
+    if not config.selftrain.rank:
+        raise UserError(
+            f"method {config.train.method} trains on a ranked target: set selftrain.rank to the "
+            "rank.json `adapt-deploy rank CKPT --data TARGET --out DIR` writes"
+        )
+    rank = read_rank(Path(config.selftrain.rank), config.model.init)
+    entry = config.data.target
+    if rank["split"] != entry.split:
+        raise UserError(
+            f"{config.selftrain.rank} ranks split {rank['split']!r}, but data.target.split is "
+            f"{entry.split!r}"
+        )
+    target = build_dataset(entry, labels=False, cache=config.data.cache)
+    easy = PseudoLabelled(target.subset(rank["easy"]), Path(rank["labels_root"]), entry.split)
+    return easy, target.subset(rank["hard"])
+
+
+def source_class_counts(
+    config: ExperimentConfig, labelled: Dataset, reporter: Reporter
+) -> np.ndarray:
+    """(images, classes) pixel counts of the labelled set, in its sample order: what rare-class
+    sampling draws source images by (stored beside the data as `data stats` stores them)."""
+    base = labelled.base if isinstance(labelled, WeaklyLabelled) else labelled
+    entry = config.data.target if config.train.method == "oracle" else config.data.source
+    stats = class_stats(base, entry, config.model.num_classes, reporter)
+    index = {name: i for i, name in enumerate(stats.names)}
+    return stats.counts[[index[s.name] for s in base.samples]]
+
+
 def target_dataset(config: ExperimentConfig, method: type[Method]) -> Dataset | None:
     """Target batches with exactly the labels the method may use (none for UDA methods)."""
     if not method.target_needs:
         return None
+    if method.trains_on_ranked_target:
+        return ranked_target(config)[1]
     entry = config.data.target
     dataset = build_dataset(entry, labels=False, cache=config.data.cache)
     if method.target_needs == "images":

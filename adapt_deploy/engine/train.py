@@ -14,21 +14,25 @@ from typing import Any
 
 import torch
 import yaml
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from adapt_deploy import registry
-from adapt_deploy.adapt.base import Method
+from adapt_deploy.adapt.base import Method, RunContext
 from adapt_deploy.atomic import atomic_file
 from adapt_deploy.config import ExperimentConfig, dump_config, from_dict
 from adapt_deploy.data.datasets import build_dataset
 from adapt_deploy.engine import distributed
 from adapt_deploy.engine.distributed import World
 from adapt_deploy.engine.evaluate import EvalResult, evaluate
-from adapt_deploy.engine.method_data import labelled_dataset, target_dataset
+from adapt_deploy.engine.method_data import labelled_dataset, source_class_counts, target_dataset
 from adapt_deploy.engine.overlays import prediction_overlays
 from adapt_deploy.engine.precision import MixedPrecision, cudnn_benchmark
 from adapt_deploy.engine.run_log import RunLog, check_tensorboard
-from adapt_deploy.engine.sampling import EpochBatchSampler, without_worker_tracebacks
+from adapt_deploy.engine.sampling import (
+    EpochBatchSampler,
+    RareClassBatchSampler,
+    without_worker_tracebacks,
+)
 from adapt_deploy.errors import ConfigError, UserError
 from adapt_deploy.labels import CLASS_NAMES
 from adapt_deploy.models.checkpoints import (
@@ -199,6 +203,11 @@ def train(
         if state is not None:
             _load_state(learner, state, out / TRAINER_STATE)
             del state
+        context = RunContext(
+            out, target, learner.model, start, reporter, world.primary,
+            lambda: distributed.barrier(world),
+        )  # fmt: skip
+        learner.method.attach(context)
         data = (labelled, target, val)
         return _run(config, out, learner, data, start, reporter, world, evaluate_at_end)
 
@@ -219,7 +228,13 @@ def _run(
     device = learner.method.device
     workers = 0 if config.data.cache else config.data.num_workers
     batch, seed = config.train.batch_size, config.train.seed
-    sources = _batches(labelled, batch, seed, start, workers, world)
+    if learner.method.source_sampling == "rare_class" and config.selftrain.rare_class_temperature:
+        counts = source_class_counts(config, labelled, reporter)
+        temperature = config.selftrain.rare_class_temperature
+        sampler = RareClassBatchSampler(counts, batch, seed, temperature, start, *world.shard)
+        sources = _loader(labelled, sampler, workers)
+    else:
+        sources = _batches(labelled, batch, seed, start, workers, world)
     targets = _batches(target, batch, seed + 1, start, workers, world) if target else None
     total, every = config.train.iterations, config.train.eval_every
     best = _read_best(out) if world.primary and start > 0 else None  # a resumed run's record
@@ -235,6 +250,7 @@ def _run(
         try:
             window = (time.perf_counter(), done)  # images/s over each logging interval
             for iteration in range(start, total):
+                learner.method.before_iteration(iteration)
                 target_batch = next(targets) if targets is not None else None
                 metrics = train_step(learner, next(sources), target_batch, config, iteration)
                 done = iteration + 1
@@ -357,7 +373,12 @@ def _batches(
 ) -> Iterator:
     """An endless iterator of this process's shards of the global batches; the i-th is the same
     in a resumed run, whatever the number of processes."""
-    sampler = EpochBatchSampler(len(dataset), batch, seed, start, world.rank, world.size)
+    sampler = EpochBatchSampler(len(dataset), batch, seed, start, *world.shard)
+    return _loader(dataset, sampler, workers)
+
+
+def _loader(dataset: Dataset, sampler: Sampler, workers: int) -> Iterator:
+    """The batches `sampler` draws from `dataset`, a worker's UserError as its own message."""
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
     return without_worker_tracebacks(loader)
 
@@ -398,6 +419,7 @@ def train_step(
 
     clip = (learner.model.parameters(), o.grad_clip) if o.grad_clip > 0 else None
     amp.step([learner.optimizer, *learner.d_optimizers.values()], clip)
+    method.after_step(iteration)
     generator = sum(v for k, v in values.items() if not k.startswith("d_"))
     return {"loss": generator, **values, "lr": lr}
 
