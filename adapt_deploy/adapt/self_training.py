@@ -179,43 +179,6 @@ class ConfidenceRegularizedEntropy(ClassBalancedSelfTraining):
         super().__init__(config, model, device)
         self.labeller: DeepLab | None = None
 
-    def _label_round(self, index: int, start: int, iteration: int, folder: Path) -> None:
-        """Rank 0: the round's labels, made with the current model at the round's start.
-
-        The folder belongs to this run: a set made at another iteration (train.iterations
-        changed on resume, so the rounds moved) is made again; a run resumed inside a round
-        keeps that round's complete set, or labels with the model as it is when there is none.
-        """
-        run, st = self.run, self.config.selftrain
-        assert run is not None
-        if iteration != start:
-            if files.read_summary(folder) is not None:
-                return
-            run.reporter.log(f"{folder} is incomplete: labelling with the model at {iteration}")
-            start = iteration
-        portion = round_portion(index, st.portion, st.portion_step, st.portion_max)
-        job = PseudoLabelJob(
-            run.network,
-            run.target,
-            self.config.input,
-            self.config.data.target.split,
-            portion,
-            f"run {run.out.name}, round {index + 1}, iteration {start}",
-        )
-        job_file = folder / files.JOB
-        if job_file.is_file() and json.loads(job_file.read_text()) != job.record():
-            shutil.rmtree(folder)  # labels of another schedule of this run
-        run.reporter.log(
-            f"self-training round {index + 1}/{st.rounds} from iteration {start}: labelling "
-            f"the top {portion:.0%} of each class -> {folder}"
-        )
-        if files.read_summary(folder) is None:
-            save_checkpoint(folder / ROUND_MODEL, run.network, checkpoint_meta(self.config, start))
-        summary = write_pseudo_labels(job, folder, run.reporter)
-        run.reporter.log(
-            f"round {index + 1}: {summary['labelled_share']:.0%} of the target pixels labelled"
-        )
-
     def _round_ready(self, folder: Path) -> None:
         checkpoint = read_checkpoint(folder / ROUND_MODEL)
         labeller = build_model(self.config.model)
