@@ -225,6 +225,58 @@ def convert_weights_cmd(
     console.print(f"wrote {out}")
 
 
+@app.command(name="pseudo-label")
+def pseudo_label_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="The checkpoint.pt that labels the split.")],
+    data: Annotated[Path, typer.Option(help="Root of the unlabelled target dataset.")],
+    out: Annotated[Path, typer.Option(help="Directory for the labels (Cityscapes layout).")],
+    portion: Annotated[
+        float, typer.Option(help="Share of each class's predicted pixels to keep, in (0, 1].")
+    ] = 0.2,
+    kind: Annotated[str, typer.Option(help=KIND_HELP)] = "cityscapes",
+    split: Annotated[str, typer.Option(help="Split to label.")] = "train",
+) -> None:
+    """Class-balanced pseudo-labels (CBST): per class, the most confident `portion` of its pixels.
+
+    Writes OUT/gtFine/SPLIT/CITY/*_gtFine_labelIds.png and OUT/summary.json (per-class counts
+    and thresholds, written last). Run it again to resume after an interruption.
+    """
+    from adapt_deploy.adapt.pseudo_labelling import pseudo_label_checkpoint
+
+    summary = pseudo_label_checkpoint(checkpoint, data, out, portion, kind, split, _reporter())
+    rows = [
+        [name, f"{c['predicted_pixels']}", f"{c['labelled_pixels']}",
+         "-" if c["threshold"] is None else f"{c['threshold']:.3f}"]
+        for name, c in summary["classes"].items()
+    ]  # fmt: skip
+    header = ["class", "predicted pixels", "labelled pixels", "threshold"]
+    _print_table(f"{summary['images']} images of {data} ({split})", header, rows)
+    console.print(f"labelled {summary['labelled_share']:.1%} of the pixels; wrote {out}")
+
+
+@app.command()
+def rank(
+    checkpoint: Annotated[Path, typer.Argument(help="The inter-domain adapted checkpoint.pt.")],
+    data: Annotated[Path, typer.Option(help="Root of the unlabelled target dataset.")],
+    out: Annotated[Path, typer.Option(help="Directory for rank.json and the easy labels.")],
+    easy_share: Annotated[
+        float, typer.Option("--lambda", help="Share of the images in the easy split, in (0, 1).")
+    ] = 0.67,
+    kind: Annotated[str, typer.Option(help=KIND_HELP)] = "cityscapes",
+    split: Annotated[str, typer.Option(help="Split to rank.")] = "train",
+) -> None:
+    """IntraDA's entropy ranking: split the target into easy and hard images, label the easy.
+
+    Writes OUT/pseudo_labels/ (the easy split's labels) and OUT/rank.json, which
+    `--set selftrain.rank=OUT/rank.json` hands to `train` with method intrada.
+    """
+    from adapt_deploy.adapt.ranking import RANK_FILE, rank_target
+
+    record = rank_target(checkpoint, data, out, easy_share, kind, split, _reporter())
+    easy, hard = len(record["easy"]), len(record["hard"])
+    console.print(f"easy split: {easy} images, hard split: {hard}; wrote {out / RANK_FILE}")
+
+
 @app.command()
 def plot(
     run: Annotated[Path, typer.Argument(help="A run directory (holding metrics.jsonl).")],

@@ -24,6 +24,8 @@ from adapt_deploy.labels import EVAL_PROTOCOLS
 METHODS = registry.METHODS.names()  # train.method
 DATASET_KINDS = registry.DATASET_LAYOUTS.names()  # data.*.kind: the dataset layouts
 GAN_MODES = ("bce", "lsgan")
+BN_STATS = ("target", "all")  # selftrain.bn_stats
+WEIGHTINGS = ("image", "pixel")  # selftrain.weighting
 PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision
 PSEUDO_CALIBRATIONS = ("none", "source")
 IMAGE_LABEL_MODES = ("fraction", "any")
@@ -120,7 +122,8 @@ class AdaptConfig:
 
 @dataclass
 class SelfTrainConfig:
-    """Self-training methods (adapt/self_training.py, adapt/selftrain.py, adapt/intrada.py)."""
+    """Self-training methods (adapt/self_training.py, adapt/selftrain.py; IntraDA: adapt/ranking.py
+    and advent.IntraDomain)."""
 
     # CBST / CRST: train.iterations split into `rounds`; each round first pseudo-labels the
     # target train split keeping per class the top `portion` of its confident pixels, the
@@ -135,8 +138,16 @@ class SelfTrainConfig:
     # The teacher-student recipe (DACS / DAFormer): EMA teacher, class-mix, rare-class sampling.
     ema: float = 0.999  # teacher = ema * teacher + (1 - ema) * student after every step
     confidence: float = 0.968  # tau: a pseudo-label's weight is the share of pixels above it
+    # "image": every target pixel weighs its image's share of pixels above tau (DACS, DAFormer);
+    # "pixel": a pixel weighs 1 when its own confidence is above tau, else 0.
+    weighting: str = "image"
     class_mix: bool = True  # paste half of a source image's classes onto the target
     rare_class_temperature: float = 0.01  # source sampling by class frequency; 0: uniform
+    # Where BatchNorm's running statistics come from when BN trains (model.freeze_bn false):
+    # "target", the passes over target-domain images only (the source pass normalizes with its
+    # batch's statistics and leaves them), so the teacher and the saved model normalize as the
+    # target needs; "all", every pass, as plain training does.
+    bn_stats: str = "target"
     # IntraDA: the rank.json `adapt-deploy rank` wrote (the target's easy/hard split and the
     # easy part's pseudo-labels); model.init must be the checkpoint it ranked with.
     rank: str | None = None
@@ -337,6 +348,8 @@ def validate(config: ExperimentConfig, source: str) -> None:
         (st.lambda_target >= 0, "selftrain.lambda_target", "0 or more (a loss weight)"),
         (st.lambda_kld >= 0, "selftrain.lambda_kld", "0 or more (a loss weight)"),
         (st.lrent_alpha > 0, "selftrain.lrent_alpha", "positive"),
+        (st.bn_stats in BN_STATS, "selftrain.bn_stats", f"one of {list(BN_STATS)}"),
+        (st.weighting in WEIGHTINGS, "selftrain.weighting", f"one of {list(WEIGHTINGS)}"),
         (0 <= st.ema < 1, "selftrain.ema", "in [0, 1)"),
         (0 <= st.confidence < 1, "selftrain.confidence", "in [0, 1)"),
         (st.rare_class_temperature >= 0, "selftrain.rare_class_temperature", "0 or more"),

@@ -133,3 +133,14 @@ def band_model(
         loss.backward()
         optimizer.step()
     return model.eval(), config, np.stack([image for image, _ in scenes[8:]])
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two runs' checkpoint.pt hold the same weights (to float tolerance): a resume's check."""
+    from adapt_deploy.models.checkpoints import read_checkpoint
+
+    first = read_checkpoint(a / "checkpoint.pt")["model"]
+    second = read_checkpoint(b / "checkpoint.pt")["model"]
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-5, atol=1e-6)

@@ -102,3 +102,21 @@ def test_runs_of_the_earlier_format_are_still_reused(tmp_path: Path, fake: FakeT
     (run_dir / "result.json").write_text(json.dumps({"miou": 50.0, "seconds": 7.0}))
     record, trained = _once(run_dir, config)
     assert not trained and record["seconds"] == 7.0 and len(fake.calls) == 1
+
+
+def _runs(miou: list[float], seconds: float) -> dict[int, dict]:
+    iou = {"road": 50.0, "car": 10.0}
+    return {seed: {"miou": m, "seconds": seconds, "iou": iou} for seed, m in enumerate(miou)}
+
+
+def test_the_table_gives_spread_gap_cost_and_the_paper_number() -> None:
+    results = {
+        "selftrain": _runs([30.0, 32.0, 34.0], 250.0),
+        "source_only": _runs([20.0, 20.0, 20.0], 100.0),
+        "oracle": _runs([60.0, 60.0, 60.0], 80.0),
+    }
+    rows = adaptation.table(results).splitlines()
+    assert [r.split(" | ")[0] for r in rows[2:]] == ["| source_only", "| selftrain", "| oracle"]
+    cells = rows[3].split(" | ")
+    assert cells[1:6] == ["32.0 ± 2.0", "3", "30%", "250", "2.5"]  # 12 of 40 points; 2.5x time
+    assert cells[6] == str(adaptation.PAPER["selftrain"])

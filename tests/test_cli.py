@@ -7,7 +7,19 @@ from typer.testing import CliRunner
 from adapt_deploy.cli import app
 from adapt_deploy.registry import BACKEND_CHOICES, DATASET_LAYOUTS
 
-COMMANDS = ["demo", "synth", "train", "evaluate", "export", "verify", "stream", "data", "doctor"]
+COMMANDS = [
+    "demo",
+    "synth",
+    "train",
+    "evaluate",
+    "pseudo-label",
+    "rank",
+    "export",
+    "verify",
+    "stream",
+    "data",
+    "doctor",
+]
 runner = CliRunner()
 
 
@@ -48,6 +60,8 @@ def test_data_subcommands_have_help(command):
         (["evaluate"], DATASET_LAYOUTS.names()),
         (["data", "stats"], DATASET_LAYOUTS.names()),
         (["data", "points"], DATASET_LAYOUTS.names()),
+        (["pseudo-label"], DATASET_LAYOUTS.names()),
+        (["rank"], DATASET_LAYOUTS.names()),
         (["stream"], BACKEND_CHOICES),
     ],
 )

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import method_overrides
+from helpers import assert_same_weights
 
 from adapt_deploy.adapt import losses as L
 from adapt_deploy.config import METHODS, load_config
@@ -119,10 +120,7 @@ def test_fp16_scales_the_losses_and_resumes_with_its_scale(
     state = torch.load(tmp_path / "split" / "trainer_state.pt", weights_only=True)
     assert state["scaler"]["scale"] > 1  # the loss scale of fp16 (65536 at the start)
     train(straight, tmp_path / "split", resume=True, evaluate_at_end=False)
-    a = read_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
-    b = read_checkpoint(tmp_path / "split" / "checkpoint.pt")["model"]
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert_same_weights(tmp_path / "straight", tmp_path / "split")
     assert [m["loss"] for m in _metrics(tmp_path / "straight")] == pytest.approx(
         [m["loss"] for m in _metrics(tmp_path / "split")], rel=1e-5
     )

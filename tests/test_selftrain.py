@@ -6,14 +6,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_same_weights
 from torch import nn
 
-from adapt_deploy.adapt.selftrain import keep_present, weighted_cross_entropy, with_points
+from adapt_deploy.adapt.losses import pseudo_label_loss
+from adapt_deploy.adapt.selftrain import keep_present, with_points
 from adapt_deploy.adapt.teacher import EmaTeacher, class_mix, confidence_weight
 from adapt_deploy.config import load_config
 from adapt_deploy.data.weak import write_class_stats, write_points
 from adapt_deploy.engine.train import build_learner, train
-from adapt_deploy.models.checkpoints import read_checkpoint
 from adapt_deploy.models.deeplab import DeepLab
 
 
@@ -124,9 +125,7 @@ def test_weighted_cross_entropy_averages_over_all_pixels_ignored_ones_as_zero():
     labels = torch.tensor([[[0, 1], [2, 255]]])
     weight = torch.tensor([[[1.0, 0.5, 0.0], [1.0, 1.0, 1.0]]])[:, :, :2]
     expected = (1.0 + 0.5 + 1.0) * math.log(4) / 4
-    torch.testing.assert_close(
-        weighted_cross_entropy(logits, labels, weight), torch.tensor(expected)
-    )
+    torch.testing.assert_close(pseudo_label_loss(logits, labels, weight), torch.tensor(expected))
 
 
 def learner_for(config_file, method: str, *options: str):
@@ -237,10 +236,7 @@ def test_resume_continues_the_teacher_and_the_mixing_exactly(
     train(first, tmp_path / "split", evaluate_at_end=False)
     train(straight, tmp_path / "split", resume=True, evaluate_at_end=False)
 
-    a = read_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
-    b = read_checkpoint(tmp_path / "split" / "checkpoint.pt")["model"]
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert_same_weights(tmp_path / "straight", tmp_path / "split")
     teachers = [
         torch.load(tmp_path / run / "trainer_state.pt", weights_only=True)["method"]["teacher"]
         for run in ("straight", "split")
@@ -249,3 +245,32 @@ def test_resume_continues_the_teacher_and_the_mixing_exactly(
         torch.testing.assert_close(teachers[0][key], teachers[1][key], rtol=1e-5, atol=1e-6)
     pseudo = [[r["pseudo"] for r in records(tmp_path / run)] for run in ("straight", "split")]
     assert pseudo[0] == pytest.approx(pseudo[1], rel=1e-5)
+
+
+def running_means(network: nn.Module) -> list[torch.Tensor]:
+    return [m.running_mean.clone() for m in network.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("method", ["selftrain", "cbst"])
+@pytest.mark.parametrize(("bn_stats", "source_moves_them"), [("target", False), ("all", True)])
+def test_bn_stats_decides_whether_the_source_pass_moves_the_running_statistics(
+    tiny_config_file, method, bn_stats, source_moves_them
+):
+    learner = learner_for(tiny_config_file, method, f"selftrain.bn_stats={bn_stats}")
+    network = learner.model
+    network.train()
+    before = running_means(network)
+    source = {
+        "image": torch.randint(0, 256, (2, 3, 36, 64), dtype=torch.uint8),
+        "label": torch.stack([stripes([0, 1, 2, 3], 36, 64), stripes([4, 5, 6, 7], 36, 64)]),
+    }
+    learner.method.source_losses(source)
+    moved = [not torch.equal(a, b) for a, b in zip(before, running_means(network), strict=True)]
+    assert all(moved) if source_moves_them else not any(moved)
+    if method == "selftrain":  # its target pass (on the mixed images) always moves them
+        after_source = running_means(network)
+        learner.method.before_iteration(0)
+        learner.method.source_losses(source)
+        learner.method.target_losses(target_batch())
+        now = running_means(network)
+        assert all(not torch.equal(a, b) for a, b in zip(after_source, now, strict=True))

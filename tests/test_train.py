@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from helpers import assert_same_weights
 
 from adapt_deploy.config import load_config
 from adapt_deploy.engine.sampling import EpochBatchSampler
@@ -69,10 +70,7 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, tiny_config_fi
     first = load_config(tiny_config_file, ["train.iterations=4", "optim.schedule_iters=8"])
     train(first, tmp_path / "split", evaluate_at_end=False)
     train(straight, tmp_path / "split", resume=True, evaluate_at_end=False)
-    a = read_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
-    b = read_checkpoint(tmp_path / "split" / "checkpoint.pt")["model"]
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert_same_weights(tmp_path / "straight", tmp_path / "split")
     assert losses(tmp_path / "straight") == pytest.approx(losses(tmp_path / "split"), rel=1e-5)
 
 

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from adapt_deploy.adapt.base import Batch, Losses, Method, RunContext
+from adapt_deploy.adapt.base import Batch, Losses, RunContext
 from adapt_deploy.adapt.losses import pseudo_label_loss, soft_label_loss, uniform_kl_loss
 from adapt_deploy.adapt.pseudo_labelling import (
     PseudoLabelJob,
@@ -30,6 +30,7 @@ from adapt_deploy.adapt.pseudo_labelling import (
     samples_of,
     write_pseudo_labels,
 )
+from adapt_deploy.adapt.target_statistics import TargetStatistics
 from adapt_deploy.data import pseudo_labels as files
 from adapt_deploy.labels import CLASS_NAMES, IGNORE_INDEX
 from adapt_deploy.models.checkpoints import (
@@ -54,7 +55,7 @@ def round_portion(round_index: int, portion: float, step: float, maximum: float)
     return round(min(portion + round_index * step, maximum), 6)
 
 
-class ClassBalancedSelfTraining(Method):
+class ClassBalancedSelfTraining(TargetStatistics):
     """CBST: segmentation loss on the source plus cross-entropy on the round's pseudo-labels."""
 
     name: ClassVar[str] = "cbst"

@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from adapt_deploy.adapt.base import Batch, Losses, Method
-from adapt_deploy.adapt.losses import at_least_fp32, point_loss, upsample, weak_label_loss
+from adapt_deploy.adapt.base import Batch, Losses
+from adapt_deploy.adapt.losses import at_least_fp32, point_loss, pseudo_label_loss, weak_label_loss
+from adapt_deploy.adapt.target_statistics import TargetStatistics
 from adapt_deploy.adapt.teacher import EmaTeacher, class_mix, confidence_weight
 from adapt_deploy.config import ExperimentConfig
 from adapt_deploy.labels import IGNORE_INDEX
@@ -22,7 +22,7 @@ from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.ops import lse_pool
 
 
-class SelfTrain(Method):
+class SelfTrain(TargetStatistics):
     """DACS / DAFormer self-training without target labels."""
 
     name: ClassVar[str] = "selftrain"
@@ -70,7 +70,11 @@ class SelfTrain(Method):
         on: pasted source pixels weigh 1, target pixels the image's confidence weight."""
         st = self.config.selftrain
         labels, confidence = self.teacher.pseudo_labels(image)
-        weight = confidence_weight(confidence, st.confidence)[:, None, None].expand_as(confidence)
+        if st.weighting == "pixel":
+            weight = (confidence > st.confidence).float()
+        else:
+            weight = confidence_weight(confidence, st.confidence)[:, None, None]
+            weight = weight.expand_as(confidence)
         labels, weight = self.refine(batch, labels, weight)
         if st.class_mix:
             source = self._cache.pop("source_image").to(self.device).float()
@@ -80,7 +84,7 @@ class SelfTrain(Method):
             )
             weight = torch.where(pasted, 1.0, weight)
             image = self.input({"image": mixed})
-        return weighted_cross_entropy(self.model(image)["logits"], labels, weight)
+        return pseudo_label_loss(self.model(image)["logits"], labels, weight)
 
     def refine(
         self, batch: Batch, labels: torch.Tensor, weight: torch.Tensor
@@ -139,16 +143,6 @@ class SelfTrainPoint(SelfTrainImage):
         points, present = batch["points"].to(self.device), batch["image_labels"].to(self.device)
         losses["point"] = self.config.adapt.lambda_point * point_loss(logits, points, present)
         return losses
-
-
-def weighted_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
-) -> torch.Tensor:
-    """DACS's pixel-weighted cross-entropy: the mean over all pixels of weight x CE of the
-    logits upsampled to the labels (N, H, W); unlabelled (255) pixels count as 0."""
-    up = upsample(at_least_fp32(logits), labels.shape[-2:])
-    loss = F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX, reduction="none")
-    return (loss * weight).mean()
 
 
 def keep_present(labels: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

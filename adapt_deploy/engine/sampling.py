@@ -14,6 +14,15 @@ from adapt_deploy.errors import UserError, worker_message
 T = TypeVar("T")
 
 
+def batch_shard(batch_size: int, rank: int, world_size: int) -> slice:
+    """Process `rank`'s contiguous part of each global batch of `batch_size`."""
+    if batch_size % world_size or not 0 <= rank < world_size:
+        raise ValueError(
+            f"a batch of {batch_size} does not split into {world_size} shards (rank {rank})"
+        )
+    return slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+
+
 class EpochBatchSampler(Sampler[list[int]]):
     """Shuffled batches, a new permutation each epoch (seeded by seed and epoch), last partial
     batch dropped; starts at batch `start`, so a resumed run continues the same sequence.
@@ -34,16 +43,12 @@ class EpochBatchSampler(Sampler[list[int]]):
     ) -> None:
         if num_items < batch_size:
             raise ValueError(f"dataset has {num_items} items, fewer than batch size {batch_size}")
-        if batch_size % world_size or not 0 <= rank < world_size:
-            raise ValueError(
-                f"a batch of {batch_size} does not split into {world_size} shards (rank {rank})"
-            )
+        self.shard = batch_shard(batch_size, rank, world_size)
         self.num_items = num_items
         self.batch_size = batch_size
         self.seed = seed
         self.start = start
         self.per_epoch = num_items // batch_size
-        self.shard = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         step = self.start
@@ -76,13 +81,9 @@ class RareClassBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if batch_size % world_size or not 0 <= rank < world_size:
-            raise ValueError(
-                f"a batch of {batch_size} does not split into {world_size} shards (rank {rank})"
-            )
+        self.shard = batch_shard(batch_size, rank, world_size)
         self.class_probs, self.images = rare_class_table(counts, temperature)
         self.batch_size, self.seed, self.start = batch_size, seed, start
-        self.shard = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         step = self.start
