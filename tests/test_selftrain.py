@@ -154,11 +154,30 @@ def target_batch(**labels) -> dict:
 UNSURE = "selftrain.confidence=0.9999"
 
 
-def test_pasted_source_pixels_weigh_one_and_unsure_target_pixels_nothing(tiny_config_file):
-    mixed = learner_for(tiny_config_file, "selftrain", UNSURE).method
+@pytest.mark.parametrize("weighting", ["image", "pixel"])
+def test_pasted_source_pixels_weigh_one_and_unsure_target_pixels_nothing(
+    tiny_config_file, weighting
+):
+    how = f"selftrain.weighting={weighting}"
+    mixed = learner_for(tiny_config_file, "selftrain", UNSURE, how).method
     assert pseudo_loss(mixed, target_batch()) > 0
-    alone = learner_for(tiny_config_file, "selftrain", UNSURE, "selftrain.class_mix=false")
+    alone = learner_for(tiny_config_file, "selftrain", UNSURE, how, "selftrain.class_mix=false")
     assert pseudo_loss(alone.method, target_batch()) == 0
+
+
+def test_pixel_weights_keep_only_the_confident_pixels(tiny_config_file):
+    """Per-pixel weighting: the loss is the CE of the teacher's labels weighted 1 where the
+    teacher's confidence passes tau and 0 elsewhere (a random teacher's is near 1/19)."""
+    options = ("selftrain.class_mix=false", "selftrain.weighting=pixel", "selftrain.confidence=0.1")
+    method = learner_for(tiny_config_file, "selftrain", *options).method
+    target = target_batch()
+    loss = pseudo_loss(method, target)
+    image = method.input(target)
+    labels, confidence = method.teacher.pseudo_labels(image)
+    confident = (confidence > 0.1).float()
+    assert 0 < confident.mean() < 1
+    expected = pseudo_label_loss(method.model(image)["logits"], labels, confident)
+    torch.testing.assert_close(loss, expected)
 
 
 def test_points_weigh_one_unless_their_class_is_absent(tiny_config_file):

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from adapt_deploy.adapt.base import Batch, Losses, RunContext
+from adapt_deploy.adapt.base import Batch, Losses, Method, RunContext
 from adapt_deploy.adapt.losses import pseudo_label_loss, soft_label_loss, uniform_kl_loss
 from adapt_deploy.adapt.pseudo_labelling import (
     PseudoLabelJob,
@@ -55,7 +55,7 @@ def round_portion(round_index: int, portion: float, step: float, maximum: float)
     return round(min(portion + round_index * step, maximum), 6)
 
 
-class ClassBalancedSelfTraining(TargetStatistics):
+class ClassBalancedSelfTraining(TargetStatistics, Method):
     """CBST: segmentation loss on the source plus cross-entropy on the round's pseudo-labels."""
 
     name: ClassVar[str] = "cbst"

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from adapt_deploy.adapt.base import Batch, Losses
+from adapt_deploy.adapt.base import Batch, Losses, Method
 from adapt_deploy.adapt.losses import at_least_fp32, point_loss, pseudo_label_loss, weak_label_loss
 from adapt_deploy.adapt.target_statistics import TargetStatistics
 from adapt_deploy.adapt.teacher import EmaTeacher, class_mix, confidence_weight
@@ -22,7 +22,7 @@ from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.ops import lse_pool
 
 
-class SelfTrain(TargetStatistics):
+class SelfTrain(TargetStatistics, Method):
     """DACS / DAFormer self-training without target labels."""
 
     name: ClassVar[str] = "selftrain"
@@ -67,7 +67,8 @@ class SelfTrain(TargetStatistics):
     def pseudo_label_loss(self, batch: Batch, image: torch.Tensor) -> torch.Tensor:
         """The student's weighted cross-entropy against the teacher's pseudo-labels of the
         target `image` (normalized), on the ClassMix of the source into it when class_mix is
-        on: pasted source pixels weigh 1, target pixels the image's confidence weight."""
+        on: pasted source pixels weigh 1, target pixels their image's share of confident pixels
+        (selftrain.weighting image) or 1 when confident themselves, else 0 (pixel)."""
         st = self.config.selftrain
         labels, confidence = self.teacher.pseudo_labels(image)
         if st.weighting == "pixel":

@@ -14,17 +14,22 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from adapt_deploy.adapt.base import Batch, Losses, Method
+from adapt_deploy.adapt.base import Batch, Losses
+from adapt_deploy.config import ExperimentConfig
 
 
-class TargetStatistics(Method):
-    """A method whose source pass leaves BN's running statistics to the target passes."""
+class TargetStatistics:
+    """Mixin before Method (`class M(TargetStatistics, Method)`): the source pass leaves BN's
+    running statistics to the target passes when selftrain.bn_stats is "target"."""
+
+    config: ExperimentConfig
+    model: nn.Module
 
     def source_losses(self, batch: Batch) -> Losses:
         if self.config.selftrain.bn_stats == "all":
-            return super().source_losses(batch)
+            return super().source_losses(batch)  # type: ignore[misc]
         with running_stats_kept(self.model):
-            return super().source_losses(batch)
+            return super().source_losses(batch)  # type: ignore[misc]
 
 
 @contextmanager
