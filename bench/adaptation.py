@@ -10,7 +10,8 @@ started from the seed's current source-only model (pretrain_seedS trained again 
 of that seed stale); a killed run of the same config is continued; anything else is trained
 afresh. So one process per seed (`--seeds S --threads 1`, after a first call has written the
 data and labels) can share a work dir on a multi-core machine; a last call with every seed then
-only collects the tables.
+only collects the tables. `--collect` trains nothing: it tabulates the finished runs and names
+the (method, seed) pairs that have none.
 """
 
 from __future__ import annotations
@@ -191,8 +192,39 @@ def _intrada_stage(
     if not fresh:
         reporter.log(f"ranking the target by entropy with {checkpoint} -> {rank_dir}")
         rank_target(checkpoint, data / "target", rank_dir, reporter=reporter)
+    return _intrada_overrides(work, seed, stage)
+
+
+def _intrada_overrides(work: Path, seed: int, stage: list[str]) -> list[str]:
+    """The stage of intrada: from the seed's AdvEnt model, on its ranking."""
+    checkpoint = work / "runs" / f"advent_seed{seed}" / "checkpoint.pt"
+    rank_file = work / "runs" / f"rank_seed{seed}" / RANK_FILE
     init = [o for o in stage if not o.startswith("model.init=")]
     return [f"model.init={checkpoint}", f"selftrain.rank={rank_file}", *init]
+
+
+def collect(
+    work: Path, seeds: list[int], methods: list[str], overrides: list[str]
+) -> tuple[dict, list[str]]:
+    """The finished runs of the finetune protocol that hold exactly this call's config, without
+    training anything; and the (method, seed) pairs that have none, for the table's note."""
+    data = work / "data"
+    results: dict[str, dict[int, dict]] = {}
+    missing = []
+    for seed in seeds:
+        pretrain = work / "runs" / f"pretrain_seed{seed}" / "checkpoint.pt"
+        seeded = [f"train.seed={seed}", f"adapt.point_seed={seed}"]
+        stage = [f"model.init={pretrain}", *ADAPT_STAGE, *seeded, *overrides]
+        for method in methods:
+            run_dir = work / "runs" / f"{method}_seed{seed}"
+            method_stage = _intrada_overrides(work, seed, stage) if method == "intrada" else stage
+            config = demo_config(method, data, method_stage)
+            cached = None if _init_changed(run_dir, config) else completed_run(run_dir, config)
+            if cached is None:
+                missing.append(f"{method} seed {seed}")
+            else:
+                results.setdefault(method, {})[seed] = _record(*cached)
+    return results, missing
 
 
 def table(results: dict[str, dict[int, dict]]) -> str:
@@ -271,10 +303,21 @@ def main() -> None:
         help="finetune: every method starts from the seed's source-only model (default)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: tabulate the finished runs of this config, naming the missing ones",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run(args.work, args.seeds, args.methods, args.overrides, args.protocol)
+    missing: list[str] = []
+    if args.collect:
+        if args.protocol != "finetune":
+            parser.error("--collect reads runs of the finetune protocol")
+        results, missing = collect(args.work, args.seeds, args.methods, args.overrides)
+    else:
+        results = run(args.work, args.seeds, args.methods, args.overrides, args.protocol)
     stage = (
         f"every method starts from the seed's source-only model (demo config, from scratch) and "
         f"trains with {' '.join(ADAPT_STAGE)}"
@@ -285,6 +328,8 @@ def main() -> None:
         "Synthetic benchmark, `configs/synthetic/*.yaml`, target val split. Protocol "
         f"{args.protocol}: {stage}. Overrides: {args.overrides or 'none'}.\n\n" + table(results)
     )
+    if missing:
+        body += f"\nNot run (no finished run of this config): {', '.join(missing)}.\n"
     body += (
         "\nBy class group (mean over seeds): the recoloured classes "
         f"({', '.join(RECOLOURED_CLASSES)}) change appearance outright in the target; the others "

@@ -14,7 +14,7 @@ import pytest
 
 import bench.adaptation as adaptation
 from adapt_deploy.config import dump_config
-from adapt_deploy.demo import demo_config
+from adapt_deploy.demo import ADAPT_STAGE, demo_config
 from adapt_deploy.engine.evaluate import EvalResult
 from adapt_deploy.engine.train import TRAINER_STATE, TrainResult
 from adapt_deploy.progress import Reporter
@@ -120,3 +120,18 @@ def test_the_table_gives_spread_gap_cost_and_the_paper_number() -> None:
     cells = rows[3].split(" | ")
     assert cells[1:6] == ["32.0 ± 2.0", "3", "30%", "250", "2.5"]  # 12 of 40 points; 2.5x time
     assert cells[6] == str(adaptation.PAPER["selftrain"])
+
+
+def test_collect_tabulates_finished_runs_and_names_the_missing(tmp_path: Path, fake) -> None:
+    pretrain = tmp_path / "runs" / "pretrain_seed0" / "checkpoint.pt"
+    pretrain.parent.mkdir(parents=True)
+    pretrain.write_text("weights")
+    stage = [f"model.init={pretrain}", *ADAPT_STAGE, "train.seed=0", "adapt.point_seed=0"]
+    config = demo_config("oracle", tmp_path / "data", stage)
+    record, _ = _once(tmp_path / "runs" / "oracle_seed0", config)
+    results, missing = adaptation.collect(tmp_path, [0, 1], ["oracle", "selftrain"], [])
+    assert results == {"oracle": {0: record}}
+    assert missing == ["selftrain seed 0", "oracle seed 1", "selftrain seed 1"]
+    pretrain.write_text("other weights")  # the oracle run no longer starts from this model
+    assert adaptation.collect(tmp_path, [0], ["oracle"], [])[0] == {}
+    assert len(fake.calls) == 1  # collecting trains nothing

@@ -3,7 +3,7 @@ paper's recipe).
 
 Eq. 7's global T = 0.2 on sigmoid(LSE) marks every class present in every image on our
 benchmark: logits are free in their absolute level, so the pooled scores of present and absent
-classes both sit far above T (bench/results/adaptation.md). The source batches of a WDA
+classes both sit far above T (bench/results/adaptation_2026-11-21.md). The source batches of a WDA
 iteration carry true image labels, so each class's cut can be kept where it separates them:
 per class, exponential averages of the LSE of source images where the class is present and
 where it is absent, and the cut halfway between. A class not yet seen both ways keeps the
