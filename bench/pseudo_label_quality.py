@@ -91,7 +91,9 @@ def _label_size(root: Path, name: str) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def score_network(network: torch.nn.Module, config: ExperimentConfig, target: Path) -> Quality:
+def score_network(
+    network: torch.nn.Module, config: ExperimentConfig, target: Path, limit: int | None = None
+) -> Quality:
     """A network's confident argmax (max probability above selftrain.confidence) over the
     target train split."""
     tau = config.selftrain.confidence
@@ -99,7 +101,7 @@ def score_network(network: torch.nn.Module, config: ExperimentConfig, target: Pa
     dataset = build_dataset(entry, labels=False)
     quality = Quality()
     network.eval()
-    for index, sample in enumerate(dataset.samples):
+    for index, sample in enumerate(dataset.samples[:limit]):
         truth = files.read_label(target, "train", sample.name, _label_size(target, sample.name))
         image = dataset[index]["image"].unsqueeze(0)  # type: ignore[union-attr]
         confidence, classes = predict(network, image, config.input, truth.shape).max(dim=1)
@@ -114,8 +116,11 @@ def _network(config: ExperimentConfig, weights: dict) -> torch.nn.Module:
     return network
 
 
-def run_sets(work: Path, seed: int) -> Iterable[tuple[str, str, Callable[[], Quality]]]:
-    """(run, label set, how to score it) for every self-training run of the seed in `work`."""
+def run_sets(
+    work: Path, seed: int, limit: int | None = None
+) -> Iterable[tuple[str, str, Callable[[], Quality]]]:
+    """(run, label set, how to score it) for every self-training run of the seed in `work`,
+    over the first `limit` images of each set (all when None)."""
     runs, target = work / "runs", work / "data" / "target"
     for method in CBST_FAMILY:
         run = runs / f"{method}_seed{seed}"
@@ -125,13 +130,14 @@ def run_sets(work: Path, seed: int) -> Iterable[tuple[str, str, Callable[[], Qua
                 continue
             found = _names_in(folder)
             label = f"{folder.name} (top {summary['portion']:.0%} per class)"
-            yield run.name, label, lambda f=folder, n=found: score_files(target, f, n)
+            yield run.name, label, lambda f=folder, n=found[:limit]: score_files(target, f, n)
     rank = runs / f"rank_seed{seed}" / "rank.json"
     if rank.is_file():
         record = json.loads(rank.read_text())
         folder = rank.parent / record["pseudo_labels"]
         label = f"easy split ({len(record['easy'])} images, every pixel)"
-        yield rank.parent.name, label, lambda: score_files(target, folder, record["easy"])
+        easy = record["easy"][:limit]
+        yield rank.parent.name, label, lambda: score_files(target, folder, easy)
     for method in TEACHER_FAMILY:
         run = runs / f"{method}_seed{seed}"
         state = run / "trainer_state.pt"
@@ -148,7 +154,7 @@ def run_sets(work: Path, seed: int) -> Iterable[tuple[str, str, Callable[[], Qua
             yield (
                 run.name,
                 label,
-                lambda w=weights, c=config: score_network(_network(c, w), c, target),
+                lambda w=weights, c=config: score_network(_network(c, w), c, target, limit),
             )
 
 
@@ -164,15 +170,18 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("bench/.work/adaptation"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--name", default="pseudo_labels", help="bench/results/NAME.md")
+    parser.add_argument("--images", type=int, default=None, help="score the first N per set")
     args = parser.parse_args()
     groups = " | ".join(f"{g}: precision | recall" for g in GROUPS)
     lines = [f"| run | labels | labelled share | {groups} |", "|---|---|---|" + "---|---|" * 2]
     for seed in args.seeds:
-        for run, label, score in run_sets(args.work, seed):
+        for run, label, score in run_sets(args.work, seed, args.images):
             print(f"scoring {run}: {label}", flush=True)
             lines.append(f"| {run} | {label} | " + " | ".join(score().row()) + " |")
     body = (
-        f"Pseudo-labels of the self-training runs in `{args.work}` against the synthetic "
+        f"Pseudo-labels of the self-training runs in `{args.work}` "
+        f"({'every image' if args.images is None else f'the first {args.images} images'} of "
+        "each set) against the synthetic "
         "target's train labels (precision and recall in %; recoloured classes: "
         f"{', '.join(RECOLOURED_CLASSES)}).\n\n" + "\n".join(lines) + "\n"
     )
