@@ -267,8 +267,8 @@ def rank(
 ) -> None:
     """IntraDA's entropy ranking: split the target into easy and hard images, label the easy.
 
-    Writes OUT/pseudo_labels/ (the easy split's labels) and OUT/rank.json, which
-    `--set selftrain.rank=OUT/rank.json` hands to `train` with method intrada.
+    Writes OUT/pseudo_labels/ (the easy split's labels) and OUT/rank.json. Then train
+    method intrada with `--set selftrain.rank=OUT/rank.json --set model.init=CHECKPOINT`.
     """
     from adapt_deploy.adapt.ranking import RANK_FILE, rank_target
 
