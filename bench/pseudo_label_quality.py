@@ -31,7 +31,7 @@ from adapt_deploy.config import DatasetConfig, ExperimentConfig, from_dict
 from adapt_deploy.data import pseudo_labels as files
 from adapt_deploy.data.datasets import build_dataset
 from adapt_deploy.data.synthetic.styles import RECOLOURED_CLASSES
-from adapt_deploy.labels import CLASS_NAMES, IGNORE_INDEX
+from adapt_deploy.labels import CLASS_NAMES, IGNORE_INDEX, label_ids_to_train_ids
 from adapt_deploy.models.checkpoints import build_model, read_checkpoint
 from bench.common import write_results
 
@@ -80,14 +80,14 @@ def score_files(target: Path, folder: Path, names: Iterable[str]) -> Quality:
     """A pseudo-label set on disk (Cityscapes layout) against the target's train labels."""
     quality = Quality()
     for name in names:
-        truth = files.read_label(target, "train", name, _label_size(target, name))
+        truth = _truth(target, name)
         quality.add(files.read_label(folder, "train", name, truth.shape), truth)
     return quality
 
 
-def _label_size(root: Path, name: str) -> tuple[int, int]:
-    array = files.read_png(files.label_path(root, "train", name), np.uint8)
-    return array.shape[0], array.shape[1]
+def _truth(root: Path, name: str) -> np.ndarray:
+    """The target's ground truth of sample `name` in trainIds, at its own size (read once)."""
+    return label_ids_to_train_ids(files.read_png(files.label_path(root, "train", name), np.uint8))
 
 
 @torch.no_grad()
@@ -102,7 +102,7 @@ def score_network(
     quality = Quality()
     network.eval()
     for index, sample in enumerate(dataset.samples[:limit]):
-        truth = files.read_label(target, "train", sample.name, _label_size(target, sample.name))
+        truth = _truth(target, sample.name)
         image = dataset[index]["image"].unsqueeze(0)  # type: ignore[union-attr]
         confidence, classes = predict(network, image, config.input, truth.shape).max(dim=1)
         labels = np.where(confidence[0].numpy() > tau, classes[0].numpy(), IGNORE_INDEX)
