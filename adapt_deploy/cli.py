@@ -277,6 +277,59 @@ def rank(
     console.print(f"easy split: {easy} images, hard split: {hard}; wrote {out / RANK_FILE}")
 
 
+@app.command(name="suggest-points")
+def suggest_points_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="The checkpoint.pt that picks the pixels.")],
+    data: Annotated[Path, typer.Option(help="Root of the target dataset to annotate.")],
+    out: Annotated[Path, typer.Option(help="The round directory to write.")],
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="ppl (LabOR's representative uncertain points), spl (LabOR's whole "
+            "inconsistency mask), random or entropy (baselines). ppl and spl need a checkpoint "
+            "of a labor_* method (it holds the second classifier)."
+        ),
+    ] = "ppl",
+    budget: Annotated[
+        int | None,
+        typer.Option(help="Pixels per image (default: 40; spl: the whole mask, capped by this)."),
+    ] = None,
+    kind: Annotated[str, typer.Option(help=KIND_HELP)] = "cityscapes",
+    split: Annotated[str, typer.Option(help="Split to annotate.")] = "train",
+    simulate: Annotated[
+        bool, typer.Option(help="Answer from the split's ground truth (benchmarks).")
+    ] = False,
+    exclude: Annotated[
+        str | None, typer.Option(help="A point set whose pixels are labelled already.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random choices.")] = 0,
+) -> None:
+    """Pick the target pixels to ask an annotator for (LabOR), with an overlay per image.
+
+    Writes OUT/round.json, OUT/suggestions/NAME.json ({"image", "size": [h, w], "pixels":
+    [[x, y], ...], "predicted": [trainId, ...]}), OUT/overlays/NAME.png and OUT/summary.json
+    (the budget used); with --simulate also OUT/answers.csv. The annotator answers in
+    OUT/answers.csv (image,x,y,class); then `adapt-deploy data import-points OUT/answers.csv`.
+    Run it again to resume after an interruption.
+    """
+    from adapt_deploy.adapt.suggestion import suggest_checkpoint
+
+    summary = suggest_checkpoint(
+        checkpoint, data, out, strategy, budget, kind, split, simulate, exclude, seed,
+        _reporter(),
+    )  # fmt: skip
+    console.print(
+        f"{summary['images']} images, {summary['pixels']} pixels to label "
+        f"({summary['pixels_per_image']:.1f} per image, {summary['share_of_pixels']:.2%} of "
+        f"their pixels); wrote {out}"
+    )
+    answers = out / "answers.csv"
+    if simulate:
+        console.print(f"simulated answers in {answers}")
+    else:
+        console.print(f"answer in {answers} (header image,x,y,class), then import it")
+
+
 @app.command()
 def plot(
     run: Annotated[Path, typer.Argument(help="A run directory (holding metrics.jsonl).")],
@@ -336,6 +389,33 @@ def data_points(
             root, kind, split, seed, progress=partial(stage, "drawing points")
         )
     console.print(f"wrote {count} points to {path}")
+
+
+@data_app.command("import-points")
+def data_import_points(
+    answers: Annotated[Path, typer.Argument(help="ROUND_DIR/answers.csv of a labelling round.")],
+    name: Annotated[
+        str | None, typer.Option(help="Name of the point set (default: the round's folder).")
+    ] = None,
+    previous: Annotated[
+        str | None, typer.Option(help="A point set of earlier rounds to carry into this one.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace a point set of the same name.")] = False,
+) -> None:
+    """Check an annotator's answers and store them where wda_point and labor_* read them.
+
+    Every bad line (unknown image, pixel outside the image, unknown class, a pixel answered
+    twice) is named with its line number. Train on the set with `--set adapt.points=NAME`.
+    """
+    from adapt_deploy.data.annotation import import_points
+
+    path, counts = import_points(answers, name, previous, force)
+    console.print(
+        f"stored {counts['labelled']} labelled pixels ({counts['void']} void) of "
+        f"{counts['images']} images, {counts['total']} in the set; wrote {path}"
+    )
+    set_name = path.stem.split("_points_", 1)[1]
+    console.print(f"train on them with --set adapt.points={set_name}")
 
 
 @app.command(name="export")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ IMAGE_LABEL_MODES = ("fraction", "any")
 COLOR_ORDERS = ("RGB", "BGR")
 # model.init_format: how to read model.init (models/weight_formats.py); auto detects from the keys
 INIT_FORMATS = ("auto", "adapt_deploy", "deeplab_v2", "torchvision")
+POINT_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # adapt.points: a file name part
 
 
 @dataclass
@@ -117,7 +119,10 @@ class AdaptConfig:
     gan: str = "bce"  # bce | lsgan
     lr_d: float = 1e-4  # discriminators: Adam, betas (0.9, 0.99), same poly decay
     image_labels: str = "fraction"  # fraction (official) | any (any labelled pixel)
-    point_seed: int = 0  # which stored point annotation to use
+    point_seed: int = 0  # which drawn point annotation to use (`data points --seed`)
+    # A named point set in place of the drawn one: the answers `data import-points` stored
+    # (wda_point, selftrain_point and labor_* read it); "" uses the drawn set of point_seed.
+    points: str = ""
 
 
 @dataclass
@@ -154,6 +159,27 @@ class SelfTrainConfig:
 
 
 @dataclass
+class LaborConfig:
+    """LabOR (adapt/labor.py): which target pixels to ask for, how many, and when.
+
+    The labor_* methods train AdaptSegNet plus a second classifier (the pixel selector) and,
+    in `rounds` rounds, ask for pixels by the method's strategy (ppl, spl, random, entropy),
+    answered from the target train split's ground truth (the simulated annotator the
+    benchmarks use). rounds 0: no asking during training; the labels are the point set
+    adapt.points, imported from a human annotator's answers (`suggest-points`, `data
+    import-points`).
+    """
+
+    # Pixels asked per image over all rounds (ppl, random, entropy: 40 as the paper's PPL).
+    # spl asks for the whole inconsistency mask; a budget there caps it. null: the default.
+    budget: int | None = None
+    rounds: int = 2
+    warmup: float = 0.25  # share of train.iterations before the first round
+    lambda_target: float = 1.0  # cross-entropy on the labelled target pixels (both classifiers)
+    lambda_dis: float = 0.01  # cosine similarity of the two classifiers' weights (CLAN's)
+
+
+@dataclass
 class TrainConfig:
     """The training loop."""
 
@@ -184,6 +210,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
+    labor: LaborConfig = field(default_factory=LaborConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -353,6 +380,19 @@ def validate(config: ExperimentConfig, source: str) -> None:
         (0 <= st.ema < 1, "selftrain.ema", "in [0, 1)"),
         (0 <= st.confidence < 1, "selftrain.confidence", "in [0, 1)"),
         (st.rare_class_temperature >= 0, "selftrain.rare_class_temperature", "0 or more"),
+    ]
+    lb = config.labor
+    checks += [
+        (lb.budget is None or lb.budget > 0, "labor.budget", "a positive pixel count or null"),
+        (lb.rounds >= 0, "labor.rounds", "0 (imported labels only) or more"),
+        (0 <= lb.warmup < 1, "labor.warmup", "a share of train.iterations in [0, 1)"),
+        (lb.lambda_target >= 0, "labor.lambda_target", "0 or more (a loss weight)"),
+        (lb.lambda_dis >= 0, "labor.lambda_dis", "0 or more (a loss weight)"),
+        (
+            not a.points or POINT_SET_NAME.match(a.points) is not None,
+            "adapt.points",
+            "a point set name (letters, digits, '_', '-', '.') or empty",
+        ),
     ]
     for name in ("source", "target", "val"):
         ds: DatasetConfig = getattr(config.data, name)

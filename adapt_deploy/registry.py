@@ -148,6 +148,26 @@ METHODS = Registry(
             "self-training with image-level and point labels of the target",
         ),
         Entry(
+            "labor_ppl",
+            "adapt_deploy.adapt.labor:LabelOnlyIfRequired",
+            "LabOR PPL: ~40 representative uncertain points per image, asked in rounds",
+        ),
+        Entry(
+            "labor_spl",
+            "adapt_deploy.adapt.labor:SegmentPixelLabelling",
+            "LabOR SPL: every pixel where the two classifiers disagree, asked in rounds",
+        ),
+        Entry(
+            "labor_random",
+            "adapt_deploy.adapt.labor:RandomPixelLabelling",
+            "LabOR's training with random pixels labelled (baseline)",
+        ),
+        Entry(
+            "labor_entropy",
+            "adapt_deploy.adapt.labor:EntropyPixelLabelling",
+            "LabOR's training with the highest-entropy pixels labelled (baseline)",
+        ),
+        Entry(
             "oracle",
             "adapt_deploy.adapt.base:Oracle",
             "upper bound: segmentation loss on the labelled target",

@@ -25,12 +25,21 @@ from pathlib import Path
 import torch
 import yaml
 
+from adapt_deploy.adapt.labor import LABELS_DIR
+from adapt_deploy.adapt.labor import SUMMARY_FILE as LABOR_SUMMARY
 from adapt_deploy.adapt.ranking import RANK_FILE, rank_target
 from adapt_deploy.bundle.meta import sha256_file
 from adapt_deploy.config import METHODS, ExperimentConfig
 from adapt_deploy.data.synthetic.styles import RECOLOURED_CLASSES
 from adapt_deploy.data.synthetic.writer import SynthSpec, write_benchmark
-from adapt_deploy.data.weak import points_path, stats_path, write_class_stats, write_points
+from adapt_deploy.data.weak import (
+    ClassStats,
+    load_points,
+    points_path,
+    stats_path,
+    write_class_stats,
+    write_points,
+)
 from adapt_deploy.demo import ADAPT_STAGE, completed_run, demo_config
 from adapt_deploy.engine.evaluate import EvalResult
 from adapt_deploy.engine.train import TRAINER_STATE, train
@@ -50,6 +59,11 @@ PAPER = {
 
 SECONDS_FILE = "seconds.json"  # {"train_seconds": s}, as adapt_deploy.demo writes it
 INIT_FILE = "init.sha256"  # sha256 of the checkpoint the run started from (model.init)
+
+# Rows that train a method with the label budget of another row of the same seed: the LabOR
+# baselines at SPL's budget (the pixels per image labor_spl asked for, rounded).
+BUDGET_OF = {"labor_random@spl": "labor_spl", "labor_entropy@spl": "labor_spl"}
+ROWS = (*METHODS, *BUDGET_OF)  # what --methods accepts, in table order
 
 
 def _train_once(
@@ -154,16 +168,67 @@ def run(
             stage = [f"model.init={pretrain / 'checkpoint.pt'}", *ADAPT_STAGE, *stage]
         trained: dict[str, bool] = {}
         for method in methods:
-            run_dir = work / "runs" / f"{method}_seed{seed}"
+            run_dir = _run_dir(work, method, seed)
             method_stage = stage
             if method == "intrada":
                 method_stage = _intrada_stage(work, data, seed, stage, reporter, retrained, trained)
-            config = demo_config(method, data, method_stage)
+            if method in BUDGET_OF and not _finished(work, BUDGET_OF[method], seed):
+                reporter.log(f"{method} seed {seed} needs {BUDGET_OF[method]} seed {seed} first")
+                continue
+            config = demo_config(
+                _method_of(method), data, method_stage + _budget(work, method, seed)
+            )
             record, trained[method] = _train_once(
                 run_dir, config, reporter, f"{method} seed {seed}", stale=retrained
             )
+            record["labelled"] = label_cost(method, run_dir, data, seed)
             results.setdefault(method, {})[seed] = record
     return results
+
+
+def _run_dir(work: Path, row: str, seed: int) -> Path:
+    return work / "runs" / f"{row.replace('@', '-at-')}_seed{seed}"
+
+
+def _method_of(row: str) -> str:
+    """The registered method a table row trains (`labor_random@spl`: labor_random)."""
+    return row.split("@", 1)[0]
+
+
+def _finished(work: Path, row: str, seed: int) -> bool:
+    return (_run_dir(work, row, seed) / "eval.json").is_file()
+
+
+def _budget(work: Path, row: str, seed: int) -> list[str]:
+    """labor.budget for a row at another row's budget: what that row's run asked per image."""
+    if row not in BUDGET_OF:
+        return []
+    asked = _labor_summary(_run_dir(work, BUDGET_OF[row], seed))["asked_per_image"]
+    return [f"labor.budget={max(1, round(asked))}"]
+
+
+def _labor_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / LABELS_DIR / LABOR_SUMMARY).read_text())
+
+
+def label_cost(row: str, run_dir: Path, data: Path, seed: int) -> float | None:
+    """Target pixels per image a method's labels cost: asked (labor_*), the points of the
+    seed's set (*_point), every labelled pixel (oracle); 0 for image-level labels or none."""
+    method = _method_of(row)
+    target = data / "target"
+    if method.startswith("labor_"):
+        summary = run_dir / LABELS_DIR / LABOR_SUMMARY
+        return _labor_summary(run_dir)["asked_per_image"] if summary.is_file() else None
+    if method.endswith("_point"):
+        path = points_path(target, "train", seed)
+        if not path.is_file():
+            return None
+        points, _ = load_points(path)
+        return sum(len(p) for p in points.values()) / max(len(points), 1)
+    if method == "oracle":
+        path = stats_path(target, "train")
+        return float(ClassStats.load(path).counts.sum(axis=1).mean()) if path.is_file() else None
+    return 0.0
 
 
 def _intrada_stage(
@@ -216,14 +281,20 @@ def collect(
         seeded = [f"train.seed={seed}", f"adapt.point_seed={seed}"]
         stage = [f"model.init={pretrain}", *ADAPT_STAGE, *seeded, *overrides]
         for method in methods:
-            run_dir = work / "runs" / f"{method}_seed{seed}"
+            run_dir = _run_dir(work, method, seed)
             method_stage = _intrada_overrides(work, seed, stage) if method == "intrada" else stage
-            config = demo_config(method, data, method_stage)
+            if method in BUDGET_OF and not _finished(work, BUDGET_OF[method], seed):
+                missing.append(f"{method} seed {seed}")
+                continue
+            overrides_ = method_stage + _budget(work, method, seed)
+            config = demo_config(_method_of(method), data, overrides_)
             cached = None if _init_changed(run_dir, config) else completed_run(run_dir, config)
             if cached is None:
                 missing.append(f"{method} seed {seed}")
             else:
-                results.setdefault(method, {})[seed] = _record(*cached)
+                record = _record(*cached)
+                record["labelled"] = label_cost(method, run_dir, data, seed)
+                results.setdefault(method, {})[seed] = record
     return results, missing
 
 
@@ -231,10 +302,10 @@ def table(results: dict[str, dict[int, dict]]) -> str:
     """Markdown: mIoU mean ± std, gap closed, seconds, and the paper's numbers beside them."""
     mean = {m: statistics.mean(r["miou"] for r in runs.values()) for m, runs in results.items()}
     header = (
-        "| method | mIoU (mean ± std) | seeds | gap closed | s/run | × source-only time "
-        "| paper mIoU | paper gap |"
+        "| method | mIoU (mean ± std) | seeds | gap closed | labelled px/img | s/run "
+        "| × source-only time | paper mIoU | paper gap |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     so_secs = (
         statistics.mean(r["seconds"] for r in results["source_only"].values())
         if "source_only" in results
@@ -242,9 +313,11 @@ def table(results: dict[str, dict[int, dict]]) -> str:
     )
     so, orc = mean.get("source_only"), mean.get("oracle")
     p_so, p_or = PAPER["source_only"], PAPER["oracle"]
-    for method in sorted(results, key=METHODS.index):
+    for method in sorted(results, key=ROWS.index):
         runs = results[method]
         values = [r["miou"] for r in runs.values()]
+        costs = [r.get("labelled") for r in runs.values()]
+        cost_cell = "-" if None in costs else f"{statistics.mean(costs):.0f}"
         spread = f"{statistics.stdev(values):.1f}" if len(values) > 1 else "n/a (1 seed)"
         gap = "-"
         if so is not None and orc is not None and orc != so:
@@ -254,7 +327,8 @@ def table(results: dict[str, dict[int, dict]]) -> str:
         paper_gap = f"{(paper - p_so) / (p_or - p_so):.0%}" if paper is not None else "-"
         cost = f"{secs / so_secs:.1f}" if so_secs else "-"
         lines.append(
-            f"| {method} | {mean[method]:.1f} ± {spread} | {len(values)} | {gap} | {secs:.0f} "
+            f"| {method} | {mean[method]:.1f} ± {spread} | {len(values)} | {gap} | {cost_cell} "
+            f"| {secs:.0f} "
             f"| {cost} | {paper if paper is not None else '-'} | {paper_gap} |"
         )
     return "\n".join(lines) + "\n"
@@ -277,7 +351,7 @@ def group_table(results: dict[str, dict[int, dict]]) -> str:
             mean.setdefault(method, {})[group] = statistics.mean(per_seed)
     header = "| method | " + " | ".join(f"{g}: mIoU | gap closed" for g in groups) + " |"
     lines = [header, "|---|" + "---|---|" * len(groups)]
-    for method in sorted(results, key=METHODS.index):
+    for method in sorted(results, key=ROWS.index):
         cells = []
         for group in groups:
             value, gap = mean[method][group], "-"
@@ -293,7 +367,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("bench/.work/adaptation"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(ROWS), choices=ROWS)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--name", default="adaptation", help="results file: bench/results/NAME.md")
     parser.add_argument(

@@ -11,6 +11,7 @@ import torch
 from adapt_deploy.config import ExperimentConfig, from_dict
 from adapt_deploy.models.checkpoints import build_model, checkpoint_meta
 from adapt_deploy.models.checkpoints import save_checkpoint as save_weights
+from adapt_deploy.progress import Reporter
 
 RGB_INPUT = {"color_order": "RGB", "mean": [123.7, 116.3, 103.5], "std": [58.4, 57.1, 57.4]}
 CAFFE_INPUT = {"color_order": "BGR", "mean": [104.008, 116.669, 122.679], "std": [1.0, 1.0, 1.0]}
@@ -144,3 +145,19 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert first.keys() == second.keys()
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=1e-5, atol=1e-6)
+
+
+class StopAfter(Reporter):
+    """Interrupts the job after `steps` advances of the task whose name starts with `task`."""
+
+    def __init__(self, task: str, steps: int) -> None:
+        self.task_name, self.steps, self.current, self.counts = task, steps, "", {}
+
+    def task(self, description: str, total: int | None):
+        self.current = description
+        return super().task(description, total)
+
+    def advance(self, steps: int = 1, status: str | None = None) -> None:
+        self.counts[self.current] = self.counts.get(self.current, 0) + steps
+        if self.current.startswith(self.task_name) and self.counts[self.current] >= self.steps:
+            raise KeyboardInterrupt

@@ -104,22 +104,29 @@ def test_runs_of_the_earlier_format_are_still_reused(tmp_path: Path, fake: FakeT
     assert not trained and record["seconds"] == 7.0 and len(fake.calls) == 1
 
 
-def _runs(miou: list[float], seconds: float) -> dict[int, dict]:
+def _runs(miou: list[float], seconds: float, labelled: float | None = 0.0) -> dict[int, dict]:
     iou = {"road": 50.0, "car": 10.0}
-    return {seed: {"miou": m, "seconds": seconds, "iou": iou} for seed, m in enumerate(miou)}
+    return {
+        seed: {"miou": m, "seconds": seconds, "iou": iou, "labelled": labelled}
+        for seed, m in enumerate(miou)
+    }
 
 
 def test_the_table_gives_spread_gap_cost_and_the_paper_number() -> None:
     results = {
         "selftrain": _runs([30.0, 32.0, 34.0], 250.0),
         "source_only": _runs([20.0, 20.0, 20.0], 100.0),
-        "oracle": _runs([60.0, 60.0, 60.0], 80.0),
+        "oracle": _runs([60.0, 60.0, 60.0], 80.0, labelled=1000.0),
+        "labor_random@spl": _runs([40.0, 40.0, 40.0], 120.0, labelled=None),
     }
     rows = adaptation.table(results).splitlines()
-    assert [r.split(" | ")[0] for r in rows[2:]] == ["| source_only", "| selftrain", "| oracle"]
+    order = ["| source_only", "| selftrain", "| oracle", "| labor_random@spl"]
+    assert [r.split(" | ")[0] for r in rows[2:]] == order
     cells = rows[3].split(" | ")
-    assert cells[1:6] == ["32.0 ± 2.0", "3", "30%", "250", "2.5"]  # 12 of 40 points; 2.5x time
-    assert cells[6] == str(adaptation.PAPER["selftrain"])
+    assert cells[1:7] == ["32.0 ± 2.0", "3", "30%", "0", "250", "2.5"]  # 12 of 40 points
+    assert cells[7] == str(adaptation.PAPER["selftrain"])
+    assert rows[4].split(" | ")[4] == "1000"  # the oracle's labelled pixels per image
+    assert rows[5].split(" | ")[4] == "-"  # unknown label cost
 
 
 def test_collect_tabulates_finished_runs_and_names_the_missing(tmp_path: Path, fake) -> None:
@@ -130,7 +137,7 @@ def test_collect_tabulates_finished_runs_and_names_the_missing(tmp_path: Path, f
     config = demo_config("oracle", tmp_path / "data", stage)
     record, _ = _once(tmp_path / "runs" / "oracle_seed0", config)
     results, missing = adaptation.collect(tmp_path, [0, 1], ["oracle", "selftrain"], [])
-    assert results == {"oracle": {0: record}}
+    assert results == {"oracle": {0: {**record, "labelled": None}}}  # no class statistics here
     assert missing == ["selftrain seed 0", "oracle seed 1", "selftrain seed 1"]
     pretrain.write_text("other weights")  # the oracle run no longer starts from this model
     assert adaptation.collect(tmp_path, [0], ["oracle"], [])[0] == {}

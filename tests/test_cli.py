@@ -14,6 +14,7 @@ COMMANDS = [
     "evaluate",
     "pseudo-label",
     "rank",
+    "suggest-points",
     "export",
     "verify",
     "stream",
@@ -48,7 +49,7 @@ def test_every_command_has_help(command):
     assert "Usage" in result.output
 
 
-@pytest.mark.parametrize("command", ["stats", "points"])
+@pytest.mark.parametrize("command", ["stats", "points", "import-points"])
 def test_data_subcommands_have_help(command):
     result = runner.invoke(app, ["data", command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
@@ -62,6 +63,7 @@ def test_data_subcommands_have_help(command):
         (["data", "points"], DATASET_LAYOUTS.names()),
         (["pseudo-label"], DATASET_LAYOUTS.names()),
         (["rank"], DATASET_LAYOUTS.names()),
+        (["suggest-points"], DATASET_LAYOUTS.names()),
         (["stream"], BACKEND_CHOICES),
     ],
 )
@@ -88,6 +90,7 @@ def test_doctor_reports_the_installed_components():
     [
         (["train", "--config", "missing.yaml"], "config file not found: missing.yaml"),
         (["evaluate", "missing.pt", "--data", "."], "checkpoint not found: missing.pt"),
+        (["data", "import-points", "answers.csv"], "is not a labelling round (round.json"),
     ],
 )
 def test_user_mistakes_are_one_clear_line_without_traceback(tmp_path, args, message):

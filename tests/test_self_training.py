@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers import StopAfter
 from typer.testing import CliRunner
 
 from adapt_deploy.adapt.pseudo_labelling import (
@@ -26,7 +27,6 @@ from adapt_deploy.engine.sampling import RareClassBatchSampler
 from adapt_deploy.engine.train import train
 from adapt_deploy.errors import DatasetError, UserError
 from adapt_deploy.labels import CLASS_NAMES, IGNORE_INDEX, label_ids_to_train_ids
-from adapt_deploy.progress import Reporter
 
 runner = CliRunner()
 TRAIN_NAMES = [f"towntrain/towntrain_{i:06d}_000019" for i in range(6)]
@@ -38,22 +38,6 @@ def labeller(tmp_path: Path, tiny_config_file: Path) -> Path:
     options = ["train.method=source_only", "train.iterations=2", "train.device=cpu"]
     config = load_config(tiny_config_file, options)
     return train(config, tmp_path / "labeller", evaluate_at_end=False).checkpoint
-
-
-class StopAfter(Reporter):
-    """Interrupts the job after `steps` advances of the task whose name starts with `task`."""
-
-    def __init__(self, task: str, steps: int) -> None:
-        self.task_name, self.steps, self.current, self.counts = task, steps, "", {}
-
-    def task(self, description: str, total: int | None):
-        self.current = description
-        return super().task(description, total)
-
-    def advance(self, steps: int = 1, status: str | None = None) -> None:
-        self.counts[self.current] = self.counts.get(self.current, 0) + steps
-        if self.current.startswith(self.task_name) and self.counts[self.current] >= self.steps:
-            raise KeyboardInterrupt
 
 
 def tree(root: Path) -> dict[str, bytes]:

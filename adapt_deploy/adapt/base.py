@@ -62,6 +62,9 @@ class Method:
         self.model = model
         self.device = device
         self.discriminators: dict[str, nn.Module] = {}
+        # Extra classifiers trained with the segmentation model's SGD at the head lr and saved
+        # in its checkpoint under "heads" (LabOR's pixel selector); the model knows none of them.
+        self.heads: dict[str, nn.Module] = {}
         self._cache: dict[str, torch.Tensor] = {}
         # channels_last on CUDA (engine/precision.py): the layout of the input batches.
         self.memory_format = torch.contiguous_format
@@ -111,6 +114,11 @@ class Method:
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what ``extra_state`` returned (empty for runs saved without any)."""
+
+    def add_head(self, name: str, module: nn.Module) -> nn.Module:
+        """Register an extra classifier trained with the model (moved to the device)."""
+        self.heads[name] = module.to(self.device).train()
+        return self.heads[name]
 
     def add_discriminator(self, name: str, module: nn.Module) -> nn.Module:
         """Register a discriminator (moved to the device, in train mode)."""

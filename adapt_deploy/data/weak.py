@@ -41,9 +41,19 @@ def stats_path(root: str | Path, split: str) -> Path:
     return Path(root) / STATS_DIR / f"{split}_pixel_counts.npz"
 
 
+def point_set_path(root: str | Path, split: str, name: str) -> Path:
+    """Where the point set `name` of a split is kept: drawn (`seedS`) or imported answers."""
+    return Path(root) / STATS_DIR / f"{split}_points_{name}.json"
+
+
 def points_path(root: str | Path, split: str, seed: int) -> Path:
-    """Where the point labels of a split and seed are kept."""
-    return Path(root) / STATS_DIR / f"{split}_points_seed{seed}.json"
+    """Where the point labels of a split and seed are kept (the point set `seedS`)."""
+    return point_set_path(root, split, seed_set_name(seed))
+
+
+def seed_set_name(seed: int) -> str:
+    """The name of the point set `adapt-deploy data points --seed S` draws."""
+    return f"seed{seed}"
 
 
 def pixel_counts(
@@ -168,14 +178,16 @@ def load_points(path: Path) -> tuple[dict[str, list[list[int]]], dict[str, list[
 def point_map(
     points: list[list[int]], label_size: list[int], size: tuple[int, int]
 ) -> torch.Tensor:
-    """(H, W) int64 map at the training `size`: the class at each point, 255 elsewhere."""
+    """(H, W) int64 map at the training `size`: the class at each point, 255 elsewhere (where
+    several points fall on one cell, the last listed wins)."""
     height, width = size
-    out = torch.full((height, width), IGNORE_INDEX, dtype=torch.int64)
-    for c, y, x in points:
-        yy = min(height - 1, int(y * height / label_size[0]))
-        xx = min(width - 1, int(x * width / label_size[1]))
-        out[yy, xx] = c
-    return out
+    out = np.full((height, width), IGNORE_INDEX, dtype=np.int64)
+    if points:
+        table = np.asarray(points, dtype=np.int64).reshape(-1, 3)
+        ys = np.minimum(height - 1, table[:, 1] * height // label_size[0])
+        xs = np.minimum(width - 1, table[:, 2] * width // label_size[1])
+        out[ys, xs] = table[:, 0]  # numpy assigns repeated indices in order: the last wins
+    return torch.from_numpy(out)
 
 
 class WeaklyLabelled(Dataset):

@@ -18,7 +18,8 @@ from adapt_deploy.data.weak import (
     WeaklyLabelled,
     load_points,
     pixel_counts,
-    points_path,
+    point_set_path,
+    seed_set_name,
     stats_path,
 )
 from adapt_deploy.errors import DatasetError, UserError
@@ -111,12 +112,27 @@ def target_dataset(config: ExperimentConfig, method: type[Method]) -> Dataset | 
     labels = ClassStats.load(stats_file).labels_for(names, config.adapt.image_labels)
     if method.target_needs == "image_labels":
         return WeaklyLabelled(dataset, labels)
-    points_file = points_path(entry.root, entry.split, config.adapt.point_seed)
-    if not points_file.is_file():
-        raise DatasetError(
-            f"method {method.name} needs point labels of the target, but {points_file} does "
-            f"not exist: run `adapt-deploy data points {entry.root} --kind {entry.kind} "
-            f"--split {entry.split} --seed {config.adapt.point_seed}`"
-        )
-    points, sizes = load_points(points_file)
+    points, sizes = target_points(config, method.name)
     return WeaklyLabelled(dataset, labels, points, sizes)
+
+
+def target_points(
+    config: ExperimentConfig, method: str
+) -> tuple[dict[str, list[list[int]]], dict[str, list[int]]]:
+    """The target train split's point set: adapt.points when named (imported answers), else
+    the set drawn with adapt.point_seed; DatasetError saying how to make it when missing."""
+    entry, a = config.data.target, config.adapt
+    points_file = point_set_path(entry.root, entry.split, a.points or seed_set_name(a.point_seed))
+    if not points_file.is_file():
+        how = (
+            f"import an annotator's answers with `adapt-deploy data import-points "
+            f"ROUND_DIR/answers.csv --name {a.points}`"
+            if a.points
+            else f"run `adapt-deploy data points {entry.root} --kind {entry.kind} "
+            f"--split {entry.split} --seed {a.point_seed}`"
+        )
+        raise DatasetError(
+            f"method {method} needs point labels of the target, but {points_file} does not "
+            f"exist: {how}"
+        )
+    return load_points(points_file)

@@ -85,9 +85,13 @@ def poly_lr(base_lr: float, iteration: int, total: int, power: float) -> float:
     return base_lr * max(0.0, 1.0 - iteration / total) ** power
 
 
-def build_optimizer(model: DeepLab, config: ExperimentConfig) -> torch.optim.SGD:
-    """SGD with the backbone at lr and the head at lr x head_lr_mult."""
+def build_optimizer(
+    model: DeepLab, config: ExperimentConfig, extra_heads: Iterable[torch.nn.Module] = ()
+) -> torch.optim.SGD:
+    """SGD with the backbone at lr and the head, and a method's extra heads, at lr x
+    head_lr_mult."""
     backbone, head = model.parameter_groups()
+    head = head + [p for module in extra_heads for p in module.parameters() if p.requires_grad]
     o = config.optim
     return torch.optim.SGD(
         [{"params": backbone, "lr_mult": 1.0}, {"params": head, "lr_mult": o.head_lr_mult}],
@@ -122,13 +126,20 @@ class Learner:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "discriminators": {k: distributed.unwrap(d).state_dict() for k, d in discriminators},
+            "heads": self.head_weights(),
             "d_optimizers": {k: o.state_dict() for k, o in self.d_optimizers.items()},
             "method": self.method.extra_state(),
             "scaler": self.amp.state_dict(),
         }
 
+    def head_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The method's extra heads' weights by name (saved in checkpoints and trainer states)."""
+        return {k: distributed.unwrap(h).state_dict() for k, h in self.method.heads.items()}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        for k, h in self.method.heads.items():
+            distributed.unwrap(h).load_state_dict(state["heads"][k])
         self.optimizer.load_state_dict(state["optimizer"])
         for k, d in self.method.discriminators.items():
             distributed.unwrap(d).load_state_dict(state["discriminators"][k])
@@ -163,7 +174,10 @@ def build_learner(
     for name, discriminator in method.discriminators.items():
         discriminator.to(memory_format=amp.memory_format)
         method.discriminators[name] = distributed.wrap_discriminator(discriminator, world, device)
-    optimizer = build_optimizer(model, config)
+    heads = list(method.heads.values())
+    for name, head in method.heads.items():
+        method.heads[name] = distributed.wrap_discriminator(head, world, device)
+    optimizer = build_optimizer(model, config, heads)
     return Learner(model, method, optimizer, method.optimizers(), amp)
 
 
@@ -346,7 +360,8 @@ def _record_eval(
     miou = 100 * result.miou
     if best is not None and not miou > best["miou"]:
         return best
-    save_checkpoint(out / BEST_CHECKPOINT, learner.model, checkpoint_meta(config, iteration))
+    meta = checkpoint_meta(config, iteration)
+    save_checkpoint(out / BEST_CHECKPOINT, learner.model, meta, learner.head_weights())
     best = {"iteration": iteration, "miou": round(miou, 4)}
     with atomic_file(out / BEST_RECORD) as f:
         f.write((json.dumps(best) + "\n").encode())
@@ -417,7 +432,11 @@ def train_step(
         losses = method.discriminator_losses()
     values |= _backward(losses, iteration, amp)
 
-    clip = (learner.model.parameters(), o.grad_clip) if o.grad_clip > 0 else None
+    clipped = [
+        *learner.model.parameters(),
+        *(p for h in method.heads.values() for p in h.parameters()),
+    ]
+    clip = (clipped, o.grad_clip) if o.grad_clip > 0 else None
     amp.step([learner.optimizer, *learner.d_optimizers.values()], clip)
     method.after_step(iteration)
     generator = sum(v for k, v in values.items() if not k.startswith("d_"))
@@ -499,7 +518,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _save(out: Path, learner: Learner, config: ExperimentConfig, iteration: int) -> None:
     """Model checkpoint and trainer state, each atomically."""
-    save_checkpoint(out / CHECKPOINT, learner.model, checkpoint_meta(config, iteration))
+    meta = checkpoint_meta(config, iteration)
+    save_checkpoint(out / CHECKPOINT, learner.model, meta, learner.head_weights())
     atomic_save({"iteration": iteration, **learner.state_dict()}, out / TRAINER_STATE)
 
 

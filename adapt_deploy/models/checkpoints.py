@@ -58,9 +58,15 @@ def checkpoint_meta(config: ExperimentConfig, iteration: int) -> dict[str, Any]:
     }
 
 
-def save_checkpoint(path: Path, model: DeepLab, meta: dict[str, Any]) -> None:
-    """Write weights and meta atomically."""
-    atomic_save({"model": model.state_dict(), "meta": meta}, path)
+def save_checkpoint(
+    path: Path, model: DeepLab, meta: dict[str, Any], heads: dict[str, Any] | None = None
+) -> None:
+    """Write weights and meta atomically; a method's extra heads (LabOR's pixel selector) under
+    "heads" when there are any (export and evaluation read only "model")."""
+    checkpoint = {"model": model.state_dict(), "meta": meta}
+    if heads:
+        checkpoint["heads"] = heads
+    atomic_save(checkpoint, path)
 
 
 _BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
