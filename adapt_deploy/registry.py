@@ -148,6 +148,11 @@ METHODS = Registry(
             "self-training with image-level and point labels of the target",
         ),
         Entry(
+            "multisource",
+            "adapt_deploy.adapt.multisource:MultiSource",
+            "MADAN-style multi-source: per-source and aggregate output-space discriminators",
+        ),
+        Entry(
             "oracle",
             "adapt_deploy.adapt.base:Oracle",
             "upper bound: segmentation loss on the labelled target",
