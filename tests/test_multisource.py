@@ -400,9 +400,17 @@ def shipped_config(data: Path, *overrides: str):
     return load_config(packaged_config("synthetic/multisource.yaml"), tiny)
 
 
-def test_a_short_multisource_run_writes_a_checkpoint_and_evaluates(tmp_path, two_source_benchmark):
+def test_a_short_multisource_run_writes_a_checkpoint_and_evaluates(
+    tmp_path, two_source_benchmark, monkeypatch
+):
+    styled = []
+    restyle = TargetStyle.__call__
+    monkeypatch.setattr(
+        TargetStyle, "__call__", lambda self, b, i: styled.append(i) or restyle(self, b, i)
+    )
     config = shipped_config(two_source_benchmark, "train.iterations=3", "data.fda_beta=0.05")
     result = train(config, tmp_path / "run")
+    assert styled == [0, 1, 2]  # FDA restyled every source batch
     assert result.checkpoint.is_file() and result.evaluation is not None
     assert 0 <= result.evaluation.miou <= 1
     assert json.loads((tmp_path / "run" / "eval.json").read_text())
@@ -410,6 +418,13 @@ def test_a_short_multisource_run_writes_a_checkpoint_and_evaluates(tmp_path, two
     keys = [set(r) for r in logged if "seg" in r]
     assert len(keys) == 3 and all({"seg", "adv", "d_all"} <= k for k in keys)
     assert "d_source0" in keys[0] and "d_source1" in keys[1]  # alternate: one source each
+
+
+def test_fda_refuses_a_method_whose_labelled_batches_are_target_images(tmp_path, tiny_config_file):
+    config = load_config(tiny_config_file, ["train.method=oracle", "data.fda_beta=0.05"])
+    with pytest.raises(ConfigError, match=r"data\.fda_beta must be 0 for train\.method oracle"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_resumed_multisource_run_with_fda_is_exact(tmp_path, two_source_benchmark):
@@ -424,3 +439,15 @@ def test_a_resumed_multisource_run_with_fda_is_exact(tmp_path, two_source_benchm
     train(first, tmp_path / "split", evaluate_at_end=False)
     train(straight, tmp_path / "split", resume=True, evaluate_at_end=False)
     assert_same_weights(tmp_path / "straight", tmp_path / "split")
+
+
+def test_an_idle_discriminator_is_left_alone_under_fp16():
+    """fp16's gradient scaler refuses to step an optimizer without gradients: the trainer
+    leaves an idle discriminator's optimizer alone (its Adam state stays empty)."""
+    torch.manual_seed(0)
+    config = tiny_multisource()
+    config.train.precision = "fp16"
+    learner = build_learner(config, torch.device("cpu"))
+    target = {"image": torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8)}
+    train_step(learner, batch_of([0, 0]), target, config, 0)
+    assert not learner.d_optimizers["source1"].state and learner.d_optimizers["source0"].state
