@@ -24,7 +24,7 @@ from adapt_deploy.data.multi_source import MultiSourceDataset
 from adapt_deploy.data.synthetic import render_image
 from adapt_deploy.data.synthetic.writer import SynthSpec, synthia_size, write_benchmark
 from adapt_deploy.data.synthia import synthia
-from adapt_deploy.demo import packaged_config
+from adapt_deploy.demo import demo_config, packaged_config
 from adapt_deploy.engine.sampling import MultiSourceBatchSampler
 from adapt_deploy.engine.source_style import TargetStyle
 from adapt_deploy.engine.train import build_learner, train, train_step
@@ -398,6 +398,14 @@ def shipped_config(data: Path, *overrides: str):
         *overrides,
     ]
     return load_config(packaged_config("synthetic/multisource.yaml"), tiny)
+
+
+def test_the_demo_config_points_both_sources_at_the_demo_data(tmp_path):
+    config = demo_config("multisource", tmp_path, ["train.iterations=5"])
+    roots = [s.root for s in config.data.sources]
+    assert roots == [str(tmp_path / "source"), str(tmp_path / "synthia")]
+    assert [s.kind for s in config.data.sources] == ["gta5", "synthia"]
+    assert config.data.sources[1].size == [152, 256] and config.train.iterations == 5
 
 
 def test_a_short_multisource_run_writes_a_checkpoint_and_evaluates(
