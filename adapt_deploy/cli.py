@@ -85,13 +85,21 @@ def synth(
     num_target_val: Annotated[int, typer.Option(help="Target val images (Cityscapes).")] = 150,
     num_videos: Annotated[int, typer.Option(help="Dashcam videos with per-frame labels.")] = 1,
     video_frames: Annotated[int, typer.Option(help="Frames per video.")] = 300,
+    sources: Annotated[
+        str,
+        typer.Option(
+            help="Labelled sources, comma-separated: gta5 (source/) and optionally synthia "
+            "(synthia/, SYNTHIA-RAND-CITYSCAPES layout, 16 classes) for multi-source training."
+        ),
+    ] = "gta5",
     force: Annotated[bool, typer.Option(help="Overwrite a different benchmark in OUT.")] = False,
 ) -> None:
     """Write the synthetic domain-shift benchmark: GTA5-layout source, Cityscapes-layout target."""
-    from adapt_deploy.data.synthetic.writer import SynthSpec, write_benchmark
+    from adapt_deploy.data.synthetic.writer import SynthSpec, parse_sources, write_benchmark
     from adapt_deploy.progress import StageProgress
 
     spec = SynthSpec(
+        sources=parse_sources(sources),
         seed=seed,
         num_source=num_source,
         num_target_train=num_target_train,

@@ -34,6 +34,9 @@ COLOR_ORDERS = ("RGB", "BGR")
 # model.init_format: how to read model.init (models/weight_formats.py); auto detects from the keys
 INIT_FORMATS = ("auto", "adapt_deploy", "deeplab_v2", "torchvision")
 POINT_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # adapt.points: a file name part
+SOURCE_MIXINGS = ("alternate", "mix")  # data.source_mixing
+# The methods that train on several labelled sources (data.sources).
+MULTI_SOURCE_METHODS = ("multisource",)
 
 
 @dataclass
@@ -44,6 +47,9 @@ class DatasetConfig:
     root: str = ""
     split: str = "train"
     size: list[int] = field(default_factory=lambda: [512, 1024])  # (height, width) after resize
+    # data.sources entries only: the trainIds this source labels (its segmentation loss leaves
+    # the others out of the softmax). None: the layout's (synthia 16 classes, gta5/cityscapes 19).
+    classes: list[int] | None = None
 
 
 @dataclass
@@ -53,6 +59,18 @@ class DataConfig:
     source: DatasetConfig = field(
         default_factory=lambda: DatasetConfig("gta5", "data/GTA5", "train", [720, 1280])
     )
+    # Several labelled sources (train.method multisource, 2 or more entries): they replace
+    # data.source in training, which then only names the source export's statistics read (set
+    # it to one of them). Each entry may set `classes`. CycleGAN-translated sources are data
+    # the user brings: give the translated root here as any other source.
+    sources: list[DatasetConfig] = field(default_factory=list)
+    # How a batch draws from data.sources: "alternate" (iteration i takes its whole batch from
+    # source i mod S) or "mix" (every batch holds batch_size / S images of each source).
+    source_mixing: str = "alternate"
+    # FDA (data/fda.py): each source image takes the low-frequency amplitude of a target train
+    # image, in a centred square of side 2 * floor(fda_beta * min(H, W)) + 1 of its spectrum;
+    # 0 is off, the paper uses 0.01-0.09.
+    fda_beta: float = 0.0
     target: DatasetConfig = field(
         default_factory=lambda: DatasetConfig("cityscapes", "data/Cityscapes", "train")
     )
@@ -402,10 +420,71 @@ def validate(config: ExperimentConfig, source: str) -> None:
         checks.append(
             (len(ds.size) == 2 and min(ds.size) > 0, f"data.{name}.size", "[height, width] > 0")
         )
+    checks.append(
+        (
+            config.data.source_mixing in SOURCE_MIXINGS,
+            "data.source_mixing",
+            f"one of {list(SOURCE_MIXINGS)}",
+        )
+    )
+    checks.append((0 <= config.data.fda_beta < 0.5, "data.fda_beta", "in [0, 0.5) (0: off)"))
+    for name in ("source", "target", "val"):
+        checks.append(
+            (
+                getattr(config.data, name).classes is None,
+                f"data.{name}.classes",
+                "unset (classes is read for data.sources entries only)",
+            )
+        )
     for ok, key, expected in checks:
         if not ok:
             value = _lookup(config, key)
             raise ConfigError(f"{source}: config key {key!r} must be {expected}, got {value!r}")
+    _validate_sources(config, source)
+
+
+def _validate_sources(config: ExperimentConfig, source: str) -> None:
+    """data.sources: each entry as data.source, 2 or more of them, a method that trains on
+    them, and (mixing "mix") equal sizes and a batch that splits evenly among them."""
+    sources, method = config.data.sources, config.train.method
+
+    def fail(key: str, expected: str, value: Any) -> ConfigError:
+        return ConfigError(f"{source}: config key {key!r} must be {expected}, got {value!r}")
+
+    if not sources:  # a multi-source method without them fails when it trains (method_data)
+        return
+    if len(sources) < 2:
+        raise fail("data.sources", "2 or more entries (one source: use data.source)", sources)
+    if method not in MULTI_SOURCE_METHODS:
+        raise ConfigError(
+            f"{source}: config key 'data.sources' is read by train.method "
+            f"{' or '.join(MULTI_SOURCE_METHODS)} only, but train.method is {method!r}: set "
+            "train.method to one of those, or use data.source"
+        )
+    classes = config.model.num_classes
+    for i, entry in enumerate(sources):
+        key = f"data.sources[{i}]"
+        if entry.kind not in DATASET_KINDS:
+            raise fail(f"{key}.kind", f"one of {list(DATASET_KINDS)}", entry.kind)
+        if len(entry.size) != 2 or min(entry.size) <= 0:
+            raise fail(f"{key}.size", "[height, width] > 0", entry.size)
+        ids = entry.classes
+        if ids is not None and (
+            not ids or len(set(ids)) != len(ids) or not all(0 <= c < classes for c in ids)
+        ):
+            raise fail(f"{key}.classes", f"distinct trainIds in [0, {classes})", ids)
+    if config.data.source_mixing == "mix":
+        sizes = [e.size for e in sources]
+        if any(size != sizes[0] for size in sizes):
+            raise fail(
+                "data.sources[*].size", "the same for every source under mixing 'mix'", sizes
+            )
+        if config.train.batch_size % len(sources):
+            raise fail(
+                "train.batch_size",
+                f"a multiple of the {len(sources)} sources under data.source_mixing 'mix'",
+                config.train.batch_size,
+            )
 
 
 def _check_finite(node: Any, source: str, prefix: str) -> None:

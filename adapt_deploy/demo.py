@@ -46,7 +46,8 @@ def packaged_config(relative: str) -> Path:
 def demo_config(
     method: str, data_root: Path, overrides: list[str] | None = None
 ) -> ExperimentConfig:
-    """The shipped synthetic config of `method`, pointed at the demo's data."""
+    """The shipped synthetic config of `method`, pointed at the demo's data (a multi-source
+    config's data.sources too: data/synthetic/NAME becomes DATA_ROOT/NAME)."""
     roots = {
         "source": data_root / "source",
         "target": data_root / "target",
@@ -54,6 +55,10 @@ def demo_config(
     }
     root_overrides = [f"data.{name}.root={path}" for name, path in roots.items()]
     path = packaged_config(f"synthetic/{method}.yaml")
+    sources = (yaml.safe_load(path.read_text()).get("data") or {}).get("sources") or []
+    if sources:
+        moved = [{**e, "root": str(data_root / Path(e["root"]).name)} for e in sources]
+        root_overrides.append(f"data.sources={json.dumps(moved)}")
     return load_config(path, root_overrides + list(overrides or []))
 
 

@@ -168,6 +168,11 @@ METHODS = Registry(
             "LabOR's training with the highest-entropy pixels labelled (baseline)",
         ),
         Entry(
+            "multisource",
+            "adapt_deploy.adapt.multisource:MultiSource",
+            "MADAN-style multi-source: per-source and aggregate output-space discriminators",
+        ),
+        Entry(
             "oracle",
             "adapt_deploy.adapt.base:Oracle",
             "upper bound: segmentation loss on the labelled target",

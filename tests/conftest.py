@@ -110,12 +110,18 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def method_overrides(method: str, config_file: Path, work: Path) -> list[str]:
     """The overrides a method needs beyond its name to train on `config_file`'s data: IntraDA
     starts from a model whose ranking of the target it reads, so one is trained (a single
-    source-only iteration on the CPU) and ranked under `work`; other methods need none."""
+    source-only iteration on the CPU) and ranked under `work`; a multi-source method trains on
+    two sources (the config's source twice, the second labelling 18 classes); others need none."""
     from adapt_deploy.adapt.ranking import rank_target
-    from adapt_deploy.config import load_config
+    from adapt_deploy.config import MULTI_SOURCE_METHODS, load_config
     from adapt_deploy.engine.train import train
     from adapt_deploy.registry import METHODS
 
+    if method in MULTI_SOURCE_METHODS:  # two sources: the GTA5 set, once without class 9
+        source = load_config(config_file).data.source
+        entry = f"kind: {source.kind}, root: {source.root}, size: {source.size}"
+        classes = [c for c in range(19) if c != 9]
+        return [f"data.sources=[{{{entry}}}, {{{entry}, classes: {classes}}}]"]
     if not METHODS.load(method).trains_on_ranked_target:
         return []
     base = ["train.method=source_only", "train.iterations=1", "train.device=cpu"]

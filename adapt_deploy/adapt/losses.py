@@ -42,6 +42,22 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX)
 
 
+def class_masked_segmentation_loss(
+    logits: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy as segmentation_loss, each image over the classes its source labels only:
+    `classes` (N, C) bool. The other classes' logits leave the softmax (so the model is not
+    taught that they never occur: they get no gradient from this image) and any pixel labelled
+    with one of them is ignored."""
+    up = upsample(at_least_fp32(logits), labels.shape[-2:])
+    keep = classes.to(torch.bool)[:, :, None, None]
+    up = up.masked_fill(~keep, float("-inf"))
+    safe = torch.where(labels == IGNORE_INDEX, 0, labels)
+    labelled = torch.gather(keep.expand(-1, -1, *labels.shape[-2:]), 1, safe[:, None])[:, 0]
+    labels = torch.where(labelled & (labels != IGNORE_INDEX), labels, IGNORE_INDEX)
+    return F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX)
+
+
 def pseudo_label_loss(
     logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
 ) -> torch.Tensor:

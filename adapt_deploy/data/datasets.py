@@ -15,6 +15,7 @@ from adapt_deploy.data.segmentation import (
     Sample,
     SegmentationDataset,
 )
+from adapt_deploy.labels import NUM_CLASSES
 from adapt_deploy.registry import DATASET_LAYOUTS
 
 # (root, split, labels) -> the split's samples; layouts without official splits ignore `split`.
@@ -33,6 +34,8 @@ class Layout:
     to_train_ids: LabelMapper
     read_label: LabelReader | None = None  # None: a single-channel labelIds image
     label_ids: LabelIds = CITYSCAPES_IDS
+    # The trainIds the layout's labels hold (SYNTHIA: 16); a source's default class set.
+    classes: tuple[int, ...] = tuple(range(NUM_CLASSES))
 
     def dataset(
         self,
@@ -65,3 +68,11 @@ def build_dataset(
     dataset = layout.dataset(cfg.root, cfg.split, size, labels, resize_labels, cache)
     dataset.check_pairs()
     return dataset
+
+
+def source_classes(cfg: DatasetConfig) -> tuple[int, ...]:
+    """The trainIds a labelled source labels: the entry's `classes`, else its layout's."""
+    if cfg.classes is not None:
+        return tuple(cfg.classes)
+    layout: Layout = DATASET_LAYOUTS.load(cfg.kind)
+    return layout.classes

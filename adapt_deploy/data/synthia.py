@@ -10,7 +10,7 @@ import numpy as np
 from adapt_deploy.data.datasets import Layout
 from adapt_deploy.data.segmentation import LabelIds, Sample, same_name_pairs
 from adapt_deploy.errors import DatasetError
-from adapt_deploy.labels import SYNTHIA_LABEL_TO_TRAIN, lookup_table
+from adapt_deploy.labels import SYNTHIA_16_CLASSES, SYNTHIA_LABEL_TO_TRAIN, lookup_table
 
 LAYOUT = """  ROOT/RGB/{id}.png
   ROOT/GT/LABELS/{id}.png   (16-bit PNG, SYNTHIA class id in the first (R) channel)"""
@@ -38,6 +38,9 @@ def synthia_samples(root: Path, split: str = "train", labels: bool = True) -> li
     return same_name_pairs(root / "RGB", label_dir, "SYNTHIA", LAYOUT)
 
 
-# Labels mapped to Cityscapes trainIds from the class id in the R channel of a 16-bit PNG.
-SYNTHIA = Layout(synthia_samples, synthia_to_train_ids, read_synthia_label, SYNTHIA_IDS)
+# Labels mapped to Cityscapes trainIds from the class id in the R channel of a 16-bit PNG; the
+# set labels the 16 classes of its protocol (no terrain, truck, train).
+SYNTHIA = Layout(
+    synthia_samples, synthia_to_train_ids, read_synthia_label, SYNTHIA_IDS, SYNTHIA_16_CLASSES
+)
 synthia = SYNTHIA.dataset  # the loader: synthia(root, split, size, labels, resize_labels, cache)

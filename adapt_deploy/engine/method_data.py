@@ -9,8 +9,9 @@ from torch.utils.data import Dataset
 
 from adapt_deploy.adapt.base import Method
 from adapt_deploy.adapt.ranking import read_rank
-from adapt_deploy.config import DatasetConfig, ExperimentConfig
-from adapt_deploy.data.datasets import build_dataset
+from adapt_deploy.config import MULTI_SOURCE_METHODS, DatasetConfig, ExperimentConfig
+from adapt_deploy.data.datasets import build_dataset, source_classes
+from adapt_deploy.data.multi_source import MultiSourceDataset
 from adapt_deploy.data.pseudo_labels import PseudoLabelled
 from adapt_deploy.data.segmentation import SegmentationDataset
 from adapt_deploy.data.weak import (
@@ -22,7 +23,7 @@ from adapt_deploy.data.weak import (
     seed_set_name,
     stats_path,
 )
-from adapt_deploy.errors import DatasetError, UserError
+from adapt_deploy.errors import ConfigError, DatasetError, UserError
 from adapt_deploy.progress import Reporter
 
 
@@ -50,6 +51,13 @@ def labelled_dataset(config: ExperimentConfig, method: type[Method], reporter: R
     image-level labels from its statistics when the method's discriminators need them."""
     if method.trains_on_ranked_target:
         return ranked_target(config)[0]
+    if config.data.sources:
+        return multi_source_dataset(config)
+    if method.name in MULTI_SOURCE_METHODS:
+        raise ConfigError(
+            f"train.method {method.name} trains on several sources: set data.sources to 2 or "
+            "more entries ({kind, root, split, size}, as data.source)"
+        )
     entry = config.data.target if method.name == "oracle" else config.data.source
     dataset = build_dataset(entry, labels=True, cache=config.data.cache)
     if not method.source_needs_image_labels:
@@ -57,6 +65,14 @@ def labelled_dataset(config: ExperimentConfig, method: type[Method], reporter: R
     stats = class_stats(dataset, entry, config.model.num_classes, reporter)
     names = [s.name for s in dataset.samples]
     return WeaklyLabelled(dataset, stats.labels_for(names, config.adapt.image_labels))
+
+
+def multi_source_dataset(config: ExperimentConfig) -> MultiSourceDataset:
+    """data.sources as one dataset whose items say their source and the classes it labels."""
+    entries = config.data.sources
+    datasets = [build_dataset(e, labels=True, cache=config.data.cache) for e in entries]
+    classes = [source_classes(e) for e in entries]
+    return MultiSourceDataset(datasets, classes, config.model.num_classes)
 
 
 def ranked_target(config: ExperimentConfig) -> tuple[Dataset, Dataset]:

@@ -55,8 +55,9 @@ class MixedPrecision:
     ) -> None:
         """Unscale the gradients, clip the first optimizer's (the model's) parameters to `clip`
         = (parameters, max norm), then step every optimizer (each skipped under fp16 when its
-        gradients are not finite) and update the scale."""
-        optimizers = list(optimizers)
+        gradients are not finite) and update the scale. An optimizer none of whose parameters
+        got a gradient (a discriminator idle this iteration) is left alone."""
+        optimizers = [o for o in optimizers if _has_gradients(o)]
         for optimizer in optimizers:
             self.scaler.unscale_(optimizer)
         if clip is not None:
@@ -73,6 +74,11 @@ class MixedPrecision:
         """Restore the scale of a saved fp16 run; an empty state (fp32, bf16) keeps the default."""
         if state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state)
+
+
+def _has_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether any parameter of `optimizer` holds a gradient."""
+    return any(p.grad is not None for g in optimizer.param_groups for p in g["params"])
 
 
 @contextmanager

@@ -100,6 +100,70 @@ class RareClassBatchSampler(Sampler[list[int]]):
             step += 1
 
 
+class MultiSourceBatchSampler(Sampler[list[int]]):
+    """Batches over several sources concatenated as data/multi_source.py does (`sizes`: their
+    lengths), each source equally often whatever its size. "alternate": iteration i takes its
+    whole batch from source i mod S; "mix": position j of every batch is from source j mod S,
+    so a batch holds batch_size / S images of each. Every source is read as an endless stream
+    of seeded permutations (a new one per pass), so batch i depends only on (seed, i): exactly
+    resumable; process `rank` of `world_size` takes its contiguous shard of each global batch,
+    as EpochBatchSampler (under "mix" the shard must hold a multiple of S images, so that every
+    process sees every source each iteration)."""
+
+    def __init__(
+        self,
+        sizes: list[int],
+        batch_size: int,
+        seed: int,
+        mixing: str,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.shard = batch_shard(batch_size, rank, world_size)
+        if mixing not in ("alternate", "mix"):
+            raise ValueError(f"unknown source mixing {mixing!r}; expected 'alternate' or 'mix'")
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise ValueError(f"multi-source sampling needs 2 or more non-empty sources: {sizes}")
+        if mixing == "mix" and (batch_size // world_size) % len(sizes):
+            raise UserError(
+                f"data.source_mixing 'mix': each of the {world_size} processes takes "
+                f"{batch_size // world_size} images of a batch, not a multiple of the "
+                f"{len(sizes)} sources; make train.batch_size a multiple of "
+                f"{len(sizes) * world_size}"
+            )
+        self.sizes, self.batch_size, self.seed, self.mixing = sizes, batch_size, seed, mixing
+        self.start = start
+        self.offsets = [sum(sizes[:s]) for s in range(len(sizes))]
+        self._orders: dict[int, tuple[int, list[int]]] = {}  # source -> (pass, permutation)
+
+    def item(self, source: int, k: int) -> int:
+        """The global index of the k-th draw from `source`'s stream."""
+        epoch, offset = divmod(k, self.sizes[source])
+        cached = self._orders.get(source)
+        if cached is None or cached[0] != epoch:
+            state = np.random.SeedSequence([self.seed, source, epoch]).generate_state(1)
+            generator = torch.Generator().manual_seed(int(state[0]))
+            cached = (epoch, torch.randperm(self.sizes[source], generator=generator).tolist())
+            self._orders[source] = cached
+        return self.offsets[source] + cached[1][offset]
+
+    def batch(self, step: int) -> list[int]:
+        """The global batch of iteration `step` (all processes' shards together)."""
+        count, size = len(self.sizes), self.batch_size
+        if self.mixing == "alternate":
+            source, k = step % count, (step // count) * size
+            return [self.item(source, k + j) for j in range(size)]
+        per = size // count  # draws per source and batch
+        return [self.item(j % count, step * per + j // count) for j in range(size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while True:
+            yield self.batch(step)[self.shard]
+            step += 1
+
+
 def rare_class_table(
     counts: np.ndarray, temperature: float
 ) -> tuple[torch.Tensor, dict[int, list[int]]]:

@@ -21,6 +21,7 @@ from adapt_deploy.adapt.base import Method, RunContext
 from adapt_deploy.atomic import atomic_file
 from adapt_deploy.config import ExperimentConfig, dump_config, from_dict
 from adapt_deploy.data.datasets import build_dataset
+from adapt_deploy.data.multi_source import MultiSourceDataset
 from adapt_deploy.engine import distributed
 from adapt_deploy.engine.distributed import World
 from adapt_deploy.engine.evaluate import EvalResult, evaluate
@@ -30,9 +31,12 @@ from adapt_deploy.engine.precision import MixedPrecision, cudnn_benchmark
 from adapt_deploy.engine.run_log import RunLog, check_tensorboard
 from adapt_deploy.engine.sampling import (
     EpochBatchSampler,
+    MultiSourceBatchSampler,
     RareClassBatchSampler,
+    batch_shard,
     without_worker_tracebacks,
 )
+from adapt_deploy.engine.source_style import TargetStyle
 from adapt_deploy.errors import ConfigError, UserError
 from adapt_deploy.labels import CLASS_NAMES
 from adapt_deploy.models.checkpoints import (
@@ -203,6 +207,7 @@ def train(
     init = None if resume else initial_weights(config.model, log=reporter.log)
     labelled = labelled_dataset(config, method_cls, reporter)
     target = target_dataset(config, method_cls)
+    style_images = _fda_targets(config, method_cls)
     val = None
     if evaluate_at_end or config.train.eval_every:
         val = build_dataset(config.data.val, labels=True, resize_labels=False)
@@ -223,7 +228,25 @@ def train(
         )  # fmt: skip
         learner.method.attach(context)
         data = (labelled, target, val)
-        return _run(config, out, learner, data, start, reporter, world, evaluate_at_end)
+        style = None
+        if style_images is not None:
+            beta, batch = config.data.fda_beta, config.train.batch_size
+            shard = batch_shard(batch, *world.shard)
+            style = TargetStyle(style_images, beta, config.train.seed, batch, shard, device)
+        return _run(config, out, learner, data, start, reporter, world, evaluate_at_end, style)
+
+
+def _fda_targets(config: ExperimentConfig, method: type[Method]) -> Dataset | None:
+    """The target train images FDA takes the style of (data.fda_beta > 0), else None;
+    ConfigError for a method whose labelled batches are target images already."""
+    if not config.data.fda_beta:
+        return None
+    if method.name == "oracle" or method.trains_on_ranked_target:
+        raise ConfigError(
+            f"data.fda_beta must be 0 for train.method {method.name}: its labelled batches are "
+            f"target images, got {config.data.fda_beta}"
+        )
+    return build_dataset(config.data.target, labels=False, cache=config.data.cache)
 
 
 def _run(
@@ -235,9 +258,10 @@ def _run(
     reporter: Reporter,
     world: World,
     evaluate_at_end: bool,
+    style: TargetStyle | None = None,
 ) -> TrainResult:
     """The iterations from `start` on, the periodic evaluations and the final one; `data` is
-    (labelled, target, val)."""
+    (labelled, target, val); `style` restyles each source batch (FDA) when given."""
     labelled, target, val = data
     device = learner.method.device
     workers = 0 if config.data.cache else config.data.num_workers
@@ -246,6 +270,10 @@ def _run(
         counts = source_class_counts(config, labelled, reporter)
         temperature = config.selftrain.rare_class_temperature
         sampler = RareClassBatchSampler(counts, batch, seed, temperature, start, *world.shard)
+        sources = _loader(labelled, sampler, workers)
+    elif isinstance(labelled, MultiSourceDataset):
+        mixing = config.data.source_mixing
+        sampler = MultiSourceBatchSampler(labelled.sizes, batch, seed, mixing, start, *world.shard)
         sources = _loader(labelled, sampler, workers)
     else:
         sources = _batches(labelled, batch, seed, start, workers, world)
@@ -266,7 +294,10 @@ def _run(
             for iteration in range(start, total):
                 learner.method.before_iteration(iteration)
                 target_batch = next(targets) if targets is not None else None
-                metrics = train_step(learner, next(sources), target_batch, config, iteration)
+                source_batch = next(sources)
+                if style is not None:
+                    source_batch = style(source_batch, iteration)
+                metrics = train_step(learner, source_batch, target_batch, config, iteration)
                 done = iteration + 1
                 metrics = distributed.average(metrics, world, device)  # the global batch's
                 if log is not None and (done % config.train.log_every == 0 or done == total):

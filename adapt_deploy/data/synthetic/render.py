@@ -14,7 +14,7 @@ from adapt_deploy.data.synthetic.things import draw_thing
 from adapt_deploy.data.synthetic.world import FAR, Scene, Thing
 from adapt_deploy.labels import CLASS_NAMES
 
-DOMAIN_CODES = {"source": 1, "target": 2}
+DOMAIN_CODES = {"source": 1, "target": 2, "synthia": 3}
 
 
 def _sort_key(t: Thing, s_cam: float) -> tuple[int, float]:

@@ -1,8 +1,10 @@
-"""The two domains' looks: materials (colour, trainId, texture per paint) and the Style records.
+"""The domains' looks: materials (colour, trainId, texture per paint) and the Style records.
 
 The source style is game-like (saturated, flat); the target style is camera-like (muted,
 textured), seen through another camera, and a few classes change appearance outright, so the
-domain gap has a global and a class-level part.
+domain gap has a global and a class-level part. A second, SYNTHIA-like source (`synthia`, written
+only with `adapt-deploy synth --sources gta5,synthia`) is another game: pastel and cool, seen
+from a high, wide camera, with its own car, clothing and sign colours.
 """
 
 from __future__ import annotations
@@ -146,11 +148,42 @@ TARGET_STYLE = Style(
     "target", (1.1, 1.3), (50.0, 60.0), (0.38, 0.44), (0.30, 0.35, 0.25, 0.10),
     _TARGET_COLOURS, _TARGET_VARIANTS, 10.0, True,
 )  # fmt: skip
-_STYLE_BY_NAME = {"source": SOURCE_STYLE, "target": TARGET_STYLE}
+
+
+def _synthia_tone(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A source colour as the SYNTHIA-like game paints it: 0.7 of the saturation, brighter
+    (pastel) and cooler."""
+    lum = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    tint = (-8.0, 4.0, 16.0)
+    out = (50.0 + 0.8 * (lum + 0.7 * (c - lum)) + t for c, t in zip(rgb, tint, strict=True))
+    return tuple(int(min(255.0, max(0.0, round(v)))) for v in out)  # type: ignore[return-value]
+
+
+_SYNTHIA_OVERRIDES: dict[str, tuple[int, int, int]] = {
+    "car": (225, 225, 230), "car_side": (190, 190, 198), "shirt": (90, 200, 120),
+    "pants": (120, 90, 60), "sign": (240, 240, 240), "sign_rim": (220, 30, 30),
+    "bike": (240, 200, 0),
+}  # fmt: skip
+_SYNTHIA_COLOURS: dict[str, tuple[int, int, int]] = {
+    name: _SYNTHIA_OVERRIDES.get(name, _synthia_tone(rgb)) for name, rgb in _SOURCE_COLOURS.items()
+}
+_SYNTHIA_VARIANTS: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "car": ((225, 225, 230), (60, 110, 200), (40, 160, 150), (250, 210, 60)),
+    "shirt": ((90, 200, 120), (250, 240, 110), (120, 130, 240)),
+    "facade": tuple(_synthia_tone(c) for c in _SOURCE_VARIANTS["facade"]),
+}
+# SYNTHIA-RAND's cameras: higher and wider than a dashcam, horizon higher up; mostly city.
+SYNTHIA_STYLE = Style(
+    "synthia", (2.6, 4.0), (84.0, 100.0), (0.30, 0.40), (0.55, 0.25, 0.15, 0.05),
+    _SYNTHIA_COLOURS, _SYNTHIA_VARIANTS, 18.0, False,
+)  # fmt: skip
+_STYLE_BY_NAME = {"source": SOURCE_STYLE, "target": TARGET_STYLE, "synthia": SYNTHIA_STYLE}
+# Every domain get_style knows: the benchmark's two (STYLES) and the optional second source.
+DOMAINS: tuple[str, ...] = tuple(_STYLE_BY_NAME)
 
 
 def get_style(domain: str) -> Style:
     """The Style of `domain`; raises ValueError naming the allowed values."""
     if domain not in _STYLE_BY_NAME:
-        raise ValueError(f"unknown domain {domain!r}; expected one of {STYLES}")
+        raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
     return _STYLE_BY_NAME[domain]

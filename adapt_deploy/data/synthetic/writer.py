@@ -5,6 +5,9 @@ out/
   target/leftImg8bit/{split}/{city}/{city}_{seq:06d}_000019_leftImg8bit.png
   target/gtFine/{split}/{city}/{city}_{seq:06d}_000019_gtFine_labelIds.png
   videos/{name}.mp4, videos/{name}.json, videos/{name}/labels/{frame:06d}.png (trainIds)
+  synthia/RGB/0000000.png, synthia/GT/LABELS/0000000.png  with sources gta5,synthia only: a
+                                                          second source, SYNTHIA-RAND-CITYSCAPES
+                                                          layout (16-bit, class id in R)
   synth.json                                              written last: marks a complete set
 
 Every file is written to a temporary name and renamed, so a crash never leaves a half-written
@@ -40,6 +43,9 @@ from adapt_deploy.labels import (
     CLASS_NAMES,
     EGO_VEHICLE_LABEL_ID,
     PALETTE,
+    SYNTHIA_16_CLASSES,
+    SYNTHIA_LABEL_TO_TRAIN,
+    lookup_table,
     train_ids_to_label_ids,
 )
 
@@ -49,7 +55,17 @@ VAL_CITIES: tuple[str, ...] = ("synthfrankfurt",)
 VAL_INDEX_OFFSET = 1_000_000  # target val image j is render_image(seed, "target", OFFSET + j)
 CITYSCAPES_FRAME = 19  # the annotated frame of a Cityscapes snippet
 _PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1]
-_KNOWN_ENTRIES = ("source", "target", "videos", MANIFEST)
+_KNOWN_ENTRIES = ("source", "target", "videos", "synthia", MANIFEST)
+# The labelled sources `synth --sources` may name: gta5 (source/, always written) and synthia.
+SOURCE_NAMES: tuple[str, ...] = ("gta5", "synthia")
+DEFAULT_SOURCES: tuple[str, ...] = ("gta5",)
+SYNTHIA_DIR = "synthia"
+# trainId -> SYNTHIA class id for the 16 classes SYNTHIA labels; every other trainId (terrain,
+# truck, train and 255) becomes 0, SYNTHIA's void.
+TRAIN_TO_SYNTHIA_LUT = lookup_table(
+    {t: s for s, t in SYNTHIA_LABEL_TO_TRAIN.items() if t in SYNTHIA_16_CLASSES}
+)
+TRAIN_TO_SYNTHIA_LUT[TRAIN_TO_SYNTHIA_LUT == 255] = 0
 # Bumped whenever the renderer draws different pixels for the same spec: a benchmark written by
 # another renderer is never silently reused. 2: the target palette is the source's through the
 # target camera's tone, plus a few recoloured classes (1 coloured classes like other classes).
@@ -71,9 +87,13 @@ class SynthSpec:
     num_videos: int = 1
     video_frames: int = 300
     video_fps: float = 15.0
+    # The labelled sources: gta5 always; synthia adds a second one of num_source images in the
+    # SYNTHIA layout (synthia_size). The default writes (and records) exactly what it did before.
+    sources: tuple[str, ...] = DEFAULT_SOURCES
 
     def __post_init__(self) -> None:
         """UserError naming the option (as `adapt-deploy synth` spells it) of a bad count."""
+        parse_sources(",".join(self.sources))
         counts = ("num_source", "num_target_train", "num_target_val", "num_videos")
         for name in counts:
             _require(name, getattr(self, name), 0, "0 or more")
@@ -86,6 +106,24 @@ class SynthSpec:
             raise UserError(f"SynthSpec.video_fps must be positive, got {self.video_fps}")
 
 
+def parse_sources(text: str) -> tuple[str, ...]:
+    """`--sources` ("gta5,synthia") as a tuple; UserError for an unknown or missing name."""
+    names = tuple(n.strip() for n in text.split(","))
+    unknown = [n for n in names if n not in SOURCE_NAMES]
+    if unknown or "gta5" not in names or len(set(names)) != len(names):
+        raise UserError(
+            f"--sources must list gta5 and optionally synthia, comma-separated "
+            f"(known: {', '.join(SOURCE_NAMES)}), got {text!r}"
+        )
+    return tuple(n for n in SOURCE_NAMES if n in names)
+
+
+def synthia_size(spec: SynthSpec) -> tuple[int, int]:
+    """(H, W) of the SYNTHIA-layout source: the GTA5 source's width at SYNTHIA's 1280x760."""
+    width = spec.source_size[1]
+    return round(width * 760 / 1280), width
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -96,8 +134,12 @@ def _require(name: str, value: int, minimum: int, expected: str) -> None:
 
 
 def spec_to_json(spec: SynthSpec) -> dict:
-    """The spec as a JSON-compatible dict (tuples become lists)."""
-    return json.loads(json.dumps(asdict(spec)))
+    """The spec as a JSON-compatible dict (tuples become lists); `sources` only when not the
+    default, so a default benchmark's manifest is what it always was."""
+    data = json.loads(json.dumps(asdict(spec)))
+    if spec.sources == DEFAULT_SOURCES:
+        del data["sources"]
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,15 +191,30 @@ class _Job:
     palette_label: bool
 
 
+def _synthia_label_bytes(train_ids: np.ndarray) -> bytes:
+    """SYNTHIA's GT/LABELS file: a 16-bit RGB PNG with the class id in R (instance id 0)."""
+    rgb = np.zeros((*train_ids.shape, 3), np.uint16)
+    rgb[:, :, 0] = TRAIN_TO_SYNTHIA_LUT[train_ids]
+    ok, buf = cv2.imencode(".png", rgb[:, :, ::-1].copy(), _PNG)  # OpenCV writes BGR
+    if not ok:
+        raise OSError("PNG encoding failed")
+    return buf.tobytes()
+
+
 def _run_job(job: _Job) -> np.ndarray:
-    """Render and write one image/label pair; returns the trainId pixel counts (256,)."""
+    """Render and write one image/label pair; returns the labelled trainId pixel counts (256,)
+    (a SYNTHIA-layout label's unlabelled classes counted as 255)."""
     cv2.setNumThreads(1)
     image, train_ids = render_image(job.seed, job.domain, job.index, *job.size)
+    atomic_write(Path(job.image_path), _png_bytes(image))
+    if job.domain == "synthia":
+        atomic_write(Path(job.label_path), _synthia_label_bytes(train_ids))
+        train_ids = np.where(np.isin(train_ids, SYNTHIA_16_CLASSES), train_ids, 255)
+        return np.bincount(train_ids.reshape(-1), minlength=256).astype(np.int64)
     label_ids = train_ids_to_label_ids(train_ids)
     hood = ego_vehicle_mask(job.domain, *job.size)
     if hood is not None:  # the hood is drawn last: every pixel of it is the ego vehicle
         label_ids[hood] = EGO_VEHICLE_LABEL_ID
-    atomic_write(Path(job.image_path), _png_bytes(image))
     data = _palette_png_bytes(label_ids) if job.palette_label else _png_bytes(label_ids)
     atomic_write(Path(job.label_path), data)
     return np.bincount(train_ids.reshape(-1), minlength=256).astype(np.int64)
@@ -175,6 +232,23 @@ def _source_jobs(out: Path, spec: SynthSpec) -> list[_Job]:
             str(root / "images" / f"{i + 1:05d}.png"),
             str(root / "labels" / f"{i + 1:05d}.png"),
             True,
+        )
+        for i in range(spec.num_source)
+    ]
+
+
+def _synthia_jobs(out: Path, spec: SynthSpec) -> list[_Job]:
+    """SYNTHIA-layout jobs: RGB/0000000.png and GT/LABELS/0000000.png (0-based, 7 digits)."""
+    root = out / SYNTHIA_DIR
+    return [
+        _Job(
+            spec.seed,
+            "synthia",
+            i,
+            synthia_size(spec),
+            str(root / "RGB" / f"{i:07d}.png"),
+            str(root / "GT" / "LABELS" / f"{i:07d}.png"),
+            False,
         )
         for i in range(spec.num_source)
     ]
@@ -373,6 +447,9 @@ def write_benchmark(
     train = _run_jobs(_target_jobs(out, spec, "train"), "target train", workers, progress)
     val = _run_jobs(_target_jobs(out, spec, "val"), "target val", workers, progress)
     videos = [_write_video(out, spec, k, progress) for k in range(spec.num_videos)]
+    synthia = None
+    if "synthia" in spec.sources:
+        synthia = _run_jobs(_synthia_jobs(out, spec), "synthia source", workers, progress)
     manifest = {
         "format": "adapt-deploy synthetic benchmark",
         "version": __version__,
@@ -405,5 +482,18 @@ def write_benchmark(
             "target": float((train + val)[255] / max((train + val).sum(), 1)),
         },
     }
+    if synthia is not None:
+        _add_synthia(manifest, spec, synthia)
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def _add_synthia(manifest: dict, spec: SynthSpec, counts: np.ndarray) -> None:
+    """The SYNTHIA-layout source's entries in the manifest."""
+    manifest["counts"]["synthia"] = spec.num_source
+    manifest["layout"]["synthia"] = (
+        f"{SYNTHIA_DIR}/RGB/{{n:07d}}.png, {SYNTHIA_DIR}/GT/LABELS/{{n:07d}}.png (SYNTHIA-RAND-"
+        "CITYSCAPES, 16-bit, class id in R; its 16 classes, terrain/truck/train void)"
+    )
+    manifest["class_frequencies"]["synthia"] = _frequencies(counts)
+    manifest["ignored_fraction"]["synthia"] = float(counts[255] / max(counts.sum(), 1))
