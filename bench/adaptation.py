@@ -17,6 +17,7 @@ the (method, seed) pairs that have none.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -63,7 +64,12 @@ INIT_FILE = "init.sha256"  # sha256 of the checkpoint the run started from (mode
 # Rows that train a method with the label budget of another row of the same seed: the LabOR
 # baselines at SPL's budget (the pixels per image labor_spl asked for, rounded).
 BUDGET_OF = {"labor_random@spl": "labor_spl", "labor_entropy@spl": "labor_spl"}
-ROWS = (*METHODS, *BUDGET_OF)  # what --methods accepts, in table order
+# Rows on the benchmark written with a second, SYNTHIA-layout source (`synth --sources
+# gta5,synthia`; the same GTA5-layout source and target): multi-source training, and
+# AdaptSegNet from that second source alone (the plain `adaptsegnet` row is the first alone).
+MULTI_SOURCE_ROWS = ("multisource", "adaptsegnet@synthia")
+MULTI_SOURCE_DATA = "data_multisource"
+ROWS = (*METHODS, *BUDGET_OF, "adaptsegnet@synthia")  # what --methods accepts, in table order
 
 
 def _train_once(
@@ -148,6 +154,8 @@ def run(
     reporter = RichReporter()
     data = work / "data"
     write_benchmark(data, SynthSpec())
+    if any(row in MULTI_SOURCE_ROWS for row in methods):
+        write_benchmark(work / MULTI_SOURCE_DATA, SynthSpec(sources=("gta5", "synthia")))
     target = data / "target"
     if not stats_path(target, "train").is_file():
         write_class_stats(target, "cityscapes", "train")
@@ -175,15 +183,26 @@ def run(
             if method in BUDGET_OF and not _finished(work, BUDGET_OF[method], seed):
                 reporter.log(f"{method} seed {seed} needs {BUDGET_OF[method]} seed {seed} first")
                 continue
-            config = demo_config(
-                _method_of(method), data, method_stage + _budget(work, method, seed)
-            )
+            config = _row_config(work, method, seed, method_stage)
             record, trained[method] = _train_once(
                 run_dir, config, reporter, f"{method} seed {seed}", stale=retrained
             )
             record["labelled"] = label_cost(method, run_dir, data, seed)
             results.setdefault(method, {})[seed] = record
     return results
+
+
+def _row_config(work: Path, row: str, seed: int, stage: list[str]) -> ExperimentConfig:
+    """The config a table row trains: its method's demo config on its data, at `stage`, with
+    the budget of another row or the second source where the row says so."""
+    method = _method_of(row)
+    multi = row in MULTI_SOURCE_ROWS
+    data = work / (MULTI_SOURCE_DATA if multi else "data")
+    extra = _budget(work, row, seed)
+    if row == "adaptsegnet@synthia":  # the multi-source config's SYNTHIA-layout entry
+        second = demo_config("multisource", data).data.sources[1]
+        extra.append(f"data.source={json.dumps(dataclasses.asdict(second))}")
+    return demo_config(method, data, stage + extra)
 
 
 def _run_dir(work: Path, row: str, seed: int) -> Path:
@@ -286,8 +305,7 @@ def collect(
             if method in BUDGET_OF and not _finished(work, BUDGET_OF[method], seed):
                 missing.append(f"{method} seed {seed}")
                 continue
-            overrides_ = method_stage + _budget(work, method, seed)
-            config = demo_config(_method_of(method), data, overrides_)
+            config = _row_config(work, method, seed, method_stage)
             cached = None if _init_changed(run_dir, config) else completed_run(run_dir, config)
             if cached is None:
                 missing.append(f"{method} seed {seed}")

@@ -142,3 +142,18 @@ def test_collect_tabulates_finished_runs_and_names_the_missing(tmp_path: Path, f
     pretrain.write_text("other weights")  # the oracle run no longer starts from this model
     assert adaptation.collect(tmp_path, [0], ["oracle"], [])[0] == {}
     assert len(fake.calls) == 1  # collecting trains nothing
+
+
+def test_rows_train_their_method_on_their_data_and_budget(tmp_path: Path) -> None:
+    single = adaptation._row_config(tmp_path, "adaptsegnet@synthia", 0, ["train.seed=0"])
+    assert single.train.method == "adaptsegnet" and single.data.source.kind == "synthia"
+    assert single.data.source.root == str(tmp_path / adaptation.MULTI_SOURCE_DATA / "synthia")
+    multi = adaptation._row_config(tmp_path, "multisource", 0, [])
+    assert [Path(s.root).name for s in multi.data.sources] == ["source", "synthia"]
+    assert adaptation._row_config(tmp_path, "adaptsegnet", 0, []).data.source.kind == "gta5"
+    spl = adaptation._run_dir(tmp_path, "labor_spl", 0) / "labels"
+    spl.mkdir(parents=True)
+    (spl / "summary.json").write_text(json.dumps({"asked_per_image": 2871.6}))
+    matched = adaptation._row_config(tmp_path, "labor_random@spl", 0, [])
+    assert matched.train.method == "labor_random" and matched.labor.budget == 2872
+    assert adaptation.label_cost("labor_random@spl", spl.parent, tmp_path, 0) == 2871.6
