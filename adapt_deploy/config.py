@@ -192,7 +192,7 @@ class LaborConfig:
     # spl asks for the whole inconsistency mask; a budget there caps it. null: the default.
     budget: int | None = None
     rounds: int = 2
-    warmup: float = 0.25  # share of train.iterations before the first round
+    warmup: float = 0.1  # share of train.iterations before the first round
     lambda_target: float = 1.0  # cross-entropy on the labelled target pixels (both classifiers)
     lambda_dis: float = 0.01  # cosine similarity of the two classifiers' weights (CLAN's)
 

@@ -6,6 +6,10 @@ term (the cosine similarity of their weights, as CLAN) keeps them different, so 
 their predictions disagree marks what the model does not know. Training is AdaptSegNet's
 (output-space adversarial alignment) plus cross-entropy on the labelled target pixels.
 
+When BatchNorm trains, its running statistics come from the target passes only
+(selftrain.bn_stats "target", adapt/target_statistics.py, as the self-training methods do), so
+the selector and the saved model normalize target images as the target needs.
+
 Labels arrive in labor.rounds rounds: after a warm-up (labor.warmup of train.iterations), each
 round asks for pixels of every target train image by the method's strategy (adapt/
 point_selection.py) and the simulated annotator answers from the ground truth. A round is a
@@ -37,6 +41,7 @@ from adapt_deploy.adapt.suggestion import (
     points_as_pixels,
     suggest,
 )
+from adapt_deploy.adapt.target_statistics import TargetStatistics
 from adapt_deploy.atomic import atomic_write_json
 from adapt_deploy.data import annotation
 from adapt_deploy.data.datasets import build_dataset
@@ -70,7 +75,7 @@ def weight_similarity(a: torch.nn.Module, b: torch.nn.Module) -> torch.Tensor:
     return F.cosine_similarity(wa, wb, dim=0)
 
 
-class LabelOnlyIfRequired(AdaptSegNet):
+class LabelOnlyIfRequired(TargetStatistics, AdaptSegNet):
     """LabOR with point-based pixel labelling: ~40 representative uncertain points per image."""
 
     name: ClassVar[str] = "labor_ppl"
