@@ -46,7 +46,6 @@ from adapt_deploy.atomic import atomic_write_json
 from adapt_deploy.data import annotation
 from adapt_deploy.data.datasets import build_dataset
 from adapt_deploy.data.weak import load_points, point_map, point_set_path, save_points
-from adapt_deploy.engine import distributed
 from adapt_deploy.models.checkpoints import load_weights_only
 from adapt_deploy.models.deeplab import ASPPClassifier, DeepLab
 
@@ -92,7 +91,7 @@ class LabelOnlyIfRequired(TargetStatistics, AdaptSegNet):
                 model.feature_dim, model.num_classes, config.model.aspp_branches
             )
         self._restore_selector(selector)
-        self.add_head(SELECTOR, selector)
+        self.selector_module = self.add_head(SELECTOR, selector)  # heads[...] may be wrapped
         self.run: RunContext | None = None
         self.rounds_done = 0
         self.points: dict[str, list[list[int]]] = {}
@@ -183,7 +182,7 @@ class LabelOnlyIfRequired(TargetStatistics, AdaptSegNet):
         )
         taken = points_as_pixels(self.points) | self._asked_before(index)
         job = SuggestionJob(
-            run.network, distributed.unwrap(self.selector), run.target, self.config.input,
+            run.network, self.selector_module, run.target, self.config.input,
             self.strategy, budget, record["seed"], taken, overlays=False,
         )  # fmt: skip
         suggest(job, folder, run.reporter)
