@@ -1,8 +1,11 @@
+import json
+
 import cv2
 import yaml
 
 from adapt_deploy.data.synthetic.writer import SynthSpec
-from adapt_deploy.demo import DEMO_METHODS, demo_config, run_demo
+from adapt_deploy.data.weak import points_path
+from adapt_deploy.demo import ADAPTED, DEMO_METHODS, demo_config, run_demo
 from adapt_deploy.progress import Reporter, StageProgress
 
 TINY = SynthSpec(
@@ -40,9 +43,33 @@ def test_demo_runs_end_to_end_and_reuses_finished_runs(tmp_path):
     assert checkpoint.stat().st_mtime_ns == stamp  # not retrained
     assert overlay.stat().st_mtime_ns == overlay_stamp and again.stream == first.stream
     assert again.results["oracle"].miou == first.results["oracle"].miou
+    assert again.reused == {"pretraining", *DEMO_METHODS}
     changed = run_demo(tmp_path, spec=TINY, overrides=[*FAST, "optim.lr=0.001"])
     assert checkpoint.stat().st_mtime_ns != stamp  # another config: retrained
-    assert set(changed.results) == set(DEMO_METHODS)
+    assert set(changed.results) == set(DEMO_METHODS) and not changed.reused
+
+
+def test_demo_times_its_stages_and_records_them(tmp_path):
+    demo = run_demo(tmp_path, spec=TINY, overrides=FAST)
+    stages = ["synthesis", "pretraining", "weak labels", *DEMO_METHODS, "export and stream"]
+    assert list(demo.stages) == stages and all(s >= 0 for s in demo.stages.values())
+    assert demo.stage_line().startswith("synthesis ") and "; total " in demo.stage_line()
+    record = json.loads((tmp_path / "demo.json").read_text())
+    assert record["seed"] == 0 and list(record["stages"]) == stages
+    assert record["miou"] == demo.miou() and set(record["iou"]) == set(DEMO_METHODS)
+    assert record["iou"]["oracle"]["road"] == round(100 * demo.results["oracle"].iou[0], 2)
+    # the stream goes through the adapted model's bundle
+    meta = json.loads((tmp_path / "bundle" / "meta.json").read_text())
+    assert meta["checkpoint"]["method"] == ADAPTED
+
+
+def test_demo_seed_seeds_training_and_the_point_draw(tmp_path):
+    demo = run_demo(tmp_path, spec=TINY, overrides=FAST, seed=3)
+    assert demo.seed == 3 and json.loads((tmp_path / "demo.json").read_text())["seed"] == 3
+    for run in ("pretrain", *DEMO_METHODS):
+        saved = yaml.safe_load((tmp_path / "runs" / run / "config.yaml").read_text())
+        assert saved["train"]["seed"] == 3 and saved["adapt"]["point_seed"] == 3
+    assert points_path(tmp_path / "data" / "target", "train", 3).is_file()
 
 
 class Recorder(Reporter):

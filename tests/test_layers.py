@@ -30,6 +30,7 @@ RANKS: dict[str, int] = {
     "registry": 0,
     "gradient_memory": 0,
     "run_plot": 0,
+    "demo_reference": 0,
     "config": 1,
     "bundle": 2,
     "data": 3,

@@ -218,3 +218,38 @@ def test_writer_refuses_foreign_directory(tmp_path: Path) -> None:
             SynthSpec(num_source=1, num_target_train=0, num_target_val=0, num_videos=0),
             workers=1,
         )
+
+
+FORK_AFTER_OPENCV = """
+import sys
+from pathlib import Path
+import cv2, numpy as np
+from adapt_deploy.data.synthetic.writer import SynthSpec, write_benchmark
+image = np.random.default_rng(0).random((1500, 1500, 3), dtype=np.float32)
+for _ in range(3):
+    cv2.GaussianBlur(image, (31, 31), 0)  # OpenCV's thread pool now has threads
+threads = cv2.getNumThreads()
+spec = SynthSpec(num_source=24, num_target_train=4, num_target_val=2, num_videos=0,
+                 source_size=(36, 64), target_size=(32, 64))
+write_benchmark(Path(sys.argv[1]), spec, workers=2)
+assert cv2.getNumThreads() == threads, "the writer changed OpenCV's thread count"
+"""
+
+
+def test_writer_forks_workers_safely_after_opencv_ran_threads(tmp_path: Path) -> None:
+    """A demo that writes the benchmark after an earlier parallel cv2 call (a second demo in
+    one process) hung for good: forked workers inherited OpenCV's pool locks."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork_after_opencv.py"
+    script.write_text(FORK_AFTER_OPENCV)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "bench")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("writing the benchmark hung after OpenCV's thread pool had run")
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "bench" / "source" / "images").glob("*.png"))) == 24

@@ -17,6 +17,7 @@ from adapt_deploy.data.segmentation import SegmentationDataset
 from adapt_deploy.engine.sampling import without_worker_tracebacks
 from adapt_deploy.labels import CLASS_NAMES, EVAL_PROTOCOLS, IGNORE_INDEX
 from adapt_deploy.models.deeplab import DeepLab
+from adapt_deploy.models.prediction import predicted_classes
 from adapt_deploy.progress import Reporter
 
 
@@ -116,7 +117,7 @@ def evaluate(
     for batch in without_worker_tracebacks(loader):
         labels = batch["label"].to(device)
         logits = predict_logits(model, batch["image"].to(device), spec, labels.shape[-2:])
-        confusion += confusion_matrix(labels, logits.argmax(1), num_classes)
+        confusion += confusion_matrix(labels, predicted_classes(logits), num_classes)
         done += len(labels)
         if progress is not None:
             progress(done, len(dataset))

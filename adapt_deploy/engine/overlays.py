@@ -10,6 +10,7 @@ from adapt_deploy.config import InputConfig
 from adapt_deploy.engine.evaluate import predict_logits
 from adapt_deploy.labels import colorize
 from adapt_deploy.models.deeplab import DeepLab
+from adapt_deploy.models.prediction import predicted_classes
 
 
 def blend(image: np.ndarray, train_ids: np.ndarray, alpha: float) -> np.ndarray:
@@ -34,7 +35,7 @@ def prediction_overlays(
         for index in range(min(count, len(dataset))):  # type: ignore[arg-type]
             image = dataset[index]["image"]
             logits = predict_logits(model, image[None].to(device), spec, image.shape[-2:])
-            train_ids = logits.argmax(1)[0].cpu().numpy()
+            train_ids = predicted_classes(logits)[0].cpu().numpy()
             overlays.append(blend(image.permute(1, 2, 0).numpy(), train_ids, alpha))
         return overlays
     finally:

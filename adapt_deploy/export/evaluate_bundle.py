@@ -23,6 +23,7 @@ from adapt_deploy.engine.evaluate import EvalResult, confusion_matrix
 from adapt_deploy.errors import UserError
 from adapt_deploy.export.verify import graph_input, open_runner
 from adapt_deploy.labels import EVAL_PROTOCOLS
+from adapt_deploy.models.prediction import predicted_classes
 from adapt_deploy.progress import Reporter
 
 
@@ -31,7 +32,7 @@ def predict_labels(outputs: dict[str, np.ndarray], size: tuple[int, int], use_lo
     if use_logits:
         logits = torch.from_numpy(outputs["logits"]).float()
         up = F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
-        return up.argmax(1)
+        return predicted_classes(up)
     labels = outputs["labels"]
     if labels.shape[1:] != size:
         resized = [cv2.resize(m, size[::-1], interpolation=cv2.INTER_NEAREST) for m in labels]

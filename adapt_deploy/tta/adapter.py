@@ -41,6 +41,7 @@ from adapt_deploy.config import InputConfig
 from adapt_deploy.data.normalize import normalize
 from adapt_deploy.export.source_stats import SourceStats
 from adapt_deploy.models.deeplab import DeepLab
+from adapt_deploy.models.prediction import predicted_classes
 from adapt_deploy.ops.pooling import attention_pool, lse_pool
 from adapt_deploy.runtime import graph_policy
 from adapt_deploy.runtime.cuda_graphs import GraphedForward
@@ -240,7 +241,7 @@ class OnlineAdapter:
         """Entropy and class counts of one frame's logits (1, C, h, w)."""
         log_p = F.log_softmax(logits, dim=1)
         entropy = -(log_p.exp() * log_p).sum(1).mean() / math.log(logits.shape[1])
-        share = torch.bincount(logits.argmax(1).flatten(), minlength=logits.shape[1])
+        share = torch.bincount(predicted_classes(logits).flatten(), minlength=logits.shape[1])
         share = share.float() / share.sum()
         predicted = int((share >= PREDICTED_SHARE).sum())
         return Observation(float(entropy), predicted, int(present.sum()))

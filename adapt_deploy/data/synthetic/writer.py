@@ -22,6 +22,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -204,7 +205,6 @@ def _synthia_label_bytes(train_ids: np.ndarray) -> bytes:
 def _run_job(job: _Job) -> np.ndarray:
     """Render and write one image/label pair; returns the labelled trainId pixel counts (256,)
     (a SYNTHIA-layout label's unlabelled classes counted as 255)."""
-    cv2.setNumThreads(1)
     image, train_ids = render_image(job.seed, job.domain, job.index, *job.size)
     atomic_write(Path(job.image_path), _png_bytes(image))
     if job.domain == "synthia":
@@ -283,29 +283,48 @@ def _target_jobs(out: Path, spec: SynthSpec, split: str) -> list[_Job]:
     return jobs
 
 
+@contextmanager
+def _opencv_single_threaded() -> Iterator[None]:
+    """OpenCV on one thread while images render (the bytes of the benchmark are those of one
+    thread), then as it was.
+
+    Also what makes forking safe: a child forked while the parent's OpenCV pool has threads
+    (after any earlier parallel cv2 call, such as a decoded video) inherits its locks but not its
+    threads and hangs for good in its own `cv2.setNumThreads`; a second demo in one process hung
+    so. Going to one thread stops the parent's pool before the workers fork."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
+
+
 def _run_jobs(jobs: list[_Job], stage: str, workers: int, progress: Progress | None) -> np.ndarray:
     """Run jobs (in a process pool when workers > 1); returns summed trainId pixel counts."""
     total = np.zeros(256, np.int64)
     if progress:
         progress(stage, 0, len(jobs))
     results: Iterator[np.ndarray]
-    if workers > 1 and len(jobs) > 8:
-        import multiprocessing
+    with _opencv_single_threaded():
+        if workers > 1 and len(jobs) > 8:
+            import multiprocessing
 
-        # fork (as torch's DataLoader does) also works from scripts without a __main__ guard
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        ctx = multiprocessing.get_context(method)
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            results = pool.map(_run_job, jobs, chunksize=8)
-            for done, counts in enumerate(results, 1):
-                total += counts
-                if progress:
-                    progress(stage, done, len(jobs))
-        return total
-    for done, job in enumerate(jobs, 1):
-        total += _run_job(job)
-        if progress:
-            progress(stage, done, len(jobs))
+            # fork (as torch's DataLoader does) also works from scripts without a __main__ guard
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            ctx = multiprocessing.get_context(method)
+            one_thread = {"initializer": cv2.setNumThreads, "initargs": (1,)}  # for spawn
+            with ProcessPoolExecutor(workers, mp_context=ctx, **one_thread) as pool:
+                results = pool.map(_run_job, jobs, chunksize=8)
+                for done, counts in enumerate(results, 1):
+                    total += counts
+                    if progress:
+                        progress(stage, done, len(jobs))
+            return total
+        for done, job in enumerate(jobs, 1):
+            total += _run_job(job)
+            if progress:
+                progress(stage, done, len(jobs))
     return total
 
 
