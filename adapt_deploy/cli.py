@@ -17,7 +17,7 @@ from adapt_deploy import __version__
 from adapt_deploy.config import INIT_FORMATS
 from adapt_deploy.errors import UserError
 from adapt_deploy.extras import missing_extra
-from adapt_deploy.registry import BACKEND_CHOICES, DATASET_LAYOUTS
+from adapt_deploy.registry import BACKEND_CHOICES, BUNDLE_BACKENDS, DATASET_LAYOUTS
 from adapt_deploy.tta.options import AdaptOptions
 
 KIND_HELP = f"Layout: {DATASET_LAYOUTS.help()}."  # the registered dataset layouts
@@ -177,7 +177,7 @@ def evaluate_cmd(
         str,
         typer.Option(
             help="auto (torch for a checkpoint, onnxruntime for a bundle), torch, "
-            "onnxruntime, onnxruntime-cuda, tensorrt."
+            f"{', '.join(BUNDLE_BACKENDS)}."
         ),
     ] = "auto",
     precision: Annotated[str, typer.Option(help="Bundle model: fp32 or fp16.")] = "fp32",
@@ -512,9 +512,7 @@ def export_cmd(
 @app.command()
 def verify(
     bundle: Annotated[Path, typer.Argument(help="A bundle directory written by export.")],
-    backend: Annotated[
-        str, typer.Option(help="onnxruntime, onnxruntime-cuda or tensorrt.")
-    ] = "onnxruntime",
+    backend: Annotated[str, typer.Option(help=f"{', '.join(BUNDLE_BACKENDS)}.")] = "onnxruntime",
     precision: Annotated[
         list[str] | None, typer.Option(help="fp32 and/or fp16 (default: every model).")
     ] = None,

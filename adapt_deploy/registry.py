@@ -219,3 +219,10 @@ BACKENDS = Registry(
 )
 # What a `backend` option accepts: "auto" (runtime/selection.py picks one here) or a backend.
 BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS.names())
+# What runs a bundle's own model files (verify; evaluate on a bundle): every backend but torch,
+# which runs the checkpoint the bundle's references were made with; ONNX Runtime also by device.
+ONNXRUNTIME_CUDA = "onnxruntime-cuda"  # ONNX Runtime on GPU 0 (onnxruntime-gpu)
+BUNDLE_BACKENDS: tuple[str, ...] = (
+    *(name for name in BACKENDS.names() if name != "torch"),
+    ONNXRUNTIME_CUDA,
+)

@@ -72,19 +72,41 @@ class SignalInterrupt(KeyboardInterrupt):
 
 
 class StopOnSignals(SignalHandlers):
-    """Training's stop: a signal raises `SignalInterrupt` (a KeyboardInterrupt), so the loop's
-    `except KeyboardInterrupt` saves the state as it does for Ctrl-C. Within `deferred()` a
-    signal is only noted, so that save is not cut short."""
+    """Training's stop. A signal raises `SignalInterrupt` (a KeyboardInterrupt), so the loop's
+    `except KeyboardInterrupt` saves the state as it does for Ctrl-C.
+
+    Inside `at_boundaries()` the first signal is only noted: the loop asks `requested` after each
+    whole iteration and stops there, so the state it saves is exactly an iteration's (a stop in
+    the middle of one would save weights, BatchNorm statistics or optimizer moments of half an
+    update, and the resumed run would differ from the uninterrupted one). A second signal
+    raises at once. Within `deferred()` every signal is only noted, so a save is not cut short."""
 
     def __init__(self) -> None:
         super().__init__()
         self._deferring = False
+        self._at_boundaries = False
+
+    @property
+    def requested(self) -> bool:
+        """A signal came (and was noted, not raised)."""
+        return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is None:
+        first = self.signum is None
+        if first:
             self.signum = signum
-        if not self._deferring:
-            raise SignalInterrupt(signum)
+        if self._deferring or (first and self._at_boundaries):
+            return
+        raise SignalInterrupt(signum)
+
+    @contextmanager
+    def at_boundaries(self) -> Iterator[None]:
+        """A first signal inside is noted for the loop to act on between iterations."""
+        self._at_boundaries = True
+        try:
+            yield
+        finally:
+            self._at_boundaries = False
 
     @contextmanager
     def deferred(self) -> Iterator[None]:

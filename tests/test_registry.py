@@ -175,3 +175,19 @@ def test_the_registry_imports_nothing_it_names():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_bundle_backends_are_the_registered_ones_that_run_bundle_files():
+    from typer.testing import CliRunner
+
+    from adapt_deploy.cli import app
+    from adapt_deploy.export.verify import ort_device
+
+    assert set(registry.BUNDLE_BACKENDS) == (set(BACKENDS.names()) - {"torch"}) | {
+        registry.ONNXRUNTIME_CUDA
+    }
+    for command in ("verify", "evaluate"):
+        shown = " ".join(CliRunner().invoke(app, [command, "--help"]).output.split())
+        assert all(name in shown for name in registry.BUNDLE_BACKENDS), command
+    with pytest.raises(UserError, match=r"--backend must be one of \['onnxruntime', 'tensorrt'"):
+        ort_device("openvino")

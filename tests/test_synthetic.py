@@ -239,17 +239,22 @@ assert cv2.getNumThreads() == threads, "the writer changed OpenCV's thread count
 def test_writer_forks_workers_safely_after_opencv_ran_threads(tmp_path: Path) -> None:
     """A demo that writes the benchmark after an earlier parallel cv2 call (a second demo in
     one process) hung for good: forked workers inherited OpenCV's pool locks."""
+    import os
+    import signal
     import subprocess
     import sys
 
     script = tmp_path / "fork_after_opencv.py"
     script.write_text(FORK_AFTER_OPENCV)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "bench")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
     try:
-        done = subprocess.run(
-            [sys.executable, str(script), str(tmp_path / "bench")],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        _, stderr = process.communicate(timeout=120)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the hung workers too
+        process.communicate()
         pytest.fail("writing the benchmark hung after OpenCV's thread pool had run")
-    assert done.returncode == 0, done.stderr
+    assert process.returncode == 0, stderr
     assert len(list((tmp_path / "bench" / "source" / "images").glob("*.png"))) == 24

@@ -191,3 +191,33 @@ def test_ctrl_c_saves_the_state_and_the_run_resumes(tmp_path, tiny_config_file):
     assert read_checkpoint(tmp_path / "run" / "checkpoint.pt")["meta"]["iteration"] == 3
     result = train(config, tmp_path / "run", resume=True, evaluate_at_end=False)
     assert result.iterations == 6 and len(losses(tmp_path / "run")) == 6
+
+
+def test_a_signal_inside_an_iteration_stops_after_it_with_that_iteration_s_state(
+    tiny_config_file, tmp_path, monkeypatch
+):
+    """SIGTERM between the optimizer's step and the end of iteration 3: the run finishes that
+    iteration and saves it whole, so it holds what a 3-iteration run holds (a stop inside the
+    iteration saved the stepped weights as iteration 2's, and the resumed run diverged)."""
+    import os
+    import signal
+
+    from adapt_deploy.adapt.base import Method
+    from adapt_deploy.models.checkpoints import load_weights_only
+    from adapt_deploy.signals import SignalInterrupt
+
+    def signalled_after_step(self, iteration):
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Method, "after_step", signalled_after_step)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(SignalInterrupt):
+        train(load_config(tiny_config_file, ["train.checkpoint_every=100"]), stopped)
+    assert load_weights_only(stopped / "trainer_state.pt", "trainer state")["iteration"] == 3
+    logged = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in logged] == [1, 2, 3] and "stop requested" not in logged[-1]
+    monkeypatch.undo()
+    three = tmp_path / "three"
+    train(load_config(tiny_config_file, ["train.iterations=3"]), three, evaluate_at_end=False)
+    assert_same_weights(stopped, three)

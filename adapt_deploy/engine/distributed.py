@@ -113,8 +113,14 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
     try:
         yield
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave together: a process that tore its gloo connections down while rank 0 was still
+    # writing the checkpoint and eval.json once aborted at exit in CI ("terminate called
+    # without an active exception", SIGABRT), which failed the run.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 class _Discriminator(DistributedDataParallel):

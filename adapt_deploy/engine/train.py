@@ -49,7 +49,7 @@ from adapt_deploy.models.checkpoints import (
 )
 from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.progress import Reporter
-from adapt_deploy.signals import StopOnSignals
+from adapt_deploy.signals import SignalInterrupt, StopOnSignals
 
 CHECKPOINT = "checkpoint.pt"
 ONE_PROCESS = World()
@@ -57,6 +57,7 @@ BEST_CHECKPOINT = "best.pt"
 BEST_RECORD = "best.json"
 COMPILE_BACKEND = "inductor"  # train.compile's torch.compile backend
 TRAINER_STATE = "trainer_state.pt"
+STOP = "stop requested"  # the per-iteration vote on stopping, averaged with the losses
 # Keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = (
     "train.iterations",
@@ -288,6 +289,7 @@ def _run(
         _run_log(out, start, config, world) as log,
         reporter.task("training", total - start),
         StopOnSignals() as stop,  # SIGTERM (docker stop, a preempted job) saves as Ctrl-C does
+        stop.at_boundaries(),  # ... after the iteration under way
     ):
         try:
             window = (time.perf_counter(), done)  # images/s over each logging interval
@@ -299,7 +301,9 @@ def _run(
                     source_batch = style(source_batch, iteration)
                 metrics = train_step(learner, source_batch, target_batch, config, iteration)
                 done = iteration + 1
+                metrics[STOP] = float(stop.requested)  # every process stops after the same one
                 metrics = distributed.average(metrics, world, device)  # the global batch's
+                stopping = metrics.pop(STOP) > 0
                 if log is not None and (done % config.train.log_every == 0 or done == total):
                     now = time.perf_counter()
                     rate = batch * (done - window[1]) / max(now - window[0], 1e-9)
@@ -308,6 +312,8 @@ def _run(
                 reporter.advance(1, f"loss {metrics['loss']:.3f} lr {metrics['lr']:.2e}")
                 if world.primary and done % config.train.checkpoint_every == 0:
                     _save(out, learner, config, done)
+                if stopping:
+                    raise SignalInterrupt(stop.signum) if stop.signum else PeerStopped()
                 if val is not None and every and done % every == 0 and done < total:
                     result = _evaluate(learner, val, config, world, reporter)
                     best = _record_eval(out, learner, config, done, result, val, log, best)
@@ -427,6 +433,11 @@ def _loader(dataset: Dataset, sampler: Sampler, workers: int) -> Iterator:
     """The batches `sampler` draws from `dataset`, a worker's UserError as its own message."""
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
     return without_worker_tracebacks(loader)
+
+
+class PeerStopped(KeyboardInterrupt):
+    """Another training process was stopped by a signal: this one stops after the same
+    iteration."""
 
 
 def train_step(

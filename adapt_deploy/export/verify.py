@@ -23,12 +23,12 @@ from adapt_deploy.bundle.meta import (
     verify_hashes,
 )
 from adapt_deploy.errors import UserError
+from adapt_deploy.registry import BUNDLE_BACKENDS, ONNXRUNTIME_CUDA
 from adapt_deploy.runtime.backend import as_runner
 from adapt_deploy.runtime.frames import graph_input as graph_input  # re-exported for callers
 from adapt_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend, require_cuda
 
 Runner = Callable[[np.ndarray], dict[str, np.ndarray]]
-BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt")
 # What a target must reach against the bundle's PyTorch references (GPU kernels, TF32, fp16).
 # Export writes these into meta.json; they are also the loosest tolerances verify accepts: a
 # meta.json that asks for less is held to these (see `tolerance_for`).
@@ -65,10 +65,10 @@ def ort_device(backend: str) -> int | None:
     """The CUDA device of an ONNX Runtime backend name (None: CPU); UserError when unavailable."""
     if backend == "onnxruntime":
         return None
-    if backend == "onnxruntime-cuda":
-        require_cuda("backend onnxruntime-cuda")
+    if backend == ONNXRUNTIME_CUDA:
+        require_cuda(f"backend {ONNXRUNTIME_CUDA}")
         return 0
-    raise UserError(f"--backend must be one of {list(BACKENDS)}, got {backend!r}")
+    raise UserError(f"--backend must be one of {list(BUNDLE_BACKENDS)}, got {backend!r}")
 
 
 def open_runner(bundle: Path, meta: dict[str, Any], precision: str, backend: str) -> Runner:
