@@ -116,9 +116,9 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     except BaseException:
         dist.destroy_process_group()
         raise
-    # Leave together: a process that tore its gloo connections down while rank 0 was still
-    # writing the checkpoint and eval.json once aborted at exit in CI ("terminate called
-    # without an active exception", SIGABRT), which failed the run.
+    # Leave together, so no process tears its gloo connections down while a peer still writes
+    # its files: once in CI a rank aborted at exit ("terminate called without an active
+    # exception", SIGABRT) after a finished run; this is the likely cause, not a proven one.
     dist.barrier()
     dist.destroy_process_group()
 
