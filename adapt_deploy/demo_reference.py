@@ -9,6 +9,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapt_deploy.atomic import atomic_write_json
+
 REFERENCE_FILE = Path(__file__).with_name("demo_reference.json")
 REFERENCE_FORMAT = "adapt-deploy demo reference"
 TABLE_START = "<!-- demo-table: written by bench/synthetic.py from demo_reference.json -->"
@@ -91,7 +93,7 @@ def load_reference(path: Path = REFERENCE_FILE) -> DemoReference | None:
 
 
 def write_reference(reference: DemoReference, path: Path = REFERENCE_FILE) -> Path:
-    path.write_text(json.dumps(reference.to_dict(), indent=1) + "\n")
+    atomic_write_json(path, reference.to_dict())
     return path
 
 
@@ -113,11 +115,11 @@ def reference_table(reference: DemoReference) -> str:
     lines.append(f"| **{gain.title}** | | **{gain.mean:+.1f}** | {_range(gain, '+')} |")
     spread = reference.largest_spread()
     times = reference.seconds
+    ratio = f", so the gain is {gain.mean / spread:.0f}× the spread" if spread > 0 else ""
     lines += [
         "",
-        f"IoU in %, mIoU over the 15 classes that occur, on the target val split. The largest seed "
-        f"spread (std) of these rows is {spread:.1f}, so the gain is "
-        f"{gain.mean / spread:.0f}× the spread. The whole demo took "
+        f"IoU in %, mIoU over the classes that occur in the benchmark, on the target val split. "
+        f"The largest seed spread (std) of these rows is {spread:.1f}{ratio}. The whole demo took "
         f"{min(times):.0f} to {max(times):.0f} s per seed on {reference.cpu}. {CPU_NOTE}",
         TABLE_END,
     ]

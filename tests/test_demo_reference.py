@@ -58,7 +58,7 @@ def test_table_gives_mean_range_gain_and_spread():
     assert "| source only | none | 22.0 | 20.0 to 24.0 |" in table
     assert "| adapted | points | 50.0 | 49.0 to 51.0 |" in table
     assert "| **gain of adaptation** | | **+28.0** | +25.0 to +30.0 |" in table
-    assert "largest seed spread (std) of these rows is 2.6" in table  # the gain: 30, 29, 25
+    assert "largest seed spread (std) of these rows is 2.6, so the gain is 11× the spread" in table
     assert "300 to 310 s per seed on Some CPU (2 cores)" in table
 
 
@@ -87,3 +87,13 @@ def test_reference_round_trips_and_bad_files_read_as_none(tmp_path):
     assert load_reference(tmp_path / "bad.json") is None
     (tmp_path / "other.json").write_text(json.dumps({"format": "something else"}))
     assert load_reference(tmp_path / "other.json") is None
+
+
+def test_one_seed_has_no_spread_to_compare_the_gain_with():
+    one = DemoReference(
+        [Row(r.method, r.title, r.labels, r.miou[:1]) for r in example().rows],
+        ADAPTED, [0], "Some CPU", [300.0],
+    )  # fmt: skip
+    table = reference_table(one)
+    assert "largest seed spread (std) of these rows is 0.0." in table
+    assert "× the spread" not in table
