@@ -675,6 +675,21 @@ def stream(
             f"(counted). (default {ADAPT.budget:g})"
         ),
     ] = None,
+    adapt_bank: Annotated[
+        int | None,
+        typer.Option(
+            help="Adapted states kept, one per detected condition (weather, lighting); the least "
+            f"recently used gives way. 0: one state for everything. (default {ADAPT.bank_size})"
+        ),
+    ] = None,
+    adapt_home: Annotated[
+        str | None,
+        typer.Option(
+            help="Frames whose signature lies this close to the source images' are home: the "
+            "bundle's own weights serve them, nothing is learned. 'auto': the radius calibrated "
+            "at export; 0: no frame is home. (default auto)"
+        ),
+    ] = None,
 ) -> None:
     """Segment a video, camera, network stream or image folder; Ctrl-C finishes the outputs."""
     from adapt_deploy.stream import StreamOptions, run_stream
@@ -696,8 +711,9 @@ def stream(
         cuda_graph=cuda_graph,
     )
     setup = setup_from_flags(
-        adapt, adapt_every, adapt_params, lr, threshold, reset_policy, adapt_state, adapt_budget
-    )
+        adapt, adapt_every, adapt_params, lr, threshold, reset_policy, adapt_state, adapt_budget,
+        adapt_bank, adapt_home,
+    )  # fmt: skip
     summary = run_stream(source, bundle, options, reporter=_reporter(), adapt=setup)
     for line in summary.lines():
         console.print(escape(line), highlight=False)

@@ -15,7 +15,7 @@ from adapt_deploy.bundle.meta import sha256_file
 from adapt_deploy.export.pipeline import export_bundle
 from adapt_deploy.tta.options import AdaptOptions, ResetPolicy
 from bench.tta.cli import build_parser, main
-from bench.tta.conditions import CONDITIONS, confusion
+from bench.tta.conditions import STREAMS, confusion
 from bench.tta.model import DEFAULT_CHECKPOINT, ensure_bundle, model_description
 from bench.tta.report import report
 from bench.tta.runner import Run, kept_torch_threads
@@ -141,7 +141,7 @@ def test_bundle_is_exported_again_for_another_checkpoint_or_source(
 def _run(name: str, rounds: int, value: float) -> Run:
     run = Run(name, clean_end=value, seconds=12.0)
     for r in range(rounds):
-        for condition, _, _ in CONDITIONS:
+        for condition in STREAMS["drive"].names:
             run.miou[(r, condition)] = value + r
     return run
 
@@ -149,7 +149,8 @@ def _run(name: str, rounds: int, value: float) -> Run:
 def test_report_follows_name_rounds_and_model() -> None:
     fps: dict[str, list[float]] = {"without": [], "with": []}
     body = report(
-        [_run("tent", 3, 10.0), _run("ours", 3, 12.0)], 3, 8, AdaptOptions(), fps, None, {},
+        [_run("tent", 3, 10.0), _run("ours", 3, 12.0)], STREAMS["drive"], 3, 8, AdaptOptions(),
+        fps, None, {},
         name="tta_ablation", model="checkpoint /x/y.pt",
     )  # fmt: skip
     assert "![online mIoU](tta_ablation.png)" in body
@@ -164,8 +165,9 @@ def test_report_follows_name_rounds_and_model() -> None:
 def test_report_compares_with_none_when_it_ran() -> None:
     fps: dict[str, list[float]] = {"without": [], "with": []}
     body = report(
-        [_run("none", 2, 10.0), _run("ours", 2, 12.5)], 2, 8, AdaptOptions(), fps, None, {}
-    )
+        [_run("none", 2, 10.0), _run("ours", 2, 12.5)], STREAMS["drive"], 2, 8, AdaptOptions(),
+        fps, None, {},
+    )  # fmt: skip
     assert "| vs none |" in body
     assert "| ours | 13.0 | 12.5 | 13.5 | +1.0 | 12.5 | +2.5 | 12 | - |" in body
     assert "![online mIoU](tta.png)" in body

@@ -101,6 +101,9 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def adapter_for(bundle: Path, **options) -> OnlineAdapter:
+    """An adapter on the trained tiny bundle; one adapted state (no condition bank) unless
+    `bank_size` is given: these tests are about updates, the bank has its own."""
+    options.setdefault("bank_size", 0)
     meta = load_meta(bundle)
     package = load_package(bundle, meta)
     model, config = load_checkpoint(package.checkpoint)
@@ -295,7 +298,8 @@ def test_stream_adapt_writes_events_and_resumes_its_state(trained, tmp_path):
     video = _video(tmp_path / "drive.avi", 12)
     state, stats = tmp_path / "state.pt", tmp_path / "stats.jsonl"
     args = ["stream", str(video), "--bundle", str(bundle), "--stats", str(stats), "--adapt",
-            "--adapt-every", "2", "--adapt-budget", "1.0", "--adapt-state", str(state)]  # fmt: skip
+            "--adapt-every", "2", "--adapt-budget", "1.0", "--adapt-state", str(state),
+            "--adapt-home", "0"]  # fmt: skip
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "adaptation:" in first.output and state.is_file()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import BANDS, write_gta5
 from helpers import write_source_checkpoint
 from PIL import Image
@@ -21,6 +22,7 @@ from adapt_deploy.bundle.meta import BundleError, load_meta, sha256_file, valida
 from adapt_deploy.cli import app
 from adapt_deploy.config import DatasetConfig
 from adapt_deploy.data.datasets import build_dataset
+from adapt_deploy.data.normalize import normalize
 from adapt_deploy.errors import UserError
 from adapt_deploy.export.adaptation_package import load_package
 from adapt_deploy.export.pipeline import export_bundle
@@ -35,6 +37,9 @@ from adapt_deploy.labels import TRAIN_TO_LABEL_LUT
 from adapt_deploy.models.checkpoints import load_checkpoint
 from adapt_deploy.progress import Reporter
 from adapt_deploy.runtime.torch_backend import TorchBackend, find_checkpoint
+from adapt_deploy.tta.adapter import OnlineAdapter
+from adapt_deploy.tta.bank import SignatureProbe
+from adapt_deploy.tta.options import AdaptOptions
 
 PRESENT = sorted(BANDS)
 ABSENT = [c for c in range(19) if c not in BANDS]
@@ -326,3 +331,27 @@ def test_export_without_source_data_says_so_and_writes_no_package(tmp_path: Path
         and "--source-data DIR" in line
         for line in reporter.lines
     )
+
+
+def test_the_package_calibrates_home_and_older_packages_still_load(bundle, tmp_path, checkpoint):
+    stats = SourceStats.load(bundle / "adapt" / "source_stats.npz")
+    model, config = load_checkpoint(checkpoint)
+    assert stats.home_signature.shape == (2 * model.backbone.conv1.out_channels,)
+    assert np.isfinite(stats.home_signature).all() and 0 < stats.home_radius < 10
+    assert stats.summary()["home_radius"] == round(stats.home_radius, 4)
+    # the radius is the 99% quantile of the source images' own distances to the home signature
+    probe = SignatureProbe(model.backbone.conv1, model.backbone.bn1)
+    data = build_dataset(config.data.source)
+    images = [data[i] for i in spaced_indices(len(data), stats.images)]
+    x = normalize(torch.stack([torch.as_tensor(d["image"]) for d in images]), config.input)
+    distances = (probe(x) - torch.as_tensor(stats.home_signature)).pow(2).mean(1).sqrt()
+    assert stats.home_radius == pytest.approx(float(distances.quantile(0.99)), rel=1e-4)
+    with np.load(bundle / "adapt" / "source_stats.npz") as data_:  # as written before the bank
+        older = {k: data_[k] for k in data_.files if not k.startswith("home_")}
+    np.savez(tmp_path / "old.npz", **older)
+    old = SourceStats.load(tmp_path / "old.npz")
+    assert old.home_signature.size == 0 and np.isnan(old.home_radius)
+    np.testing.assert_array_equal(old.thresholds, stats.thresholds)
+    adapter = OnlineAdapter(model, config.input, old, AdaptOptions(threads=1), (36, 64))
+    assert adapter.bank is not None and adapter.bank.home is None
+    assert any("no home signature" in note for note in adapter.notes)

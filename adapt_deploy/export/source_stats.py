@@ -9,14 +9,16 @@ no cut on p_c can separate classes scored higher (how often confident classes sc
 is not measured by any benchmark here). `thresholds` is the same cut as a presence value, for
 reading.
 Plus the reference numbers an adapter needs to notice drift: class prototypes (attention
-pooling, Eq. 3), prediction entropy, how many classes are called present and predicted per image.
+pooling, Eq. 3), prediction entropy, how many classes are called present and predicted per image,
+and what home looks like to the condition bank (`tta.bank`): the mean signature of the source
+images and the radius around it that holds 99% of them.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,9 @@ from adapt_deploy.labels import IGNORE_INDEX
 from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.ops.pooling import attention_pool, lse_pool
 from adapt_deploy.progress import Reporter
+from adapt_deploy.tta.bank import SignatureProbe
+
+HOME_QUANTILE = 0.99  # the home radius holds this share of the source images' signatures
 
 MIN_SHARE = 0.001  # a class is present in an image when it covers >= 0.1% of its labelled pixels
 BATCH_SIZE = 4
@@ -69,6 +74,10 @@ class SourceStats:
     lse_k: float  # k of the LSE pooling the thresholds apply to
     images: int
     source: str  # the dataset root
+    # (2·stem channels,) mean frame signature of the images; empty in packages written before
+    # the condition bank (then no frame is recognised as home)
+    home_signature: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    home_radius: float = float("nan")  # HOME_QUANTILE of the images' distances to it
 
     @property
     def num_classes(self) -> int:
@@ -99,6 +108,7 @@ class SourceStats:
             "mean_recall_at_t": mean(self.recall_at_t),
             "never_present": [int(c) for c in np.flatnonzero(self.never_present)],
             "lse_k": self.lse_k,
+            "home_radius": _round(self.home_radius),
         }
 
     def to_bytes(self) -> bytes:
@@ -114,7 +124,11 @@ class SourceStats:
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as data:
-                arrays = {f.name: data[f.name] for f in fields(cls)}
+                arrays = {
+                    f.name: data[f.name]
+                    for f in fields(cls)
+                    if f.name in data or (f.default is MISSING and f.default_factory is MISSING)
+                }
         except (OSError, KeyError, ValueError) as exc:
             raise UserError(f"{path}: not a source statistics file ({exc})") from None
         scalars = {
@@ -128,9 +142,14 @@ class SourceStats:
             "lse_k": float,
             "images": int,
             "source": str,
+            "home_radius": float,
         }
-        values: dict[str, Any] = {k: kind(arrays[k].item()) for k, kind in scalars.items()}
-        per_class = [f.name for f in fields(cls) if f.name not in scalars]
+        values: dict[str, Any] = {
+            k: kind(arrays[k].item()) for k, kind in scalars.items() if k in arrays
+        }
+        if "home_signature" in arrays:
+            values["home_signature"] = arrays["home_signature"].astype(np.float32)
+        per_class = [f.name for f in fields(cls) if f.name not in {*scalars, "home_signature"}]
         for name in per_class:
             values[name] = arrays[name]
         stats = cls(**values)
@@ -221,12 +240,15 @@ def compute_source_stats(
     num_classes, k = config.model.num_classes, config.adapt.lse_k
     subset = Subset(dataset, spaced_indices(len(dataset), max_images))
     loader = DataLoader(subset, batch_size=BATCH_SIZE, num_workers=0)
-    scores, truth, entropies, predicted_shares = [], [], [], []
+    scores, truth, entropies, predicted_shares, signatures = [], [], [], [], []
+    probe = SignatureProbe(model.backbone.conv1, model.backbone.bn1)
     proto_sum = torch.zeros(num_classes, model.feature_dim, dtype=torch.float64)
     try:
         with reporter.task("source statistics for on-device adaptation", len(subset)):
             for batch in loader:
-                out = model(normalize(batch["image"].to(device), config.input))
+                x = normalize(batch["image"].to(device), config.input)
+                signatures.append(probe(x))
+                out = model(x)
                 logits, features = out["logits"].float(), out["features"].float()
                 scores.append(lse_pool(logits, k).double().cpu().numpy())
                 present = _gt_presence(batch["label"], num_classes)
@@ -250,6 +272,7 @@ def compute_source_stats(
         config.adapt.pseudo_threshold,
         k,
         config.data.source.root,
+        torch.cat(signatures),
     )
 
 
@@ -273,6 +296,7 @@ def _summarize(
     global_threshold: float,
     lse_k: float,
     source: str,
+    signatures: torch.Tensor,
 ) -> SourceStats:
     num_classes = scores.shape[1]
     lse_thresholds = np.array(
@@ -286,6 +310,8 @@ def _summarize(
     f1_t, precision_t, recall_t = presence_metrics(at_t, truth)
     counts = truth.sum(0).astype(np.int64)
     prototypes = (proto_sum / torch.from_numpy(np.maximum(counts, 1))[:, None]).float().numpy()
+    home = signatures.mean(0)
+    spread = (signatures - home).pow(2).mean(1).sqrt()
     return SourceStats(
         thresholds=thresholds,
         lse_thresholds=lse_thresholds.astype(np.float32),
@@ -309,4 +335,6 @@ def _summarize(
         lse_k=float(lse_k),
         images=len(scores),
         source=source,
+        home_signature=home.numpy().astype(np.float32),
+        home_radius=float(spread.quantile(HOME_QUANTILE)),
     )

@@ -22,6 +22,11 @@ One update (`step(frame)`), as a mean teacher (CoTTA) driven by weak labels (Eq.
 4. Stochastic restore, the EMA teacher update and the collapse check (see `safety`).
 
 Only the chosen parameters train (BN affine by default), so an update is cheap.
+
+Before all that, the frame is routed (see `bank`): a frame that looks like the training data
+(home) is served by the source state and teaches nothing; any other goes to the adapted state
+of its condition, swapped in when the condition changes. `StepReport.switched` says when the
+state changed, so the worker pushes it to the runtime at once.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from adapt_deploy.runtime import graph_policy
 from adapt_deploy.runtime.cuda_graphs import GraphedForward
 from adapt_deploy.runtime.graph_policy import graphs_env_off
 from adapt_deploy.runtime.torch_inference import LogitsInference, check_precision
+from adapt_deploy.tta.bank import HOME, ConditionBank, Route, SignatureProbe
 from adapt_deploy.tta.bn import MixedBatchNorm2d, deployed_statistics, mix_batchnorms, set_adapting
 from adapt_deploy.tta.options import AdaptOptions
 from adapt_deploy.tta.safety import (
@@ -58,21 +64,23 @@ from adapt_deploy.tta.safety import (
 )
 
 STATE_FORMAT = "adapt-deploy/tta-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the condition bank; a version-1 file resumes without one
 PREDICTED_SHARE = 0.001  # a class is predicted when it holds this share of the argmax pixels
 NEVER = 1e4  # the LSE cut of a class never present on the source: it is never pseudo-labelled
 
 
 @dataclass
 class StepReport:
-    """What one update did."""
+    """What one step did: an update, or (`observation` None) nothing for a home frame."""
 
     update: int
     loss: float
     losses: dict[str, float]
-    observation: Observation
+    observation: Observation | None
     seconds: float
     reset: str | None = None  # why the adapter went back to the source weights after it
+    switched: str | None = None  # the state now served, when this frame changed it
+    condition: str = "all"  # the frame's condition: "home", "condition N" ("all": no bank)
 
 
 @dataclass
@@ -124,6 +132,7 @@ class OnlineAdapter:
         self.source_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self._teacher_notes: tuple[str, ...] = ()
+        self._bank_notes: tuple[str, ...] = ()
         self._teacher_forward = self._teacher_runner(teacher_precision, cuda_graph)
         self.student = copy.deepcopy(model).eval()
         mix_batchnorms(self.student, options.bn_prior, options.bn_momentum)
@@ -147,8 +156,18 @@ class OnlineAdapter:
         self._has_prototype = torch.as_tensor(stats.prototype_counts > 0).to(self.device)
         self._changing = self._changing_tensors()
         self._synced = {
-            role: [t.detach().clone() for t in ts] for role, ts in self._changing.items()
+            role: {k: t.detach().clone() for k, t in ts.items()}
+            for role, ts in self._changing.items()
         }
+        self._source_changing = {
+            role: {k: self.source_state[k] for k in ts} for role, ts in self._changing.items()
+        }
+        self.bank = self._make_bank() if options.bank_size else None
+        self._probe = SignatureProbe(model.backbone.conv1, model.backbone.bn1)
+        # The condition whose state is live: HOME (the source state) at start; None after
+        # resuming a version-1 state, which belongs to no condition.
+        self.active: str | int | None = HOME
+        self._synced_active: str | int | None = HOME
 
     # ----------------------------------------------------------------------------------------
     # Set-up
@@ -170,9 +189,10 @@ class OnlineAdapter:
 
     @property
     def notes(self) -> list[str]:
-        """What the teacher forward does not do as asked: a CUDA graph requested on the CPU or
-        turned off by the environment, a capture that failed (eager runs instead)."""
-        return [*self._teacher_notes, *self._teacher_forward.notes]
+        """What the adapter does not do as asked: a teacher CUDA graph requested on the CPU or
+        turned off by the environment, a capture that failed (eager runs instead); a package
+        without the home calibration."""
+        return [*self._teacher_notes, *self._teacher_forward.notes, *self._bank_notes]
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's float32 logits (N, C, h, w) of the network input `x`: a copy, as the
@@ -194,19 +214,41 @@ class OnlineAdapter:
             p.requires_grad_(True)
         return chosen
 
-    def _changing_tensors(self) -> dict[str, list[torch.Tensor]]:
+    def _changing_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """The state-dict tensors of student and teacher that adapting can change: the trainable
         parameters (and their EMA in the teacher) and every buffer (the BN statistics). The other
         parameters always hold the source values, so a rollback need not copy them."""
         trained = {n for n, p in self.student.named_parameters() if p.requires_grad}
         return {
-            role: [
-                v
+            role: {
+                k: v
                 for k, v in model.state_dict(keep_vars=True).items()
                 if not isinstance(v, torch.nn.Parameter) or k in trained
-            ]
+            }
             for role, model in (("student", self.student), ("teacher", self.teacher))
         }
+
+    def _make_bank(self) -> ConditionBank:
+        """The condition bank, its home the signature calibrated at export (none in packages
+        written before it: then no frame is home, and `notes` says so)."""
+        options, stats = self.options, self.stats
+        calibrated = stats.home_signature.size > 0 and math.isfinite(stats.home_radius)
+        if not calibrated:
+            self._bank_notes = (
+                "the bundle's adaptation package has no home signature (exported before the "
+                "condition bank): no frame is recognised as home; export it again",
+            )
+        home = torch.as_tensor(stats.home_signature).float() if calibrated else None
+        radius = options.home_distance
+        if radius is None:
+            radius = stats.home_radius if calibrated else 0.0
+        return ConditionBank(options.bank_size, home, radius, options.condition_distance)
+
+    @property
+    def changing(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{role: {state-dict name: live tensor}}: what adapting can change (what the bank keeps
+        per condition)."""
+        return self._changing
 
     def _threshold_offsets(self) -> torch.Tensor:
         """The LSE value at which each class counts as present: logit(T) for a global --threshold,
@@ -247,13 +289,20 @@ class OnlineAdapter:
         return Observation(float(entropy), predicted, int(present.sum()))
 
     def step(self, frame: np.ndarray, shifted: bool = False) -> StepReport:
-        """One update on one RGB uint8 frame (see the module docstring). `shifted`: the frame
-        starts a new condition, so it enters the test statistics with `shift_momentum`."""
+        """One update on one RGB uint8 frame (see the module docstring). `shifted`: the shift
+        detector fired on it. The frame enters the test statistics with `shift_momentum` when it
+        starts a new bank entry (without a bank: when `shifted`)."""
         start = time.perf_counter()
         options = self.options
         x = self.prepare(frame)
+        route = self.route(x)
+        switched = self._switch(route) if route is not None else None
+        condition = "all" if route is None else condition_name(route.key)
+        if route is not None and route.key == HOME:
+            seconds = time.perf_counter() - start
+            return StepReport(self.counters.updates, 0.0, {}, None, seconds, None, switched, HOME)
         layers = list(self._mixed.values())
-        if shifted:
+        if route.new if route is not None else shifted:
             for layer in layers:
                 layer.test_momentum = max(options.bn_momentum, options.shift_momentum)
         set_adapting(layers, True)
@@ -286,6 +335,8 @@ class OnlineAdapter:
             {name: float(v.detach()) for name, (_, v) in losses.items()},
             observation,
             0.0,
+            switched=switched,
+            condition=condition,
         )
         every = options.reset.every
         if reason is not None and (options.reset.on_collapse or reason.startswith("non-finite")):
@@ -329,6 +380,38 @@ class OnlineAdapter:
                 terms["prototype"] = (options.prototype_weight, (1 - cos).mean())
         return terms
 
+    # ----------------------------------------------------------------------------------------
+    # The condition bank
+    # ----------------------------------------------------------------------------------------
+
+    def route(self, x: torch.Tensor) -> Route | None:
+        """Where the network input `x` goes in the bank (None: no bank)."""
+        if self.bank is None:
+            return None
+        return self.bank.route(self._probe(x)[0], self._source_changing)
+
+    @torch.no_grad()
+    def _switch(self, route: Route) -> str | None:
+        """Make `route.key`'s state live, keeping the live one in its entry; what is served
+        now, or None when nothing changed. The optimizer and monitor start over."""
+        if route.key == self.active:
+            return None
+        assert self.bank is not None
+        old = self.bank.entries.get(self.active) if isinstance(self.active, int) else None
+        if old is not None:
+            _copy_into(old.state, self._changing)
+        new = self.bank.entries[route.key] if isinstance(route.key, int) else None
+        _copy_into(self._changing, new.state if new is not None else self._source_changing)
+        self.active = route.key
+        self.optimizer.state.clear()
+        self.monitor.reset()
+        served = condition_name(route.key)
+        if route.new:
+            served += " (new)"
+        if route.evicted is not None:
+            served += f", {condition_name(route.evicted)} evicted"
+        return served
+
     @torch.no_grad()
     def _update_teacher(self) -> None:
         """Teacher weights ← EMA of the student's (its BN statistics were copied in `step`, after
@@ -364,21 +447,20 @@ class OnlineAdapter:
     def mark_synced(self) -> None:
         """The runtime now runs the teacher as it is: remember it for rollbacks (only the
         tensors that can change, copied into the same memory every time)."""
-        for role, live in self._changing.items():
-            for saved, value in zip(self._synced[role], live, strict=True):
-                saved.copy_(value)
+        _copy_into(self._synced, self._changing)
+        self._synced_active = self.active
 
     @torch.no_grad()
     def rollback(self) -> None:
         """Back to the weights the runtime last accepted (after a failed sync)."""
-        for role, live in self._changing.items():
-            for value, saved in zip(live, self._synced[role], strict=True):
-                value.copy_(saved)
+        _copy_into(self._changing, self._synced)
+        self.active = self._synced_active
         self.optimizer.state.clear()
         self.counters.rollbacks += 1
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: weights, test statistics, optimizer, counters."""
+        """Everything needed to resume: weights, test statistics, optimizer, counters, and the
+        bank with the live state's condition."""
         c = self.counters
         return {
             "format": STATE_FORMAT,
@@ -393,11 +475,15 @@ class OnlineAdapter:
                 "rollbacks": c.rollbacks,
                 "reasons": dict(c.reasons),
             },
+            "bank": self.bank.state_dict() if self.bank is not None else None,
+            "active": self.active,
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from `state_dict()` output (checked by `state.load_state` first)."""
+        """Resume from `state_dict()` output (checked by `state.load_state` first). A saved bank
+        is dropped when this adapter has none (--adapt-bank 0); a version-1 state (no bank)
+        resumes as live weights of no condition, replaced at the first routed frame."""
         self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -410,4 +496,23 @@ class OnlineAdapter:
             int(counters["rollbacks"]),
             {str(k): int(v) for k, v in counters["reasons"].items()},
         )
+        if self.bank is not None:
+            saved = state.get("bank")
+            if saved is not None:
+                self.bank.load_state_dict(saved, self.device)
+            self.active = state.get("active") if saved is not None else None
         self.mark_synced()
+
+
+def condition_name(key: str | int) -> str:
+    """How reports name a bank key: 'home' or 'condition N'."""
+    return key if isinstance(key, str) else f"condition {key}"
+
+
+def _copy_into(
+    target: dict[str, dict[str, torch.Tensor]], source: dict[str, dict[str, torch.Tensor]]
+) -> None:
+    """Copy every tensor of `source` into the same-named tensor of `target`, in place."""
+    for role, tensors in target.items():
+        for name, value in tensors.items():
+            value.copy_(source[role][name])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapt_deploy.errors import UserError
@@ -62,13 +63,21 @@ class AdaptOptions:
     confidence: float = 0.9  # teacher softmax above which a pixel is confident
     bn_prior: float = 0.0  # λ: weight of the source statistics in the normalization
     bn_momentum: float = 0.5  # weight of each new frame in the test statistics
-    shift_momentum: float = 1.0  # the same for a frame where a shift was detected
+    shift_momentum: float = 1.0  # the same for the first frame of a new bank entry (no bank:
+    # for a frame where a shift was detected)
     ema: float = 0.9  # teacher = ema · teacher + (1 − ema) · student
     restore: float = 0.01  # stochastic restore: share of student weights set back per update
     reset: ResetPolicy = ResetPolicy()
     collapse_classes: float = 0.5  # collapse: predicted classes below this share of the source's
     collapse_entropy: float = 0.25  # collapse: mean entropy below this share of the source's
     sync_every: int = 1  # push the teacher to the runtime every this many updates
+    # The condition bank (tta/bank.py): one adapted state per detected condition, the source
+    # state for home frames. 0 entries: one adapted state for everything, no home.
+    bank_size: int = 8  # adapted states kept; the least recently used gives way
+    # signature distance to the source's within which a frame is home; None: the radius the
+    # export calibrated on the source images; 0: no frame is home
+    home_distance: float | None = None
+    condition_distance: float = 0.15  # nearest entry within this takes the frame, else new
     budget: float = 0.15  # the worker's busy time at most this share of wall time
     size: tuple[int, int] | None = None  # (H, W) frames are resized to; None: the bundle's
     threads: int | None = 1  # torch CPU threads (a per-process setting; None: leave it)
@@ -93,6 +102,12 @@ class AdaptOptions:
                 bad.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.sync_every < 1:
             bad.append(f"sync_every must be >= 1, got {self.sync_every}")
+        if self.bank_size < 0:
+            bad.append(f"--adapt-bank must be >= 0, got {self.bank_size}")
+        if self.home_distance is not None and not self.home_distance >= 0.0:
+            bad.append(f"home_distance must be >= 0 or None, got {self.home_distance}")
+        if not self.condition_distance >= 0.0:
+            bad.append(f"condition_distance must be >= 0, got {self.condition_distance}")
         if not 0.0 < self.budget <= 1.0:
             bad.append(f"--adapt-budget must be in (0, 1], got {self.budget}")
         if bad:
@@ -102,12 +117,24 @@ class AdaptOptions:
 
 def parse_threshold(text: str) -> float | None:
     """'auto' → None (calibrated per class); a number in (0, 1) → that global T."""
+    return _auto_or_number(text, "--threshold", "a number in (0, 1)", lambda v: 0.0 < v < 1.0)
+
+
+def parse_home(text: str) -> float | None:
+    """--adapt-home: 'auto' → None (the radius calibrated at export); a distance >= 0."""
+    return _auto_or_number(text, "--adapt-home", "a distance >= 0", lambda v: v >= 0.0)
+
+
+def _auto_or_number(
+    text: str, flag: str, expected: str, valid: Callable[[float], bool]
+) -> float | None:
+    """'auto' → None; else the number, when `valid`; UserError naming `flag` otherwise."""
     if text.strip().lower() == "auto":
         return None
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0.0 < value < 1.0:
-        raise UserError(f"--threshold: expected 'auto' or a number in (0, 1), got {text!r}")
+    if not valid(value):
+        raise UserError(f"{flag}: expected 'auto' or {expected}, got {text!r}")
     return value

@@ -10,7 +10,7 @@ from typing import Any
 from adapt_deploy.bundle.meta import load_meta
 from adapt_deploy.errors import UserError
 from adapt_deploy.progress import Reporter
-from adapt_deploy.tta.options import AdaptOptions, ResetPolicy, parse_threshold
+from adapt_deploy.tta.options import AdaptOptions, ResetPolicy, parse_home, parse_threshold
 from adapt_deploy.tta.shift import ShiftDetector
 from adapt_deploy.tta.worker import AdaptWorker
 
@@ -32,6 +32,8 @@ def setup_from_flags(
     reset_policy: str | None = None,
     state: Path | None = None,
     budget: float | None = None,
+    bank: int | None = None,
+    home: str | None = None,
 ) -> AdaptSetup | None:
     """The `stream` flags as an AdaptSetup (None without --adapt); adaptation flags given
     without --adapt are an error rather than silently ignored."""
@@ -43,6 +45,8 @@ def setup_from_flags(
         "--reset-policy": reset_policy,
         "--adapt-state": state,
         "--adapt-budget": budget,
+        "--adapt-bank": bank,
+        "--adapt-home": home,
     }
     if not adapt:
         used = [flag for flag, value in given.items() if value is not None]
@@ -58,6 +62,8 @@ def setup_from_flags(
         threshold=None if threshold is None else parse_threshold(threshold),
         reset=ResetPolicy.parse(reset_policy) if reset_policy else defaults.reset,
         budget=defaults.budget if budget is None else budget,
+        bank_size=defaults.bank_size if bank is None else bank,
+        home_distance=defaults.home_distance if home is None else parse_home(home),
     )
     return AdaptSetup(options.check(), state)
 
@@ -114,6 +120,8 @@ def open_adaptation(
         lse_k=package.lse_k,
         checkpoint_sha256=meta["checkpoint"]["sha256"],
     )
+    for note in adapter.notes:
+        reporter.log(f"adaptation: {note}")
     if resume(adapter, setup.state):
         reporter.log(
             f"resumed adaptation from {setup.state} ({adapter.counters.updates} updates so far)"

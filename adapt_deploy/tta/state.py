@@ -1,5 +1,6 @@
 """Saving and resuming an adapter's state (`--adapt-state FILE`): weights, test statistics,
-optimizer and counters, tied to the checkpoint the bundle was exported from."""
+optimizer, counters and the condition bank, tied to the checkpoint the bundle was exported
+from. Version-1 files (before the bank) still load."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import torch
 from adapt_deploy.errors import UserError
 from adapt_deploy.models.checkpoints import atomic_save, load_weights_only, mismatched_keys
 from adapt_deploy.tta.adapter import STATE_FORMAT, STATE_VERSION, OnlineAdapter
+from adapt_deploy.tta.bank import HOME
+
+READABLE_VERSIONS = (1, STATE_VERSION)
 
 
 def save_state(adapter: OnlineAdapter, path: Path) -> None:
@@ -27,9 +31,9 @@ def load_state(path: Path, adapter: OnlineAdapter) -> dict[str, Any]:
         raise UserError(f"--adapt-state {exc}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"--adapt-state {path}: field 'format': expected {STATE_FORMAT!r}")
-    if state.get("version") != STATE_VERSION:
+    if state.get("version") not in READABLE_VERSIONS:
         raise UserError(
-            f"--adapt-state {path}: field 'version': expected {STATE_VERSION}, "
+            f"--adapt-state {path}: field 'version': expected one of {list(READABLE_VERSIONS)}, "
             f"got {state.get('version')!r}"
         )
     if state.get("checkpoint_sha256") != adapter.checkpoint_sha256:
@@ -47,6 +51,8 @@ def load_state(path: Path, adapter: OnlineAdapter) -> dict[str, Any]:
         _check_tensors(path, name, state.get(name), getattr(adapter, name))
     _check_optimizer(path, state.get("optimizer"), adapter.optimizer)
     _check_counters(path, state.get("counters"))
+    if state["version"] >= 2:
+        _check_bank(path, state.get("bank"), state.get("active"), adapter)
     return state
 
 
@@ -99,6 +105,43 @@ def _check_counters(path: Path, counters: Any) -> None:
             f"--adapt-state {path}: field 'counters': expected integer 'updates', 'rollbacks' "
             "and a 'reasons' table"
         )
+
+
+def _check_bank(path: Path, bank: Any, active: Any, adapter: OnlineAdapter) -> None:
+    """UserError naming the first field of the saved bank that does not fit this adapter."""
+    where = f"--adapt-state {path}: field"
+    if not (active is None or active == HOME or (isinstance(active, int) and active >= 0)):
+        raise UserError(f"{where} 'active': expected {HOME!r}, a condition number or null")
+    if bank is None:
+        return
+    numbers = ("clock", "next_key")
+    if not isinstance(bank, dict) or not all(isinstance(bank.get(k), int) for k in numbers):
+        raise UserError(f"{where} 'bank': expected a table with integer 'clock', 'next_key'")
+    entries = bank.get("entries")
+    if not isinstance(entries, list):
+        raise UserError(f"{where} 'bank.entries': expected a list")
+    width = 2 * adapter.student.backbone.conv1.out_channels
+    for i, entry in enumerate(entries):
+        at = f"{where} 'bank.entries[{i}]"
+        ints = ("key", "frames", "last_used")
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), int) for k in ints):
+            raise UserError(f"{at}': expected integer 'key', 'frames', 'last_used'")
+        signature = entry.get("signature")
+        if not isinstance(signature, torch.Tensor) or tuple(signature.shape) != (width,):
+            raise UserError(f"{at}.signature': expected a tensor of shape ({width},)")
+        state = entry.get("state")
+        if not isinstance(state, dict):
+            raise UserError(f"{at}.state': expected a table per role")
+        for role, live in adapter.changing.items():
+            saved = state.get(role)
+            if not isinstance(saved, dict) or set(saved) != set(live):
+                raise UserError(f"{at}.state.{role}': expected the tensors {sorted(live)[:3]}…")
+            for name, value in live.items():
+                got = saved[name]
+                if not isinstance(got, torch.Tensor) or got.shape != value.shape:
+                    raise UserError(
+                        f"{at}.state.{role}.{name}': expected shape {tuple(value.shape)}"
+                    )
 
 
 def resume(adapter: OnlineAdapter, path: Path | None) -> bool:

@@ -57,6 +57,8 @@ class AdaptSummary:
     skipped_busy: int = 0
     skipped_budget: int = 0
     shifts: int = 0
+    home: int = 0  # due frames that looked like the training data: served the source state
+    switches: int = 0  # changes of the served state (a condition's, or the source's)
     syncs: int = 0
     sync_failures: int = 0
     resets: int = 0
@@ -74,6 +76,8 @@ class AdaptSummary:
             f"adaptation: {self.adapted} updates on {self.due} due frames ({self.skipped_busy} "
             f"skipped busy, {self.skipped_budget} over budget), {self.shifts} shifts detected, "
             f"{self.resets} resets; update {step:.0f} ms",
+            f"conditions: {self.switches} switches of the served state, {self.home} due frames "
+            "at home (source state, not learned from)",
             f"sync: {self.syncs} pushed ({sync:.0f} ms each), {self.sync_failures} rejected "
             "and rolled back",
         ]
@@ -178,14 +182,24 @@ class AdaptWorker:
     def _update(self, index: int, frame: np.ndarray, shifted: bool) -> None:
         report = self.adapter.step(frame, shifted)
         s = self.summary
+        if report.switched:
+            s.switches += 1
+            self._events.put({"event": "switch", "frame": index, "serving": report.switched})
+        obs = report.observation
+        if obs is None:  # a home frame: nothing learned
+            s.home += 1
+            if report.switched and self.sync:
+                self._push(index)
+            self._save_when_due()
+            return
         s.adapted += 1
         s.step_seconds += report.seconds
-        obs = report.observation
         self._events.put(
             {
                 "event": "update",
                 "frame": index,
                 "update": report.update,
+                "condition": report.condition,
                 "loss": round(report.loss, 5),
                 "losses": {k: round(v, 5) for k, v in report.losses.items()},
                 "present": obs.present_classes,
@@ -198,8 +212,13 @@ class AdaptWorker:
         if report.reset:
             s.resets += 1
             self._events.put({"event": "reset", "frame": index, "reason": report.reset})
-        if self.sync and (report.reset or self._unsynced >= self.adapter.options.sync_every):
+        push = report.reset or report.switched
+        if self.sync and (push or self._unsynced >= self.adapter.options.sync_every):
             self._push(index)
+        self._save_when_due()
+
+    def _save_when_due(self) -> None:
+        """Save the adapter's state when `save_every` seconds have passed since the last save."""
         if self.state is not None and time.perf_counter() - self._saved >= self.save_every:
             from adapt_deploy.tta.state import save_state
 

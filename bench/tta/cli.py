@@ -11,7 +11,7 @@ import torch
 
 import bench.tta
 from bench.common import RESULTS, write_results
-from bench.tta.conditions import WORK, render_conditions
+from bench.tta.conditions import STREAMS, WORK, render_conditions
 from bench.tta.methods import method_makers
 from bench.tta.model import DEFAULT_CHECKPOINT, DEFAULT_SOURCE, ensure_bundle, model_description
 from bench.tta.report import plot, report
@@ -33,13 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--source-data", type=Path, default=DEFAULT_SOURCE,
         help="labelled source data for the bundle's adaptation package (source statistics)",
     )  # fmt: skip
-    parser.add_argument("--frames", type=int, default=40, help="frames per condition")
     parser.add_argument(
-        "--rounds", type=int, default=10, help="times the whole stream (all conditions) repeats"
+        "--stream", choices=list(STREAMS), default="drive",
+        help="drive (the defaults were set on it) or second (never tuned on)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--frames", type=int, default=None, help="frames per condition (default: the stream's)"
     )
     parser.add_argument(
+        "--rounds", type=int, default=None,
+        help="times the whole stream (all conditions) repeats (default: the stream's)",
+    )  # fmt: skip
+    parser.add_argument(
         "--methods",
-        default="none,bn_stats,tent,ours,ours_every_frame,ours_every_64",
+        default="none,bn_stats,tent,sar,rdumb,cotta,ours,ours_no_bank",
         help="comma-separated methods to run, in order (see the module docstring for all)",
     )
     parser.add_argument(
@@ -77,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
             f"--methods: unknown {', '.join(unknown) or '(none given)'}; "
             f"choose from {', '.join(makers)}"
         )
+    stream = STREAMS[args.stream]
+    args.frames = stream.frames if args.frames is None else args.frames
+    args.rounds = stream.rounds if args.rounds is None else args.rounds
     if args.rounds < 1 or args.frames < 1:
         parser.error("--rounds and --frames must be at least 1")
     if not args.checkpoint.exists():
@@ -87,26 +97,26 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     meta, exported = ensure_bundle(args.checkpoint, args.source_data, bundle)
     print(f"bundle {bundle}: {'exported now' if exported else 'reused (same checkpoint)'}")
-    data = render_conditions(args.frames)
+    data = render_conditions(stream, args.frames)
     runs = []
     for name in methods:
         print(f"{name}:", flush=True)
         with kept_torch_threads():
-            runs.append(run_method(makers[name](), data, args.rounds))
+            runs.append(run_method(makers[name](), data, stream, args.rounds))
     fps: dict[str, list[float]] = {"without": [], "with": []}
     worker = None
     if args.fps_rounds:
         with tempfile.TemporaryDirectory() as tmp, kept_torch_threads():
-            video = write_video(data, Path(tmp) / "rounds.avi", args.fps_loops)
+            video = write_video(data, stream, Path(tmp) / "rounds.avi", args.fps_loops)
             for _ in range(args.fps_rounds):
                 fps["without"].append(stream_fps(bundle, video, None)[0])
                 value, worker = stream_fps(bundle, video, options)
                 fps["with"].append(value)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(runs, args.rounds, RESULTS / f"{args.name}.png")
+    plot(runs, stream, args.rounds, RESULTS / f"{args.name}.png")
     package = meta["adaptation"].get("package", {}).get("summary", {})
     body = report(
-        runs, args.rounds, args.frames, options, fps, worker, package,
+        runs, stream, args.rounds, args.frames, options, fps, worker, package,
         name=args.name, model=model_description(args.checkpoint),
     )  # fmt: skip
     path = write_results(args.name, "On-device adaptation (bench/tta/)", body)

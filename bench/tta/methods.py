@@ -110,17 +110,21 @@ class Tent(TorchModel):
         super().__init__(checkpoint)
         self.name = name
         self.model.requires_grad_(False)
-        params = []
         for m in self.model.batchnorms():
             m.train()
             m.track_running_stats = False
             m.running_mean, m.running_var = None, None
-            m.weight.requires_grad_(True)
-            m.bias.requires_grad_(True)
-            params += [m.weight, m.bias]
+        params = [p for m in self.trained_batchnorms() for p in (m.weight, m.bias)]
+        for p in params:
+            p.requires_grad_(True)
         self.model.freeze_bn = False
         self.optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
         self._logits: torch.Tensor | None = None
+
+    def trained_batchnorms(self) -> list[torch.nn.BatchNorm2d]:
+        """The BN layers whose affine parameters train (all of them in TENT); every BN layer
+        normalizes with the frame's own statistics either way."""
+        return self.model.batchnorms()
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         # predict_logits runs without gradient; the entropy step needs this forward's graph,
@@ -163,6 +167,8 @@ class Ours(Runtime):
             "syncs": s.syncs,
             "sync failures": s.sync_failures,
             "shifts": s.shifts,
+            "switches": s.switches,
+            "home frames": s.home,
         }
 
 
@@ -179,6 +185,8 @@ def method_makers(
     checkpoint: Path, bundle: Path, options: AdaptOptions
 ) -> dict[str, Callable[[], Method]]:
     """Every method by name, each made on demand from the same source weights."""
+    from bench.tta.baselines import SAR, CoTTA, RDumb  # imports this module
+
     return {
         "none": lambda: Runtime(bundle),
         "bn_stats": lambda: BNStats(checkpoint, options.bn_momentum),
@@ -186,6 +194,7 @@ def method_makers(
         "ours": lambda: Ours(bundle, options),
         "ours_every_frame": lambda: Ours(bundle, replace(options, every=1), "ours_every_frame"),
         "ours_every_64": lambda: Ours(bundle, replace(options, every=64), "ours_every_64"),
+        "ours_no_bank": lambda: Ours(bundle, replace(options, bank_size=0), "ours_no_bank"),
         # ablations (python -m bench.tta --methods ... --fps-rounds 0 --name tta_ablation)
         "ours_bn_stats_only": lambda: Ours(
             bundle, replace(options, weak_weight=0.0), "ours_bn_stats_only"
@@ -197,4 +206,8 @@ def method_makers(
             bundle, replace(options, bn_prior=0.3), "ours_bn_prior_0.3"
         ),
         "tent_lr_1e-4": lambda: Tent(checkpoint, TENT_LR_LOW, "tent_lr_1e-4"),
+        # continual TTA baselines (bench/tta/baselines.py)
+        "cotta": lambda: CoTTA(checkpoint),
+        "sar": lambda: SAR(checkpoint),
+        "rdumb": lambda: RDumb(checkpoint),
     }

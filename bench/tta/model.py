@@ -15,8 +15,9 @@ DEFAULT_SOURCE = BENCH_WORK / "adapt_v2/data/source"
 
 def ensure_bundle(checkpoint: Path, source_data: Path, bundle: Path) -> tuple[dict, bool]:
     """The bundle of `checkpoint` with its adaptation package from `source_data` at `bundle`:
-    the one there when its meta.json records this checkpoint (sha256) and source data, else a
-    fresh export. Returns (meta, exported now)."""
+    the one there when its meta.json records this checkpoint (sha256) and source data and its
+    package has the home calibration (tta.bank), else a fresh export. Returns (meta, exported
+    now)."""
     try:
         meta = load_meta(bundle)
     except BundleError:
@@ -27,7 +28,12 @@ def ensure_bundle(checkpoint: Path, source_data: Path, bundle: Path) -> tuple[di
             "source" in package
             and Path(str(package["source"])).resolve() == Path(source_data).resolve()
         )
-        if meta["checkpoint"].get("sha256") == sha256_file(checkpoint) and same_source:
+        calibrated = (package.get("summary") or {}).get("home_radius") is not None
+        if (
+            meta["checkpoint"].get("sha256") == sha256_file(checkpoint)
+            and same_source
+            and calibrated
+        ):
             return meta, False
     export_bundle(checkpoint, bundle, source_data=source_data, force=True)
     return load_meta(bundle), True

@@ -10,19 +10,25 @@ import cv2
 import numpy as np
 
 from adapt_deploy.tta.options import AdaptOptions
-from bench.tta.conditions import CONDITIONS, SIZE
+from bench.tta.conditions import CLEAN, Stream
 from bench.tta.runner import Run
 
+MEAN_MARGIN = 1.5  # goal: ours' mean >= the best baseline's + this
+CLEAN_SLACK = 0.5  # goal: ours on the clean target >= none's - this, per round and at the end
+ROUND_SLACK = 1.0  # goal: ours' last round >= its first - this
 
-def plot(runs: list[Run], rounds: int, path: Path) -> None:
+
+def plot(runs: list[Run], stream: Stream, rounds: int, path: Path) -> None:
     """Online mIoU per (round, condition) segment, one line per method, as a PNG (OpenCV)."""
     width, height, margin = 960, 420, 60
     canvas = np.full((height, width, 3), 255, np.uint8)
-    segments = rounds * len(CONDITIONS)
+    names = stream.names
+    segments = rounds * len(names)
     values = [v for run in runs for v in run.miou.values()]
     low, high = math.floor(min(values) / 5) * 5, math.ceil(max(values) / 5) * 5
     colours = [
-        (120, 120, 120), (200, 130, 0), (0, 140, 255), (40, 40, 220), (0, 160, 0), (170, 0, 170)
+        (120, 120, 120), (200, 130, 0), (0, 140, 255), (40, 40, 220), (0, 160, 0), (170, 0, 170),
+        (0, 110, 110), (140, 70, 20), (230, 0, 120),
     ]  # fmt: skip
 
     def xy(i: float, v: float) -> tuple[int, int]:
@@ -36,25 +42,26 @@ def plot(runs: list[Run], rounds: int, path: Path) -> None:
         cv2.line(canvas, xy(0, v), xy(segments - 1, v), (225, 225, 225), 1)
         cv2.putText(canvas, str(v), (10, xy(0, v)[1] + 4), font, 0.4, (0, 0, 0), 1)
     for r in range(rounds):
-        x = xy(r * len(CONDITIONS), low)[0]
+        x = xy(r * len(names), low)[0]
         cv2.putText(canvas, f"r{r + 1}", (x, height - margin + 18), font, 0.4, (0, 0, 0), 1)
     for k, run in enumerate(runs):
         colour = colours[k % len(colours)]
         points = [
-            xy(r * len(CONDITIONS) + c, run.miou[(r, name)])
+            xy(r * len(names) + c, run.miou[(r, name)])
             for r in range(rounds)
-            for c, (name, _, _) in enumerate(CONDITIONS)
+            for c, name in enumerate(names)
         ]
         cv2.polylines(canvas, [np.array(points, np.int32)], False, colour, 2, cv2.LINE_AA)
         cv2.putText(canvas, run.name, (label_x, 25), font, 0.5, colour, 2)
         label_x += cv2.getTextSize(run.name, font, 0.5, 2)[0][0] + 20
-    title = "online mIoU per condition (target, fog, night, rain, snow) and round"
+    title = f"online mIoU per condition ({', '.join(names)}) and round"
     cv2.putText(canvas, title, (margin, height - 15), font, 0.45, (0, 0, 0), 1)
     cv2.imwrite(str(path), canvas[:, :, ::-1])
 
 
 def report(
     runs: list[Run],
+    stream: Stream,
     rounds: int,
     frames: int,
     options: AdaptOptions,
@@ -66,15 +73,15 @@ def report(
 ) -> str:
     """The results Markdown; `name` is the results name (the plot is `name`.png beside it),
     `model` says which checkpoint the methods started from."""
-    names = [c for c, _, _ in CONDITIONS]
+    names = stream.names
     base = {r.name: r for r in runs}.get("none")
     threads = "leaves torch's thread count" if options.threads is None else (
         f"runs torch on {options.threads} thread{'s' if options.threads != 1 else ''}"
     )  # fmt: skip
     lines = [
-        f"Stream: {len(CONDITIONS)} conditions x {frames} frames at {SIZE[0]}x{SIZE[1]}, "
-        f"{rounds} rounds ({rounds * len(CONDITIONS) * frames} frames per method); every frame "
-        f"scored before its update. Model: {model}.",
+        f"Stream: {stream.describe(frames, rounds)}; every frame scored before its update; "
+        f"then the {CLEAN} frames once more, run the same way ('{CLEAN} at end'). "
+        f"Model: {model}.",
         "",
         f"Default setting (ours): `{options}`",
         "",
@@ -84,7 +91,7 @@ def report(
         "## Mean online mIoU",
         "",
     ]
-    columns = ["method", "mean", "round 1", "last round", "last - first", "clean target at end"]
+    columns = ["method", "mean", "round 1", "last round", "last - first", f"{CLEAN} at end"]
     columns += (["vs none"] if base else []) + ["seconds", "counts"]
     lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for run in runs:
@@ -98,6 +105,7 @@ def report(
             cells.append(f"{run.clean_end - base.clean_end:+.1f}")
         cells += [f"{run.seconds:.0f}", counts]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += goals(runs, rounds)
     lines += ["", "## Per condition (mean over rounds) and per round", ""]
     lines += ["| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for run in runs:
@@ -127,3 +135,42 @@ def report(
     lines += ["## Source statistics in the bundle (adaptation package)", ""]
     lines += [f"- {k}: {v}" for k, v in package.items()]
     return "\n".join(lines)
+
+
+def goals(runs: list[Run], rounds: int) -> list[str]:
+    """The issue's goals for `ours` against the others (none of whose names start with
+    'ours'), as Markdown lines; nothing when ours or none did not run."""
+    by_name = {r.name: r for r in runs}
+    ours, none = by_name.get("ours"), by_name.get("none")
+    baselines = [r for r in runs if not r.name.startswith("ours")]
+    if ours is None or none is None:
+        return []
+    best = max(baselines, key=lambda r: r.mean())
+    clean_rounds = [ours.miou[(r, CLEAN)] - none.miou[(r, CLEAN)] for r in range(rounds)]
+    worst = int(np.argmin(clean_rounds))
+    first, last = ours.round_mean(0), ours.round_mean(rounds - 1)
+    checks = [
+        (
+            f"mean >= best baseline ({best.name}, {best.mean():.1f}) + {MEAN_MARGIN}",
+            ours.mean() - best.mean() >= MEAN_MARGIN,
+            f"{ours.mean():.1f} ({ours.mean() - best.mean():+.1f})",
+        ),
+        (
+            f"{CLEAN} per round >= none - {CLEAN_SLACK}",
+            clean_rounds[worst] >= -CLEAN_SLACK,
+            f"worst round r{worst + 1}: {clean_rounds[worst]:+.1f}",
+        ),
+        (
+            f"{CLEAN} at end >= none - {CLEAN_SLACK}",
+            ours.clean_end - none.clean_end >= -CLEAN_SLACK,
+            f"{ours.clean_end:.1f} vs {none.clean_end:.1f}",
+        ),
+        (
+            f"last round >= first round - {ROUND_SLACK}",
+            last - first >= -ROUND_SLACK,
+            f"{last:.1f} vs {first:.1f}",
+        ),
+    ]
+    lines = ["", "Goals (ours):", ""]
+    lines += [f"- {text}: {'met' if ok else 'MISSED'} ({value})" for text, ok, value in checks]
+    return lines

@@ -1,5 +1,11 @@
 """The protocol: every frame scored before that frame's update, round after round; then the
-clean target frames re-scored with the final weights."""
+drive ends in clear weather: the clean target frames once more, run as in the stream (scored,
+then learned from), the measure of what adapting to the stream cost the clear-weather driver.
+
+(Until session 13 the end pass re-scored the target with the final weights frozen. A method
+that serves each condition its own state must see the frames to choose one, as it does in a
+car, where adaptation never stops at the end of bad weather; the frozen re-score measured the
+snow state on clear frames.)"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import numpy as np
 import torch
 
 from adapt_deploy.engine.evaluate import mean_iou
-from bench.tta.conditions import CONDITIONS, NUM_CLASSES, confusion
+from bench.tta.conditions import CLEAN, NUM_CLASSES, Stream, confusion
 from bench.tta.methods import Method
 
 
@@ -33,28 +39,29 @@ class Run:
         return float(np.mean([v for (rr, _), v in self.miou.items() if rr == r]))
 
 
-def run_method(method: Method, data: dict[str, tuple[np.ndarray, np.ndarray]], rounds: int) -> Run:
+def run_method(
+    method: Method, data: dict[str, tuple[np.ndarray, np.ndarray]], stream: Stream, rounds: int
+) -> Run:
     run = Run(method.name)
     start = time.perf_counter()
     for r in range(rounds):
-        for name, _, _ in CONDITIONS:
-            images, labels = data[name]
-            total = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
-            for image, label in zip(images, labels, strict=True):
-                total += confusion(label, method.predict(image))
-                method.learn(image)
-            run.miou[(r, name)] = 100 * mean_iou(total)
+        for name in stream.names:
+            run.miou[(r, name)] = online_miou(method, *data[name])
         print(f"  {method.name} round {r + 1}/{rounds}: {run.round_mean(r):.1f} mIoU", flush=True)
     run.seconds = time.perf_counter() - start
-    images, labels = data["target"]
-    total = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
-    for image, label in zip(images, labels, strict=True):
-        with torch.no_grad():
-            total += confusion(label, method.predict(image))
-    run.clean_end = 100 * mean_iou(total)
+    run.clean_end = online_miou(method, *data[CLEAN])
     run.counts = method.counts()
     method.close()
     return run
+
+
+def online_miou(method: Method, images: np.ndarray, labels: np.ndarray) -> float:
+    """mIoU (%) of one segment, every frame scored before the method learns from it."""
+    total = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    for image, label in zip(images, labels, strict=True):
+        total += confusion(label, method.predict(image))
+        method.learn(image)
+    return 100 * mean_iou(total)
 
 
 @contextlib.contextmanager

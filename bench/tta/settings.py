@@ -7,7 +7,7 @@ from dataclasses import fields, replace
 from typing import Any
 
 from adapt_deploy.errors import UserError
-from adapt_deploy.tta.options import AdaptOptions, ResetPolicy, parse_threshold
+from adapt_deploy.tta.options import AdaptOptions, ResetPolicy, parse_home, parse_threshold
 
 
 def _parse_size(text: str) -> tuple[int, int] | None:
@@ -35,6 +35,7 @@ SETTING_PARSERS: dict[str, Callable[[str], Any]] = {
     "reset": ResetPolicy.parse,  # 'collapse', 'periodic:N', 'collapse+periodic:N', 'none'
     "size": _parse_size,
     "threads": _parse_threads,
+    "home_distance": parse_home,  # 'auto' or a distance >= 0
 }
 
 

@@ -15,17 +15,19 @@ from adapt_deploy.runtime import Segmenter
 from adapt_deploy.stream import StreamOptions, stream
 from adapt_deploy.stream.sources import VideoFile
 from adapt_deploy.tta.options import AdaptOptions
-from bench.tta.conditions import CONDITIONS, SIZE
+from bench.tta.conditions import SIZE, Stream
 from bench.tta.methods import make_worker
 
 
-def write_video(data: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, loops: int) -> Path:
+def write_video(
+    data: dict[str, tuple[np.ndarray, np.ndarray]], stream: Stream, path: Path, loops: int
+) -> Path:
     """`loops` rounds of the stream as an MJPG AVI at the dashcam size 256x512 (the frames
     upscaled), so each run lasts long enough to measure the steady state."""
     size = (2 * SIZE[1], 2 * SIZE[0])
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 15.0, size)
     for _ in range(loops):
-        for name, _, _ in CONDITIONS:
+        for name in stream.names:
             for image in data[name][0]:
                 big = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
                 writer.write(cv2.cvtColor(big, cv2.COLOR_RGB2BGR))

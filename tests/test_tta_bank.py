@@ -1,0 +1,203 @@
+"""The condition bank: frames routed home or to their condition's adapted state, each state kept
+while another condition is served and restored exactly when its condition returns, the runtime
+serving the bundle's own weights at home, eviction, and the bank in saved states.
+
+Routing is made deterministic by repeating one frame per condition (its signature is the same
+every time) and, where home matters, by setting the home signature to a chosen frame's."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_tta import SIZE, adapter_for, shifted, varied_scene
+from test_tta import trained as trained  # the module fixture: a tiny trained bundle
+
+from adapt_deploy.bundle.meta import load_meta
+from adapt_deploy.errors import UserError
+from adapt_deploy.export.adaptation_package import load_package
+from adapt_deploy.models.checkpoints import load_checkpoint
+from adapt_deploy.runtime import Segmenter
+from adapt_deploy.tta.adapter import OnlineAdapter
+from adapt_deploy.tta.bank import HOME, ConditionBank, distance
+from adapt_deploy.tta.state import load_state, resume, save_state
+from adapt_deploy.tta.sync import make_sync
+from adapt_deploy.tta.worker import AdaptWorker
+
+
+def _frames() -> dict[str, np.ndarray]:
+    """One frame per condition: the source look (home), a bluer dusk, a dark night."""
+    clear = varied_scene(np.random.default_rng(3), *SIZE)[0]
+    night = (clear.astype(np.float32) * 0.25).astype(np.uint8)
+    return {"home": clear, "dusk": shifted(clear), "night": night}
+
+
+def _live(adapter: OnlineAdapter) -> dict[str, dict[str, torch.Tensor]]:
+    return {r: {k: v.detach().clone() for k, v in t.items()} for r, t in adapter.changing.items()}
+
+
+def _same(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> bool:
+    return all(torch.equal(a[r][k], b[r][k]) for r in a for k in a[r])
+
+
+def _banked(bundle: Path, **options) -> OnlineAdapter:
+    """An adapter with a bank whose home is exactly the `home` frame's signature."""
+    adapter = adapter_for(bundle, bank_size=options.pop("bank_size", 4), **options)
+    assert adapter.bank is not None
+    adapter.bank.home = adapter._probe(adapter.prepare(_frames()["home"]))[0]
+    adapter.bank.home_distance = 0.05
+    return adapter
+
+
+def test_the_test_frames_are_distinct_conditions(trained):
+    bundle, _ = trained
+    adapter = _banked(bundle)
+    signature = {k: adapter._probe(adapter.prepare(v))[0] for k, v in _frames().items()}
+    assert distance(signature["dusk"], signature["night"]) > 0.5
+    for name in ("dusk", "night"):
+        assert distance(signature[name], signature["home"]) > 0.5
+
+
+def test_home_frames_are_served_the_source_state_and_teach_nothing(trained):
+    bundle, _ = trained
+    adapter = _banked(bundle)
+    source = _live(adapter)
+    report = adapter.step(_frames()["home"])
+    assert report.observation is None and report.condition == HOME and report.switched is None
+    assert adapter.counters.updates == 0 and _same(_live(adapter), source)
+    for _ in range(3):
+        report = adapter.step(_frames()["dusk"])
+    assert report.observation is not None and adapter.counters.updates == 3
+    assert not _same(_live(adapter), source)
+    back = adapter.step(_frames()["home"])
+    assert back.switched == HOME and back.observation is None
+    assert _same(_live(adapter), source)  # the source state again, exactly
+
+
+def test_a_returning_condition_gets_its_own_state_back_exactly(trained):
+    bundle, _ = trained
+    adapter = _banked(bundle)
+    frames = _frames()
+    first = adapter.step(frames["dusk"])
+    assert first.switched == "condition 0 (new)" and first.condition == "condition 0"
+    adapter.step(frames["dusk"])
+    dusk = _live(adapter)
+    night = adapter.step(frames["night"])
+    assert night.switched == "condition 1 (new)"
+    assert adapter.optimizer.state  # the night update ran with a fresh optimizer
+    adapter.step(frames["night"])
+    night_state = _live(adapter)
+    route = adapter.route(adapter.prepare(frames["dusk"]))  # what step() does first
+    assert route is not None and route.key == 0 and not route.new
+    assert adapter._switch(route) == "condition 0"
+    assert _same(_live(adapter), dusk)  # exactly as it was left
+    assert adapter.bank is not None and _same(adapter.bank.entries[1].state, night_state)
+    assert adapter.step(frames["dusk"]).switched is None  # already served
+
+
+def test_without_a_bank_every_condition_shares_one_state(trained):
+    bundle, _ = trained
+    adapter = adapter_for(bundle)  # bank_size 0
+    frames = _frames()
+    reports = [adapter.step(frames[name]) for name in ("home", "dusk", "night")]
+    assert [r.condition for r in reports] == ["all"] * 3
+    assert all(r.switched is None and r.observation is not None for r in reports)
+    assert adapter.counters.updates == 3
+
+
+def test_the_least_recently_used_condition_gives_way():
+    bank = ConditionBank(capacity=2, condition_distance=0.1)
+    fresh = {"student": {"w": torch.zeros(2)}}
+    a, b, c = (torch.full((4,), float(v)) for v in (1, 2, 3))
+    assert bank.route(a, fresh).new and bank.route(b, fresh).new
+    assert bank.route(a, fresh).key == 0  # a used after b: b is now the least recent
+    route = bank.route(c, fresh)
+    assert route.new and route.key == 2 and route.evicted == 1
+    assert sorted(bank.entries) == [0, 2]
+    assert bank.route(b, fresh).evicted == 0  # b is new again; a was least recent
+    near = bank.route(c + 0.05, fresh)
+    assert near.key == 2 and not near.new and near.distance == pytest.approx(0.05)
+
+
+def test_no_home_without_a_calibrated_signature():
+    bank = ConditionBank(capacity=2, home=None, home_distance=10.0)
+    assert bank.route(torch.zeros(4), {"student": {}}).key == 0
+
+
+def test_the_runtime_runs_the_bundles_weights_again_at_home(trained):
+    bundle, _ = trained
+    adapter = _banked(bundle, every=1)
+    frames = _frames()
+    with Segmenter.from_bundle(bundle, "onnxruntime", "cpu", "fp32", threads=1) as seg:
+        source_out = seg(frames["dusk"])
+        model, config = load_checkpoint(load_package(bundle, load_meta(bundle)).checkpoint)
+        worker = AdaptWorker(adapter, make_sync(seg, model, config.input), inline=True)
+        for i in range(3):
+            worker.offer(frames["dusk"], source_out.presence, i)
+        assert not np.allclose(seg(frames["dusk"]).presence, source_out.presence, atol=1e-4)
+        worker.offer(frames["home"], source_out.presence, 3)
+        events = worker.events()
+        assert {"event": "switch", "frame": 3, "serving": HOME} in events
+        assert events[-1]["event"] == "sync"
+        np.testing.assert_allclose(seg(frames["dusk"]).presence, source_out.presence, atol=1e-5)
+        assert worker.summary.home == 1 and worker.summary.adapted == 3
+        assert worker.summary.switches == 2  # into condition 0, then home
+        worker.close()
+
+
+def test_the_bank_is_saved_and_resumed(trained, tmp_path):
+    bundle, _ = trained
+    adapter = _banked(bundle)
+    frames = _frames()
+    for name in ("dusk", "night", "night"):
+        adapter.step(frames[name])
+    path = tmp_path / "state.pt"
+    save_state(adapter, path)
+    again = _banked(bundle)
+    assert resume(again, path)
+    assert again.active == 1 and again.bank is not None and sorted(again.bank.entries) == [0, 1]
+    assert again.bank.clock == 3 and again.bank.next_key == 2
+    for key, entry in adapter.bank.entries.items():
+        assert _same(again.bank.entries[key].state, entry.state)
+        assert torch.equal(again.bank.entries[key].signature, entry.signature)
+    assert _same(_live(again), _live(adapter))
+    switched = again.step(frames["dusk"]).switched
+    assert switched == "condition 0"  # dusk's saved state, not a new entry
+
+
+def test_a_version_1_state_resumes_without_a_bank(trained, tmp_path):
+    bundle, _ = trained
+    adapter = _banked(bundle)
+    adapter.step(_frames()["dusk"])
+    state = adapter.state_dict()
+    state["version"] = 1
+    del state["bank"], state["active"]
+    path = tmp_path / "v1.pt"
+    torch.save(state, path)
+    again = _banked(bundle)
+    assert resume(again, path) and again.active is None
+    assert again.bank is not None and not again.bank.entries
+    assert again.step(_frames()["home"]).switched == HOME  # its live weights belong nowhere
+
+
+@pytest.mark.parametrize(
+    ("damage", "field"),
+    [
+        (lambda b: b["entries"][0].update(signature=torch.zeros(3)), "bank.entries[0].signature"),
+        (lambda b: b["entries"][0]["state"]["teacher"].popitem(), "bank.entries[0].state.teacher"),
+        (lambda b: b.update(clock="soon"), "'bank'"),
+    ],
+)
+def test_a_damaged_bank_names_its_field(trained, tmp_path, damage, field):
+    bundle, _ = trained
+    adapter = _banked(bundle)
+    adapter.step(_frames()["dusk"])
+    state = adapter.state_dict()
+    damage(state["bank"])
+    path = tmp_path / "bad.pt"
+    torch.save(state, path)
+    with pytest.raises(UserError, match=r"bad\.pt: field .*" + re.escape(field)):
+        load_state(path, _banked(bundle))
