@@ -46,10 +46,14 @@ def write_results(name: str, title: str, body: str, directory: Path = RESULTS) -
 
 
 def random_bundle(
-    width: int = 16, size: tuple[int, int] = (256, 512), source: Path | None = None
+    width: int = 16,
+    size: tuple[int, int] = (256, 512),
+    source: Path | None = None,
+    backbone: str = "resnet18",
 ) -> Path:
-    """A randomly initialised DeepLab-v2 ResNet-18 at `width` (seed 0) exported with `size` =
-    (H, W) as its evaluation size, written once under bench/.work/bundles/ and reused: for
+    """A randomly initialised DeepLab-v2 (`backbone`, ResNet-18 by default) at `width` (seed 0)
+    exported with `size` = (H, W) as its evaluation size, written once under
+    bench/.work/bundles/ and reused: for
     benchmarks of speed and memory, which do not depend on the weights. With `source` (a
     labelled GTA5-layout directory) the bundle also gets the adaptation package that
     `stream --adapt` needs (source statistics over its images); the same weights and graph."""
@@ -59,7 +63,8 @@ def random_bundle(
     from adapt_deploy.export.pipeline import export_bundle
     from adapt_deploy.models.checkpoints import build_model, checkpoint_meta, save_checkpoint
 
-    name = f"r18w{width}_{size[0]}x{size[1]}" + ("_adapt" if source is not None else "")
+    short = "r18" if backbone == "resnet18" else backbone.replace("resnet", "r")
+    name = f"{short}w{width}_{size[0]}x{size[1]}" + ("_adapt" if source is not None else "")
     bundle = WORK / "bundles" / name
     if (bundle / "meta.json").is_file():
         return bundle
@@ -68,7 +73,7 @@ def random_bundle(
         {
             "name": f"bench_random_{name}",
             "input": RGB_INPUT,
-            "model": {"backbone": "resnet18", "width": width, "num_classes": 19},
+            "model": {"backbone": backbone, "width": width, "num_classes": 19},
             "data": {
                 "val": {"kind": "cityscapes", "root": ".", "split": "val", "size": list(size)},
                 **(

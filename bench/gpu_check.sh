@@ -17,6 +17,8 @@
 #   inference   bench.inference's GPU rows (ResNet-101, 512x1024)
 #   train_speed bench.train_speed, when it exists (the GPU-speed issue)
 #   stream      bench.stream on the torch backend (the GPU when one is visible)
+#   tta_cost    bench.tta_cost: stream frames/s with and without adapting every 4th frame
+#               (ResNet-101, 512x1024, the torch backend): issue 20's cost goal
 # A failing or timed-out step is recorded and the next one runs. RESULTS_DIR gets one log per
 # step, summary.md (step, status, seconds) and a copy of the bench/results files written; the
 # summary, with the GPU's name, is also written to bench/results/gpu_check.md.
@@ -101,6 +103,7 @@ else
   echo "| train_speed | not run: bench/train_speed.py does not exist yet | 0 | |" >>"$SUMMARY"
 fi
 run_step stream 90 "$PYTHON" -m bench.stream --backend torch --frames 600 --rounds 2
+run_step tta_cost 120 "$PYTHON" -m bench.tta_cost --rounds 2
 
 # The bench results this run wrote, next to the logs; the summary into bench/results.
 find bench/results -maxdepth 1 -type f -newer "$MARKER" -exec cp {} "$RESULTS_DIR/results/" \;

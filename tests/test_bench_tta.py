@@ -176,3 +176,33 @@ def test_report_compares_with_none_when_it_ran() -> None:
 def test_model_description_names_a_given_checkpoint(tmp_path: Path) -> None:
     assert "seed 0" in model_description(DEFAULT_CHECKPOINT)
     assert model_description(tmp_path / "m.pt") == f"checkpoint {tmp_path / 'm.pt'}"
+
+
+# --------------------------------------------------------------------------------------------
+# bench.tta_cost
+# --------------------------------------------------------------------------------------------
+
+
+def _cost_report(without: float, with_: float, adapted: int, due: int) -> str:
+    from adapt_deploy.tta.worker import AdaptSummary
+    from bench.tta_cost import report as cost_report
+
+    worker = AdaptSummary(due=due, adapted=adapted, skipped_busy=due - adapted)
+    fps = {"without": [without, without + 1, without - 1], "with": [with_]}
+    return cost_report("m", "torch fp16 on cuda:0", AdaptOptions(), fps, worker, "v.mp4")
+
+
+def test_the_cost_goal_needs_the_update_rate_as_well() -> None:
+    assert "cost: 10.0% of frames/s" in _cost_report(100.0, 90.0, 95, 100)
+    assert _cost_report(100.0, 90.0, 95, 100).count(": met") == 1
+    assert "not shown: only 50% of due frames" in _cost_report(100.0, 90.0, 50, 100)
+    assert "MISSED" in _cost_report(100.0, 80.0, 100, 100)
+
+
+def test_cost_sizes_are_parsed_strictly() -> None:
+    from bench.tta_cost import parse_size
+
+    assert parse_size("512x1024") == (512, 1024)
+    for bad in ("512", "0x10", "ax2", "512x1024x3"):
+        with pytest.raises(ValueError, match="--size"):
+            parse_size(bad)
