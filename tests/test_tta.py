@@ -330,6 +330,23 @@ def test_adaptation_flags_without_adapt_are_refused(tiny_bundle, tmp_path):
     result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, UserError)
     assert "only apply with --adapt" in str(result.exception)
+    result = CliRunner().invoke(app, [*args[:-2], "--adapt-bank", "3"])
+    assert "--adapt-bank only apply with --adapt" in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--adapt-home", "near", "--adapt-home: expected 'auto' or a distance >= 0, got 'near'"),
+        ("--adapt-home", "-1", "--adapt-home: expected 'auto' or a distance >= 0, got '-1'"),
+        ("--adapt-bank", "-2", "--adapt-bank must be >= 0, got -2"),
+    ],
+)
+def test_bad_bank_flags_are_named(tiny_bundle, tmp_path, flag, value, says):
+    video = _video(tmp_path / "drive.avi", 3)
+    args = ["stream", str(video), "--bundle", str(tiny_bundle), "--adapt", flag, value]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, UserError) and str(result.exception) == says
 
 
 def test_a_source_without_usable_frames_writes_nothing(trained, tmp_path):
