@@ -148,14 +148,18 @@ def test_a_forced_collapse_resets_to_the_source_weights(trained):
     # entropy minimization at a huge lr on every weight: the way TENT-like updates collapse
     adapter = adapter_for(bundle, params="all", lr=50.0, entropy_weight=1.0, restore=0.0, ema=0.0)
     rng = np.random.default_rng(6)
-    reports = [adapter.step(shifted(varied_scene(rng, *SIZE)[0])) for _ in range(8)]
-    resets = [r.reset for r in reports if r.reset]
-    assert resets and resets[0].startswith("collapse")
-    assert adapter.counters.resets >= 1 and adapter.counters.collapses >= 1
-    after = reports.index(next(r for r in reports if r.reset))
-    if after == len(reports) - 1:  # the reset was the last step: the weights are the source's
-        for name, value in adapter.teacher.state_dict().items():
-            torch.testing.assert_close(value, adapter.source_state[name])
+    # the smoothed class count (0.8) falls below half the source's about 8 steps after the
+    # collapse starts: 12 steps leave room
+    reports = []
+    for _ in range(12):
+        reports.append(adapter.step(shifted(varied_scene(rng, *SIZE)[0])))
+        if reports[-1].reset:
+            break
+    reset = reports[-1].reset
+    assert reset and reset.startswith("collapse")
+    assert adapter.counters.resets == 1 and adapter.counters.collapses == 1
+    for name, value in adapter.teacher.state_dict().items():  # right after it: the source's
+        torch.testing.assert_close(value, adapter.source_state[name])
 
 
 def test_a_periodic_reset_policy(trained):

@@ -20,9 +20,10 @@ from adapt_deploy.bundle.meta import load_meta
 from adapt_deploy.errors import UserError
 from adapt_deploy.export.adaptation_package import load_package
 from adapt_deploy.models.checkpoints import load_checkpoint
+from adapt_deploy.models.signature import distance
 from adapt_deploy.runtime import Segmenter
 from adapt_deploy.tta.adapter import OnlineAdapter
-from adapt_deploy.tta.bank import HOME, ConditionBank, distance
+from adapt_deploy.tta.bank import HOME, ConditionBank
 from adapt_deploy.tta.state import load_state, resume, save_state
 from adapt_deploy.tta.sync import make_sync
 from adapt_deploy.tta.worker import AdaptWorker

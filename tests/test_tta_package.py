@@ -35,10 +35,10 @@ from adapt_deploy.export.source_stats import (
 )
 from adapt_deploy.labels import TRAIN_TO_LABEL_LUT
 from adapt_deploy.models.checkpoints import load_checkpoint
+from adapt_deploy.models.signature import SignatureProbe
 from adapt_deploy.progress import Reporter
 from adapt_deploy.runtime.torch_backend import TorchBackend, find_checkpoint
 from adapt_deploy.tta.adapter import OnlineAdapter
-from adapt_deploy.tta.bank import SignatureProbe
 from adapt_deploy.tta.options import AdaptOptions
 
 PRESENT = sorted(BANDS)

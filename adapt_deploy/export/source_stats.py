@@ -32,9 +32,9 @@ from adapt_deploy.data.normalize import normalize
 from adapt_deploy.errors import UserError
 from adapt_deploy.labels import IGNORE_INDEX
 from adapt_deploy.models.deeplab import DeepLab
+from adapt_deploy.models.signature import SignatureProbe
 from adapt_deploy.ops.pooling import attention_pool, lse_pool
 from adapt_deploy.progress import Reporter
-from adapt_deploy.tta.bank import SignatureProbe
 
 HOME_QUANTILE = 0.99  # the home radius holds this share of the source images' signatures
 

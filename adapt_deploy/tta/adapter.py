@@ -47,12 +47,13 @@ from adapt_deploy.data.normalize import normalize
 from adapt_deploy.export.source_stats import SourceStats
 from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.models.prediction import predicted_classes
+from adapt_deploy.models.signature import SignatureProbe
 from adapt_deploy.ops.pooling import attention_pool, lse_pool
 from adapt_deploy.runtime import graph_policy
 from adapt_deploy.runtime.cuda_graphs import GraphedForward
 from adapt_deploy.runtime.graph_policy import graphs_env_off
 from adapt_deploy.runtime.torch_inference import LogitsInference, check_precision
-from adapt_deploy.tta.bank import HOME, ConditionBank, Route, SignatureProbe
+from adapt_deploy.tta.bank import HOME, ConditionBank, Route
 from adapt_deploy.tta.bn import MixedBatchNorm2d, deployed_statistics, mix_batchnorms, set_adapting
 from adapt_deploy.tta.options import AdaptOptions
 from adapt_deploy.tta.safety import (

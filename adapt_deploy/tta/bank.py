@@ -15,56 +15,27 @@ is a snow model, and the first clear-weather frames pay for it. Instead the adap
   (least-recently-used eviction: the entry in use was used last, so it stays unless the bank
   holds one entry).
 
-The **signature** of a frame is what the first BatchNorm sees: per channel of the stem
-convolution's output, its mean and log standard deviation over the frame, in units of the
-layer's running statistics,
-
-    v = ((μ_frame − μ_run) / σ_run,  log(σ_frame / σ_run))
-
-Distances are the root mean square over the 2·channels values. Weather moves these a lot (fog
-lifts the mean, night lowers it, rain and snow add variance), scene content less. Measured on
-the benchmark's source-only model (bench/tta, stream 'drive', 128×256): frames of one condition
-lie within 0.13 of their condition's mean and conditions lie 0.21 or more apart, hence the
-default `condition_distance` 0.15; the source images' home radius is 0.38, source-style video
-frames lie 0.17-0.23 from the home signature, the nearest other condition 0.43 or more.
+The **signature** of a frame (`models.signature`) is what the first BatchNorm sees: per channel
+of the stem convolution's output, the frame's mean and log standard deviation in units of the
+layer's running statistics. Measured on the benchmark's source-only model (bench/tta, stream
+'drive', 128×256): frames of one condition lie within 0.13 of their condition's mean and
+conditions lie 0.21 or more apart, hence the default `condition_distance` 0.15; the source
+images' home radius is 0.39, source-style video frames lie 0.17-0.23 from the home signature,
+the nearest other condition 0.43 or more. The stem does not tell every condition apart: on
+stream 'second', light rain, noise and motion blur lie 0.06-0.11 from the clean target and
+share its state.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+
+from adapt_deploy.models.signature import distance
 
 HOME = "home"
-
-
-class SignatureProbe:
-    """Frames → signatures (see the module docstring), from a copy of the source model's stem
-    convolution and its first BatchNorm's running statistics, so adapting never moves them."""
-
-    def __init__(self, stem: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-        assert bn.running_mean is not None and bn.running_var is not None
-        self.stem = copy.deepcopy(stem).eval().requires_grad_(False)
-        self.mean = bn.running_mean.detach().clone()
-        self.var = bn.running_var.detach().clone()
-        self.eps = bn.eps
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The signatures (N, 2·channels) float32, on the CPU, of network inputs (N, 3, h, w)."""
-        y = self.stem(x).float()
-        var, mean = torch.var_mean(y, dim=(2, 3), unbiased=False)
-        shift = (mean - self.mean) / (self.var + self.eps).sqrt()
-        scale = 0.5 * torch.log((var + self.eps) / (self.var + self.eps))
-        return torch.cat([shift, scale], dim=1).cpu()
-
-
-def distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Root mean square difference of two signatures."""
-    return float((a - b).pow(2).mean().sqrt())
 
 
 @dataclass

@@ -53,7 +53,7 @@ class Stream:
         order = " → ".join(self.names)
         total = frames * rounds * len(self.conditions)
         return (
-            f"stream '{self.name}': {order}, {frames} frames each at {SIZE[0]}x{SIZE[1]}, "
+            f"'{self.name}': {order}, {frames} frames each at {SIZE[0]}x{SIZE[1]}, "
             f"{rounds} rounds ({total} frames per method)"
         )
 

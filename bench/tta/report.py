@@ -79,7 +79,7 @@ def report(
         f"runs torch on {options.threads} thread{'s' if options.threads != 1 else ''}"
     )  # fmt: skip
     lines = [
-        f"Stream: {stream.describe(frames, rounds)}; every frame scored before its update; "
+        f"Stream {stream.describe(frames, rounds)}; every frame scored before its update; "
         f"then the {CLEAN} frames once more, run the same way ('{CLEAN} at end'). "
         f"Model: {model}.",
         "",
