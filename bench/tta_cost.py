@@ -42,6 +42,7 @@ from adapt_deploy.tta.session import AdaptSetup, open_adaptation
 from adapt_deploy.tta.worker import AdaptSummary
 from bench.common import random_bundle, write_results
 from bench.stream import dashcam_video, source_data
+from bench.tta.settings import parse_size as parse_hw
 
 GOAL = 0.15
 FULL_RATE = 0.9  # the goal holds for "an update every k-th frame": this share of due frames
@@ -119,11 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """'HxW' → (H, W); ValueError otherwise."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    """'HxW' → (H, W) (bench.tta's --set size parser, without its 'none'); ValueError else."""
+    try:
+        size = parse_hw(text)
+    except ValueError as exc:
+        raise ValueError(f"--size: {exc}") from None
+    if size is None:
         raise ValueError(f"--size: expected HxW, e.g. 512x1024, got {text!r}")
-    return int(parts[0]), int(parts[1])
+    return size
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ of the stem convolution's output, the frame's mean and log standard deviation in
 layer's running statistics. Measured on the benchmark's source-only model (bench/tta, stream
 'drive', 128×256): frames of one condition lie within 0.13 of their condition's mean and
 conditions lie 0.21 or more apart, hence the default `condition_distance` 0.15; the source
-images' home radius is 0.39, source-style video frames lie 0.17-0.23 from the home signature,
+images' home radius is 0.39, source-style video frames lie 0.16-0.23 from the home signature,
 the nearest other condition 0.43 or more. The stem does not tell every condition apart: on
 stream 'second', light rain, noise and motion blur lie 0.06-0.11 from the clean target and
 share its state.

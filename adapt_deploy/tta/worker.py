@@ -7,12 +7,14 @@ counted, when the worker is still busy with an earlier frame or has used its tim
 (busy time at most `budget` of wall time), so adaptation slows the stream by little more than
 its budget. A frame where a shift was detected is never skipped for the budget: the statistics
 of a new condition matter most right after it starts (HAMLET adapts only then), and the
-detector fires at most once per `cooldown` frames. Every `sync_every` updates, and after a
-reset, the teacher is pushed to the runtime; a push the runtime's check rejects rolls the
-adapter back to what the runtime runs. `close()` waits for the update under way, then
-releases the sync (a TensorRT sync holds a standby engine).
-Events (updates, syncs, resets, shifts, errors) queue up for the stream's stats file. With a
-state file, the adapter's state is also saved (atomically) every `save_every` seconds.
+detector fires at most once per `cooldown` frames. Every `sync_every` updates, after a reset
+and whenever the adapter switches the served state (another condition's, or the source's for a
+home frame, which is not learned from), the teacher is pushed to the runtime; a push the
+runtime's check rejects rolls the adapter back to what the runtime runs. `close()` waits for the
+update under way, then releases the sync (a TensorRT sync holds a standby engine).
+Events (updates, switches, syncs, resets, shifts, errors) queue up for the stream's stats
+file. With a state file, the adapter's state is also saved (atomically) every `save_every`
+seconds.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from adapt_deploy.errors import UserError
 from adapt_deploy.tta.options import AdaptOptions, ResetPolicy, parse_home, parse_threshold
 
 
-def _parse_size(text: str) -> tuple[int, int] | None:
+def parse_size(text: str) -> tuple[int, int] | None:
     """'HxW' (or 'H,W') → (H, W); 'none' → None (the bundle's evaluation size)."""
     if text.lower() == "none":
         return None
@@ -33,7 +33,7 @@ def _parse_threads(text: str) -> int | None:
 SETTING_PARSERS: dict[str, Callable[[str], Any]] = {
     "threshold": parse_threshold,  # 'auto' or T in (0, 1)
     "reset": ResetPolicy.parse,  # 'collapse', 'periodic:N', 'collapse+periodic:N', 'none'
-    "size": _parse_size,
+    "size": parse_size,
     "threads": _parse_threads,
     "home_distance": parse_home,  # 'auto' or a distance >= 0
 }
