@@ -38,8 +38,9 @@ Methods, in one run, each from the same source weights:
 - ours_every_frame / ours_every_64 (not run by default): the same with k = 1 (what a faster
   device could afford) and k = 64 (about the rate the time budget leaves on our 2-core CPU at
   full decoding speed, where detected shifts still get their update).
-- ablations, not run by default: ours_bn_stats_only (no gradient: weak-label weight 0),
-  ours_with_entropy (plus the entropy term), ours_bn_prior_0.3 (source prior λ = 0.3), and
+- ablations, not run by default: ours_bn_stats_only (no gradient: weak-label and entropy weights 0),
+  ours_without_entropy (no entropy term; tta_ablation.md, from older defaults, has
+  ours_with_entropy instead), ours_bn_prior_0.3 (source prior λ = 0.3), and
   tent_lr_1e-4 (TENT at the other learning rate it was compared with).
 
 Every frame is scored before that frame's update. Reported: mIoU per condition and round, the

@@ -197,10 +197,10 @@ def method_makers(
         "ours_no_bank": lambda: Ours(bundle, replace(options, bank_size=0), "ours_no_bank"),
         # ablations (python -m bench.tta --methods ... --fps-rounds 0 --name tta_ablation)
         "ours_bn_stats_only": lambda: Ours(
-            bundle, replace(options, weak_weight=0.0), "ours_bn_stats_only"
+            bundle, replace(options, weak_weight=0.0, entropy_weight=0.0), "ours_bn_stats_only"
         ),
-        "ours_with_entropy": lambda: Ours(
-            bundle, replace(options, entropy_weight=1.0), "ours_with_entropy"
+        "ours_without_entropy": lambda: Ours(
+            bundle, replace(options, entropy_weight=0.0), "ours_without_entropy"
         ),
         "ours_bn_prior_0.3": lambda: Ours(
             bundle, replace(options, bn_prior=0.3), "ours_bn_prior_0.3"
