@@ -171,26 +171,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def loop_video(video: Path, loops: int, directory: Path) -> Path:
-    """`video` itself for one loop, else a copy of it `loops` times (OpenCV, same codec)."""
+    """`video` itself for one loop, else `loops` copies of it in one file (OpenCV, mp4v), copied
+    frame by frame so the video is never held in memory."""
     if loops == 1:
         return video
     import cv2
 
-    capture = cv2.VideoCapture(str(video))
-    fps = capture.get(cv2.CAP_PROP_FPS) or 15.0
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
-    capture.release()
-    height, width = frames[0].shape[:2]
     out = directory / f"looped{video.suffix}"
-    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    writer = None
     for _ in range(loops):
-        for frame in frames:
+        capture = cv2.VideoCapture(str(video))
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            if writer is None:
+                fps = capture.get(cv2.CAP_PROP_FPS) or 15.0
+                size = (frame.shape[1], frame.shape[0])
+                writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
             writer.write(frame)
+        capture.release()
+    if writer is None:
+        raise UserError(f"{video}: no frame could be read")
     writer.release()
     return out
 

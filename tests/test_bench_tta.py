@@ -206,3 +206,31 @@ def test_cost_sizes_are_parsed_strictly() -> None:
     for bad in ("512", "0x10", "ax2", "512x1024x3"):
         with pytest.raises(ValueError, match="--size"):
             parse_size(bad)
+
+
+def test_cost_videos_are_looped_frame_by_frame(tmp_path) -> None:
+    import cv2
+
+    from bench.tta_cost import loop_video
+
+    video = tmp_path / "v.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 15.0, (64, 32))
+    for i in range(5):
+        writer.write(np.full((32, 64, 3), 40 * i, np.uint8))
+    writer.release()
+    assert loop_video(video, 1, tmp_path) == video
+    looped = loop_video(video, 3, tmp_path)
+    capture = cv2.VideoCapture(str(looped))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 15
+    capture.release()
+
+
+def test_the_goals_compare_ours_with_the_best_other_method() -> None:
+    from bench.tta.report import goals
+
+    runs = [_run("none", 2, 10.0), _run("sar", 2, 12.0), _run("ours", 2, 13.0)]
+    lines = goals(runs, 2)
+    assert "- mean >= best baseline (sar, 12.5) + 1.5: MISSED (13.5 (+1.0))" in lines
+    assert "- target per round >= none - 0.5: met (worst round r1: +3.0)" in lines
+    assert "- last round >= first round - 1.0: met (14.0 vs 13.0)" in lines
+    assert goals(runs[1:], 2) == []  # no 'none' to compare with

@@ -48,7 +48,7 @@ def _banked(bundle: Path, **options) -> OnlineAdapter:
     """An adapter with a bank whose home is exactly the `home` frame's signature."""
     adapter = adapter_for(bundle, bank_size=options.pop("bank_size", 4), **options)
     assert adapter.bank is not None
-    adapter.bank.home = adapter._probe(adapter.prepare(_frames()["home"]))[0]
+    adapter.bank.home = adapter.signature(adapter.prepare(_frames()["home"]))
     adapter.bank.home_distance = 0.05
     return adapter
 
@@ -56,7 +56,7 @@ def _banked(bundle: Path, **options) -> OnlineAdapter:
 def test_the_test_frames_are_distinct_conditions(trained):
     bundle, _ = trained
     adapter = _banked(bundle)
-    signature = {k: adapter._probe(adapter.prepare(v))[0] for k, v in _frames().items()}
+    signature = {k: adapter.signature(adapter.prepare(v)) for k, v in _frames().items()}
     assert distance(signature["dusk"], signature["night"]) > 0.5
     for name in ("dusk", "night"):
         assert distance(signature[name], signature["home"]) > 0.5

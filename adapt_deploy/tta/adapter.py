@@ -385,11 +385,16 @@ class OnlineAdapter:
     # The condition bank
     # ----------------------------------------------------------------------------------------
 
+    def signature(self, x: torch.Tensor) -> torch.Tensor:
+        """The signature (2·stem channels,) of the network input `x` (1, 3, h, w): what the bank
+        routes by (`models.signature`)."""
+        return self._probe(x)[0]
+
     def route(self, x: torch.Tensor) -> Route | None:
         """Where the network input `x` goes in the bank (None: no bank)."""
         if self.bank is None:
             return None
-        return self.bank.route(self._probe(x)[0], self._source_changing)
+        return self.bank.route(self.signature(x), self._source_changing)
 
     @torch.no_grad()
     def _switch(self, route: Route) -> str | None:

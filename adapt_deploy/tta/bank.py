@@ -17,13 +17,14 @@ is a snow model, and the first clear-weather frames pay for it. Instead the adap
 
 The **signature** of a frame (`models.signature`) is what the first BatchNorm sees: per channel
 of the stem convolution's output, the frame's mean and log standard deviation in units of the
-layer's running statistics. Measured on the benchmark's source-only model (bench/tta, stream
-'drive', 128×256): frames of one condition lie within 0.13 of their condition's mean and
-conditions lie 0.21 or more apart, hence the default `condition_distance` 0.15; the source
-images' home radius is 0.39, source-style video frames lie 0.16-0.23 from the home signature,
-the nearest other condition 0.43 or more. The stem does not tell every condition apart: on
-stream 'second', light rain, noise and motion blur lie 0.06-0.11 from the clean target and
-share its state.
+layer's running statistics. Measured on the benchmark's source-only model
+(`python -m bench.tta.signatures`, bench/results/tta_signatures.md, 128×256): on stream
+'drive', frames of one condition lie within 0.13 of their condition's mean and conditions lie
+0.21 or more apart, hence the default `condition_distance` 0.15; the source images' home
+radius is 0.39, source-style frames lie 0.16-0.21 from the home signature, every other frame
+of both streams 0.44 or more. The stem does not tell every condition apart: on stream
+'second', noise and motion blur lie 0.07-0.09 from the clean target (means) and share its
+state, and fog 1's frames spread up to 0.17 from their mean.
 """
 
 from __future__ import annotations
@@ -89,10 +90,7 @@ class ConditionBank:
             entry.frames += 1
             entry.last_used = self.clock
             return Route(entry.key, nearest[0])
-        evicted = None
-        if len(self.entries) >= self.capacity:
-            evicted = min(self.entries.values(), key=lambda e: e.last_used).key
-            del self.entries[evicted]
+        evicted = self._evict_least_recent() if len(self.entries) >= self.capacity else None
         key = self.next_key
         self.next_key += 1
         state = {role: {k: v.clone() for k, v in t.items()} for role, t in fresh.items()}
@@ -133,4 +131,10 @@ class ConditionBank:
                 int(e["last_used"]),
             )
         while len(self.entries) > self.capacity:
-            del self.entries[min(self.entries.values(), key=lambda e: e.last_used).key]
+            self._evict_least_recent()
+
+    def _evict_least_recent(self) -> int:
+        """Drop the entry used least recently; its key."""
+        key = min(self.entries.values(), key=lambda e: e.last_used).key
+        del self.entries[key]
+        return key
