@@ -13,6 +13,7 @@ import collections
 
 import pytest
 import torch
+from legacy_torch_file import write_torch03_file
 from torch import nn
 from typer.testing import CliRunner
 
@@ -192,6 +193,34 @@ def test_deeplab_v2_prefixes_all_load_the_same_tensors(tmp_path, prefix):
     assert not any(k.endswith("num_batches_tracked") for k in weights)  # old files lack them
     expected = {k for k in build_model(R50).state_dict() if "num_batches" not in k}
     assert set(weights) == expected
+
+
+def _torch04_file(path, state):
+    """PyTorch 0.4 to 1.5 (ADVENT's and weak-da-seg's releases): legacy layout, Python 3."""
+    torch.save(collections.OrderedDict(state), path, _use_new_zipfile_serialization=False)
+    return path
+
+
+@pytest.mark.parametrize("write", [write_torch03_file, _torch04_file], ids=["0.3-py2", "0.4"])
+def test_a_file_in_the_pre_zip_format_loads_with_the_same_logits(tmp_path, write):
+    """The released files predate torch's zip format; 0.3's under Python 2 also use Python 2
+    strings, the first `_rebuild_tensor` and an OrderedDict pickled as a list of pairs."""
+    net = official(multi_level=True)
+    released = {"Scale." + k: v for k, v in net.state_dict().items() if "num_batches" not in k}
+    path = write(tmp_path / "DeepLab_resnet_pretrained.pth", released)
+    raw = path.read_bytes()
+    assert not raw.startswith(b"PK")  # not the zip format
+    if write is write_torch03_file:
+        assert b"_rebuild_tensor\n" in raw and b"U\x12Scale.conv1.weight" in raw
+    weights, lines = init_weights(path)
+    x = torch.randn(1, 3, 37, 45) * 50
+    with torch.no_grad():
+        torch.testing.assert_close(ours(R50, weights)(x)["logits"], net(x), atol=1e-5, rtol=1e-4)
+    assert "deeplab_v2" in lines[0]
+    convert_weights(path, tmp_path / "converted.pt", R50)
+    model, _ = load_checkpoint(tmp_path / "converted.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)["logits"], net(x), atol=1e-5, rtol=1e-4)
 
 
 def test_a_released_file_wrapped_under_state_dict_is_unwrapped(tmp_path):
