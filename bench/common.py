@@ -5,7 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 WORK = Path(__file__).parent / ".work"
@@ -33,6 +36,33 @@ def machine_info() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+
+
+def run_rows_and_report(
+    run: Callable[..., Any],
+    settings: Any,
+    write_report: Callable[[Any, Path], tuple[Path, Path]],
+    render: Callable[[Any], str],
+    results: Path,
+) -> int:
+    """A row-by-row bench's main after parsing: `run(settings, log=, after_row=)` with progress
+    lines and the results rewritten after each row (a run stopped from outside keeps them),
+    then the table. Exit status: 2 on a user error, 1 when a row failed, else 0."""
+    from adapt_deploy.errors import UserError
+
+    try:
+        report = run(
+            settings,
+            log=lambda line: print(line, flush=True),
+            after_row=lambda partial: write_report(partial, results),
+        )
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    markdown, data = write_report(report, results)
+    print(render(report))
+    print(f"wrote {markdown} and {data}")
+    return 1 if any(r.status.startswith("failed") for r in report.rows) else 0
 
 
 def write_results(name: str, title: str, body: str, directory: Path = RESULTS) -> Path:

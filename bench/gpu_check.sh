@@ -19,6 +19,8 @@
 #   stream      bench.stream on the torch backend (the GPU when one is visible)
 #   tta_cost    bench.tta_cost: stream frames/s with and without adapting every 4th frame
 #               (ResNet-101, 512x1024, the torch backend): issue 20's cost goal
+#   train_scaling  bench.train_scaling --nproc 1: `adapt-deploy train` itself on one GPU (the
+#               paper preset, data loading included), the recipe's time per method
 # A failing or timed-out step is recorded and the next one runs. RESULTS_DIR gets one log per
 # step, summary.md (step, status, seconds) and a copy of the bench/results files written; the
 # summary, with the GPU's name, is also written to bench/results/gpu_check.md.
@@ -104,6 +106,8 @@ else
 fi
 run_step stream 90 "$PYTHON" -m bench.stream --backend torch --frames 600 --rounds 2
 run_step tta_cost 120 "$PYTHON" -m bench.tta_cost --rounds 2
+run_step train_scaling 100 "$PYTHON" -m bench.train_scaling --nproc 1 \
+  --methods wda_uda source_only --iters 10 --warmup 3 --timeout 45
 
 # The bench results this run wrote, next to the logs; the summary into bench/results.
 find bench/results -maxdepth 1 -type f -newer "$MARKER" -exec cp {} "$RESULTS_DIR/results/" \;

@@ -74,7 +74,7 @@ from adapt_deploy.errors import UserError
 from adapt_deploy.models.checkpoints import initial_weights
 from adapt_deploy.ops import kernels
 from adapt_deploy.progress import Reporter
-from bench.common import RESULTS, machine_info, write_results
+from bench.common import RESULTS, machine_info, run_rows_and_report, write_results
 from bench.common import WORK as BENCH_WORK
 
 NAME = "train_speed"
@@ -193,15 +193,18 @@ def bench_data(directory: Path, log: Callable[[str], None] = print) -> tuple[Pat
     return directory / "source", directory / "target"
 
 
-def experiment_config(
-    preset: str,
-    method: str,
+def config_path(preset: str, method: str) -> Path:
+    """The shipped config a preset runs for `method`."""
+    return CONFIGS / PRESETS[preset] / f"{method}.yaml"
+
+
+def experiment_overrides(
     precision: str,
-    device: torch.device,
+    device: torch.device | str,
     data: tuple[Path, Path],
     workers: int | None = None,
-) -> ExperimentConfig:
-    """The preset's config of `method` on the bench data at `precision` (validated)."""
+) -> list[str]:
+    """The `--set` overrides that point a preset's config at the bench data at `precision`."""
     source, target = data
     overrides = [
         f"data.source.root={source}",
@@ -215,7 +218,20 @@ def experiment_config(
     ]
     if workers is not None:
         overrides.append(f"data.num_workers={workers}")
-    return load_config(CONFIGS / PRESETS[preset] / f"{method}.yaml", overrides)
+    return overrides
+
+
+def experiment_config(
+    preset: str,
+    method: str,
+    precision: str,
+    device: torch.device,
+    data: tuple[Path, Path],
+    workers: int | None = None,
+) -> ExperimentConfig:
+    """The preset's config of `method` on the bench data at `precision` (validated)."""
+    overrides = experiment_overrides(precision, device, data, workers)
+    return load_config(config_path(preset, method), overrides)
 
 
 def describe(config: ExperimentConfig) -> str:
@@ -505,11 +521,7 @@ def run(
     """Measure every planned row (see the module docstring); `after_row` sees the report after
     each measured row (main writes the results then, so a run killed by an outer timeout still
     leaves the rows it measured)."""
-    for method in settings.methods:
-        if method not in METHOD_CLASSES:
-            raise UserError(f"--methods: unknown method {method!r}; one of {list(METHOD_CLASSES)}")
-    if settings.iters < 1 or settings.warmup < 0:
-        raise UserError("--iters must be >= 1 and --warmup >= 0")
+    check_run_flags(settings.methods, settings.iters, settings.warmup)
     device = pick_device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {settings.device}: torch sees no CUDA device here")
@@ -662,6 +674,28 @@ def write_report(report: Report, directory: Path = RESULTS) -> tuple[Path, Path]
     return markdown, path
 
 
+def check_run_flags(methods: tuple[str, ...], iters: int, warmup: int) -> None:
+    """UserError for an unknown method or an iteration count below its minimum."""
+    for method in methods:
+        if method not in METHOD_CLASSES:
+            raise UserError(f"--methods: unknown method {method!r}; one of {list(METHOD_CLASSES)}")
+    if iters < 1 or warmup < 0:
+        raise UserError("--iters must be >= 1 and --warmup >= 0")
+
+
+def add_run_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """--iters, --warmup and --preset, which this bench and bench.train_scaling share (`what`:
+    what the iterations belong to)."""
+    parser.add_argument("--iters", type=int, default=30, help=f"timed iterations per {what}")
+    parser.add_argument(
+        "--warmup", type=int, default=5, help=f"untimed iterations per {what} first"
+    )
+    parser.add_argument(
+        "--preset", choices=list(PRESETS), default=None,
+        help="paper (default on CUDA): the GTA5->Cityscapes configs; tiny (default on CPU)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument(
@@ -675,12 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--kernels", nargs="+", default=["on", "off"], choices=list(KERNEL_MODES),
         help="fused CUDA pooling kernels on (require) and/or off (reference); CUDA only",
     )  # fmt: skip
-    parser.add_argument("--iters", type=int, default=30, help="timed iterations per row")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations per row first")
-    parser.add_argument(
-        "--preset", choices=list(PRESETS), default=None,
-        help="paper (default on CUDA): the GTA5->Cityscapes configs; tiny (default on CPU)",
-    )  # fmt: skip
+    add_run_flags(parser, "row")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
         "--workers", type=int, default=None,
@@ -715,19 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         loader_batches=args.loader_batches,
         budget=args.budget,
     )
-    try:
-        report = run(
-            settings,
-            log=lambda line: print(line, flush=True),
-            after_row=lambda partial: write_report(partial, args.results),
-        )
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    markdown, data = write_report(report, args.results)
-    print(render(report))
-    print(f"wrote {markdown} and {data}")
-    return 1 if any(r.status.startswith("failed") for r in report.rows) else 0
+    return run_rows_and_report(run, settings, write_report, render, args.results)
 
 
 if __name__ == "__main__":

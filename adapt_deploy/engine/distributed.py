@@ -117,8 +117,7 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         dist.destroy_process_group()
         raise
     # Leave together, so no process tears its gloo connections down while a peer still writes
-    # its files: once in CI a rank aborted at exit ("terminate called without an active
-    # exception", SIGABRT) after a finished run; this is the likely cause, not a proven one.
+    # its files (train() also frees its learner first: see there).
     dist.barrier()
     dist.destroy_process_group()
 

@@ -4,6 +4,7 @@ resume, data-parallel processes under torchrun, periodic evaluation with the bes
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import time
@@ -234,7 +235,14 @@ def train(
             beta, batch = config.data.fda_beta, config.train.batch_size
             shard = batch_shard(batch, *world.shard)
             style = TargetStyle(style_images, beta, config.train.seed, batch, shard, device)
-        return _run(config, out, learner, data, start, reporter, world, evaluate_at_end, style)
+        result = _run(config, out, learner, data, start, reporter, world, evaluate_at_end, style)
+        # Free the learner (DistributedDataParallel's reducer holds the process group) while
+        # the group is whole, before the processes leave it. Without this, rank 1 of a finished
+        # 2-process gloo run aborted in interpreter finalization ("terminate called without an
+        # active exception") in 5 of 20 runs; with it, in none of 48. Measured, not explained.
+        del learner, context, style
+        gc.collect()
+    return result
 
 
 def _fda_targets(config: ExperimentConfig, method: type[Method]) -> Dataset | None:
