@@ -158,3 +158,29 @@ def test_a_stopped_two_process_run_resumes_in_one_process(tmp_path, tiny_config_
     train(load_config(tiny_config_file, more), out, resume=True, evaluate_at_end=False)
     train(load_config(tiny_config_file, more), tmp_path / "one", evaluate_at_end=False)
     _assert_same_state(tmp_path / "one", out)
+
+
+def test_labor_in_two_processes_takes_the_steps_and_the_labels_of_one(tmp_path, tiny_config_file):
+    """LabOR's selector is a second head (its gradients averaged as a discriminator's) and its
+    labelling round runs on rank 0 while rank 1 waits: both processes must end with the labels
+    and the weights one process gets."""
+    labor = [
+        "train.method=labor_random", "labor.rounds=1", "labor.warmup=0.5", "labor.budget=20",
+        "train.iterations=4", "optim.schedule_iters=4",
+    ]  # fmt: skip
+    train(load_config(tiny_config_file, [*SETTINGS, *labor]), tmp_path / "one")
+    two = tmp_path / "two"
+    run = _cli_train(tiny_config_file, two, *[a for s in labor for a in ("--set", s)])
+    output, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, output
+    for a, b in zip(_losses(tmp_path / "one"), _losses(two), strict=True):
+        for key in a:
+            if key != "images_per_second":
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["iteration"], key)
+    runs = (tmp_path / "one", two)
+    points = [json.loads((r / "labels" / "points.json").read_text()) for r in runs]
+    assert points[0] == points[1]
+    _assert_same_state(*runs)
+    heads = [read_checkpoint(r / "checkpoint.pt")["heads"]["selector"] for r in runs]
+    for key, value in heads[0].items():
+        torch.testing.assert_close(value, heads[1][key], rtol=1e-4, atol=1e-5)

@@ -196,3 +196,73 @@ def test_category_losses_without_any_present_class_are_zero() -> None:
     loss = category_adversarial_loss(d, none) + category_discriminator_loss(d, d, none, none)
     loss.backward()
     assert loss.item() == 0.0 and (d.grad == 0).all()
+
+
+# --- data-parallel training: pixel counts shared over the processes ---------------------------
+
+
+def _shards_step(loss_of, shards, reduce_counts: bool):
+    """(loss, gradient) of data-parallel training simulated in one process: each shard's loss
+    and gradient, averaged as DDP averages them. With `reduce_counts` the pixel counts are the
+    mean over the shards, as `shared_pixel_counts` makes them under torchrun: a first pass
+    records each shard's counts in call order."""
+    from adapt_deploy.adapt.losses import shared_pixel_counts
+
+    counts: list[list[float]] = []
+    for shard in shards:
+        seen: list[float] = []
+        with shared_pixel_counts(lambda c, seen=seen: seen.append(float(c)) or c):
+            loss_of(*shard)
+        counts.append(seen)
+    means = [sum(c) / len(c) for c in zip(*counts, strict=True)]
+    losses, grads = [], []
+    for shard in shards:
+        calls = iter(means)
+        logits = shard[0].detach().requires_grad_(True)
+        if reduce_counts:
+            with shared_pixel_counts(
+                lambda c, calls=calls: torch.tensor(next(calls), dtype=c.dtype)
+            ):
+                loss = loss_of(logits, *shard[1:])
+        else:
+            loss = loss_of(logits, *shard[1:])
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(logits.grad)
+    return sum(losses) / len(shards), torch.cat(grads) / len(shards)
+
+
+def _split(*tensors):
+    return [tuple(t[i : i + 1] for t in tensors) for i in range(tensors[0].shape[0])]
+
+
+@pytest.mark.parametrize(
+    "name", ["segmentation", "pseudo_label", "point", "soft_label", "uniform_kl", "class_masked"]
+)
+def test_shared_counts_make_the_sharded_step_the_whole_batch_step(name):
+    from adapt_deploy.adapt import losses as L
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 6, 8, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 6, 8))
+    labels[0, :5] = 255  # image 0 has few labelled pixels, image 1 many
+    mask = (labels != 255).double()
+    soft = torch.softmax(torch.randn(2, 5, 6, 8, dtype=torch.float64), 1)
+    classes = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    cases = {
+        "segmentation": (L.segmentation_loss, (logits, labels)),
+        "pseudo_label": (L.pseudo_label_loss, (logits, labels)),
+        "point": (L.point_loss, (logits, labels)),
+        "soft_label": (lambda x, s, m: L.soft_label_loss(x, s, m), (logits, soft, mask)),
+        "uniform_kl": (L.uniform_kl_loss, (logits, mask)),
+        "class_masked": (L.class_masked_segmentation_loss, (logits, labels, classes)),
+    }
+    loss_of, args = cases[name]
+    whole = args[0].detach().requires_grad_(True)
+    expected = loss_of(whole, *args[1:])
+    expected.backward()
+    loss, grad = _shards_step(loss_of, _split(*args), reduce_counts=True)
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(grad, whole.grad)
+    own_counts, _ = _shards_step(loss_of, _split(*args), reduce_counts=False)
+    assert not torch.isclose(own_counts, expected.detach())  # each shard's own count differs

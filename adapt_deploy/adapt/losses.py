@@ -8,6 +8,8 @@ Domain labels are the official ones: source 0, target 1.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -21,6 +23,53 @@ TARGET_LABEL = 1.0
 EPS = 1e-7
 
 GanMode = Literal["bce", "lsgan"]
+
+# Losses that average over a varying number of pixels (labelled, pseudo-labelled, pointed)
+# divide by that count. In data-parallel training each process sees its shard of the batch and
+# DDP averages the gradients, so dividing by the shard's own count would weigh a process with
+# few labelled pixels as much as one with many. While `shared_pixel_counts` is active (the
+# trainer sets it for several processes), the divisor is the mean count per process over all
+# processes instead: then the averaged step is the one-process step on the whole batch. Every
+# process must compute the same losses in the same order, since the count is all-reduced.
+_count_per_process: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@contextmanager
+def shared_pixel_counts(
+    mean_over_processes: Callable[[torch.Tensor], torch.Tensor],
+) -> Iterator[None]:
+    """Within the block, pixel counts are `mean_over_processes(count)` (see above)."""
+    global _count_per_process
+    previous, _count_per_process = _count_per_process, mean_over_processes
+    try:
+        yield
+    finally:
+        _count_per_process = previous
+
+
+def _shared(count: torch.Tensor) -> torch.Tensor | None:
+    """The mean count per process while counts are shared, else None."""
+    if _count_per_process is None:
+        return None
+    return _count_per_process(count.detach().to(torch.float64))
+
+
+def pixel_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """`total` (a sum over `count` pixels) over the count: the shard's own, or the mean per
+    process while counts are shared; zero when there is no pixel."""
+    shared = _shared(count)
+    if shared is None:
+        return total / count.clamp(min=1)
+    return total / shared.clamp(min=1e-12).to(total.dtype)
+
+
+def _cross_entropy_mean(up: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the labelled pixels, 255 ignored: torch's own mean for one process
+    (its numbers unchanged), the sum over the shared count under data-parallel training."""
+    if _count_per_process is None:
+        return F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return pixel_mean(total, (labels != IGNORE_INDEX).sum())
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +88,7 @@ def upsample(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of logits (N, C, h, w) upsampled to labels (N, H, W); 255 ignored."""
     up = upsample(at_least_fp32(logits), labels.shape[-2:])
-    return F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX)
+    return _cross_entropy_mean(up, labels)
 
 
 def class_masked_segmentation_loss(
@@ -55,7 +104,7 @@ def class_masked_segmentation_loss(
     safe = torch.where(labels == IGNORE_INDEX, 0, labels)
     labelled = torch.gather(keep.expand(-1, -1, *labels.shape[-2:]), 1, safe[:, None])[:, 0]
     labels = torch.where(labelled & (labels != IGNORE_INDEX), labels, IGNORE_INDEX)
-    return F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX)
+    return _cross_entropy_mean(up, labels)
 
 
 def pseudo_label_loss(
@@ -69,8 +118,7 @@ def pseudo_label_loss(
     per_pixel = F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX, reduction="none")
     if weights is not None:
         return (per_pixel * weights).mean()
-    count = (labels != IGNORE_INDEX).sum()
-    return per_pixel.sum() / count.clamp(min=1)
+    return pixel_mean(per_pixel.sum(), (labels != IGNORE_INDEX).sum())
 
 
 def soft_label_loss(logits: torch.Tensor, soft: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -78,7 +126,7 @@ def soft_label_loss(logits: torch.Tensor, soft: torch.Tensor, mask: torch.Tensor
     at the mask's size. Zero, graph kept, when the mask is empty."""
     log_p = F.log_softmax(upsample(at_least_fp32(logits), mask.shape[-2:]), dim=1)
     per_pixel = -(soft * log_p).sum(dim=1)
-    return (per_pixel * mask).sum() / mask.sum().clamp(min=1)
+    return pixel_mean((per_pixel * mask).sum(), mask.sum())
 
 
 def uniform_kl_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -87,7 +135,7 @@ def uniform_kl_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     becoming over-confident."""
     log_p = F.log_softmax(upsample(at_least_fp32(logits), mask.shape[-2:]), dim=1)
     per_pixel = -log_p.mean(dim=1)
-    return (per_pixel * mask).sum() / mask.sum().clamp(min=1)
+    return pixel_mean((per_pixel * mask).sum(), mask.sum())
 
 
 def weak_label_loss(lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -118,11 +166,14 @@ def point_loss(
     if present is not None:
         safe = torch.where(mask, labels, 0)
         mask &= torch.gather(present > 0, 1, safe.flatten(1)).view_as(mask)
+    shared = _shared(mask.sum())  # before any branch: every process takes part
     if not bool(mask.any()):
         return logits.sum() * 0.0
     up = upsample(at_least_fp32(logits), labels.shape[-2:])
     picked = up.permute(0, 2, 3, 1)[mask]  # (K, C): only the labelled pixels
-    return F.cross_entropy(picked, labels[mask])
+    if shared is None:
+        return F.cross_entropy(picked, labels[mask])
+    return F.cross_entropy(picked, labels[mask], reduction="sum") / shared.to(picked.dtype)
 
 
 def adversarial_loss(d_out: torch.Tensor, label: float, mode: GanMode = "bce") -> torch.Tensor:
@@ -199,7 +250,7 @@ def _category_term(
     per_image = summed / count.clamp(min=1).to(summed.dtype)
     has_any = count > 0
     total = torch.where(has_any, per_image, torch.zeros_like(per_image)).sum()
-    return total / has_any.sum().clamp(min=1).to(total.dtype)
+    return pixel_mean(total, has_any.sum().to(total.dtype))
 
 
 def category_discriminator_loss(

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from adapt_deploy.adapt import losses
 from adapt_deploy.errors import UserError
 
 # Rank 0 evaluates and saves while the others wait in their next collective; a dead process is
@@ -172,6 +173,25 @@ def average(values: dict[str, float], world: World, device: torch.device) -> dic
     stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(stacked)
     return dict(zip(values, (stacked / world.size).tolist(), strict=True))
+
+
+def mean_over_processes(value: torch.Tensor, world: World) -> torch.Tensor:
+    """The mean of `value` over the processes, as a new tensor (the losses' shared pixel
+    counts, adapt/losses.py)."""
+    total = value.clone()
+    dist.all_reduce(total)
+    return total / world.size
+
+
+@contextmanager
+def shared_loss_counts(world: World) -> Iterator[None]:
+    """While training in several processes, losses over a varying number of pixels divide by
+    the mean count per process (adapt/losses.py), so the step is the one-process step."""
+    if not world.distributed:
+        yield
+        return
+    with losses.shared_pixel_counts(lambda count: mean_over_processes(count, world)):
+        yield
 
 
 def sum_over_processes(tensor: torch.Tensor, world: World) -> torch.Tensor:
