@@ -204,9 +204,12 @@ def test_category_losses_without_any_present_class_are_zero() -> None:
 def _shards_step(loss_of, shards, reduce_counts: bool):
     """(loss, gradient) of data-parallel training simulated in one process: each shard's loss
     and gradient, averaged as DDP averages them. With `reduce_counts` the pixel counts are the
-    mean over the shards, as `shared_pixel_counts` makes them under torchrun: a first pass
+    mean over the shards, as the engine's collectives make them under torchrun: a first pass
     records each shard's counts in call order."""
-    from adapt_deploy.adapt.losses import shared_pixel_counts
+    from adapt_deploy.adapt.data_parallel import Collectives, collectives
+
+    def shared_pixel_counts(mean):
+        return collectives(Collectives(mean=mean, earlier=lambda values: []))
 
     counts: list[list[float]] = []
     for shard in shards:

@@ -293,3 +293,24 @@ def test_bn_stats_decides_whether_the_source_pass_moves_the_running_statistics(
         learner.method.target_losses(target_batch())
         now = running_means(network)
         assert all(not torch.equal(a, b) for a, b in zip(after_source, now, strict=True))
+
+
+def test_class_mix_in_shards_draws_what_one_process_draws_for_each_image():
+    """Under torchrun each process mixes its shard with the same per-iteration generator: it
+    skips the draws of the shards before it, so every image gets its one-process classes."""
+    from adapt_deploy.adapt.data_parallel import Collectives, collectives
+
+    label = torch.stack([stripes(classes, 4, 12) for classes in ([0, 1, 2], [3, 4, 5, 6, 7, 8])])
+    image = torch.zeros(2, 3, 4, 12)
+    whole = class_mix(image, label, image, label, torch.Generator().manual_seed(5))[2]
+
+    def shard(i: int, earlier: list[int]) -> torch.Tensor:
+        active = Collectives(mean=lambda t: t, earlier=lambda values: earlier)
+        with collectives(active):
+            part = label[i : i + 1], image[i : i + 1]
+            generator = torch.Generator().manual_seed(5)
+            return class_mix(part[1], part[0], part[1], part[0], generator)[2]
+
+    assert torch.equal(shard(0, []), whole[:1])
+    assert torch.equal(shard(1, [3]), whole[1:])  # image 0 drew from its 3 classes first
+    assert not torch.equal(shard(1, []), whole[1:])  # starting over would draw other classes

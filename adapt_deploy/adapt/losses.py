@@ -8,13 +8,12 @@ Domain labels are the official ones: source 0, target 1.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from adapt_deploy.adapt import data_parallel
 from adapt_deploy.labels import IGNORE_INDEX
 
 SOURCE_LABEL = 0.0
@@ -24,40 +23,11 @@ EPS = 1e-7
 
 GanMode = Literal["bce", "lsgan"]
 
-# Losses that average over a varying number of pixels (labelled, pseudo-labelled, pointed)
-# divide by that count. In data-parallel training each process sees its shard of the batch and
-# DDP averages the gradients, so dividing by the shard's own count would weigh a process with
-# few labelled pixels as much as one with many. While `shared_pixel_counts` is active (the
-# trainer sets it for several processes), the divisor is the mean count per process over all
-# processes instead: then the averaged step is the one-process step on the whole batch. Every
-# process must compute the same losses in the same order, since the count is all-reduced.
-_count_per_process: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-
-@contextmanager
-def shared_pixel_counts(
-    mean_over_processes: Callable[[torch.Tensor], torch.Tensor],
-) -> Iterator[None]:
-    """Within the block, pixel counts are `mean_over_processes(count)` (see above)."""
-    global _count_per_process
-    previous, _count_per_process = _count_per_process, mean_over_processes
-    try:
-        yield
-    finally:
-        _count_per_process = previous
-
-
-def _shared(count: torch.Tensor) -> torch.Tensor | None:
-    """The mean count per process while counts are shared, else None."""
-    if _count_per_process is None:
-        return None
-    return _count_per_process(count.detach().to(torch.float64))
-
 
 def pixel_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """`total` (a sum over `count` pixels) over the count: the shard's own, or the mean per
-    process while counts are shared; zero when there is no pixel."""
-    shared = _shared(count)
+    """`total` (a sum over `count` pixels) over the count: this process's, or while N processes
+    train the mean count per process (adapt/data_parallel.py); zero when there is no pixel."""
+    shared = data_parallel.mean_count(count)
     if shared is None:
         return total / count.clamp(min=1)
     return total / shared.clamp(min=1e-12).to(total.dtype)
@@ -66,7 +36,7 @@ def pixel_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 def _cross_entropy_mean(up: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the labelled pixels, 255 ignored: torch's own mean for one process
     (its numbers unchanged), the sum over the shared count under data-parallel training."""
-    if _count_per_process is None:
+    if not data_parallel.active():
         return F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX)
     total = F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return pixel_mean(total, (labels != IGNORE_INDEX).sum())
@@ -166,7 +136,7 @@ def point_loss(
     if present is not None:
         safe = torch.where(mask, labels, 0)
         mask &= torch.gather(present > 0, 1, safe.flatten(1)).view_as(mask)
-    shared = _shared(mask.sum())  # before any branch: every process takes part
+    shared = data_parallel.mean_count(mask.sum())  # before any branch: a collective
     if not bool(mask.any()):
         return logits.sum() * 0.0
     up = upsample(at_least_fp32(logits), labels.shape[-2:])

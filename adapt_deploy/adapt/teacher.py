@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapt_deploy.adapt import data_parallel
 from adapt_deploy.adapt.losses import at_least_fp32, upsample
 from adapt_deploy.labels import IGNORE_INDEX
 
@@ -90,15 +91,27 @@ def class_mix(
         source_image = F.interpolate(source_image, size=size, mode="bilinear", align_corners=False)
         source_label = F.interpolate(source_label[:, None].float(), size=size, mode="nearest")
         source_label = source_label[:, 0].long()
-    mask = torch.stack([_half_of_the_classes(label, generator) for label in source_label])
+    classes = [_labelled_classes(label) for label in source_label]
+    # While N processes train, skip the draws the shards before this one take from the same
+    # per-iteration generator: each image gets the classes one process would draw for it.
+    for count in data_parallel.earlier_shards([len(c) for c in classes]):
+        torch.randperm(count, generator=generator)
+    pairs = zip(source_label, classes, strict=True)
+    mask = torch.stack([_half_of_the_classes(label, c, generator) for label, c in pairs])
     mixed_image = torch.where(mask[:, None], source_image, target_image)
     return mixed_image, torch.where(mask, source_label, target_label), mask
 
 
-def _half_of_the_classes(label: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The pixels of ceil(n / 2) classes drawn at random from the n labelled classes in
-    `label` (H, W)."""
+def _labelled_classes(label: torch.Tensor) -> torch.Tensor:
+    """The classes present in `label` (H, W), ascending, 255 left out."""
     classes = label.unique()
-    classes = classes[classes != IGNORE_INDEX]
+    return classes[classes != IGNORE_INDEX]
+
+
+def _half_of_the_classes(
+    label: torch.Tensor, classes: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """The pixels of ceil(n / 2) classes drawn at random from the n labelled `classes` of
+    `label` (H, W)."""
     order = torch.randperm(len(classes), generator=generator).to(classes.device)
     return torch.isin(label, classes[order[: (len(classes) + 1) // 2]])

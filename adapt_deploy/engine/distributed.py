@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from adapt_deploy.adapt import losses
+from adapt_deploy.adapt import data_parallel
 from adapt_deploy.errors import UserError
 
 # Rank 0 evaluates and saves while the others wait in their next collective; a dead process is
@@ -176,21 +176,31 @@ def average(values: dict[str, float], world: World, device: torch.device) -> dic
 
 
 def mean_over_processes(value: torch.Tensor, world: World) -> torch.Tensor:
-    """The mean of `value` over the processes, as a new tensor (the losses' shared pixel
-    counts, adapt/losses.py)."""
+    """The mean of `value` over the processes, as a new tensor."""
     total = value.clone()
     dist.all_reduce(total)
     return total / world.size
 
 
+def earlier_processes(values: list[int], world: World) -> list[int]:
+    """The `values` of the processes of lower rank, in rank order (each its own list)."""
+    gathered: list[list[int] | None] = [None] * world.size
+    dist.all_gather_object(gathered, list(values))
+    return [v for shard in gathered[: world.rank] for v in shard or []]
+
+
 @contextmanager
-def shared_loss_counts(world: World) -> Iterator[None]:
-    """While training in several processes, losses over a varying number of pixels divide by
-    the mean count per process (adapt/losses.py), so the step is the one-process step."""
+def method_collectives(world: World) -> Iterator[None]:
+    """While N processes train, the methods' losses and draws use these collectives so that
+    the step is the one-process step on the whole batch (adapt/data_parallel.py)."""
     if not world.distributed:
         yield
         return
-    with losses.shared_pixel_counts(lambda count: mean_over_processes(count, world)):
+    active = data_parallel.Collectives(
+        mean=lambda value: mean_over_processes(value, world),
+        earlier=lambda values: earlier_processes(values, world),
+    )
+    with data_parallel.collectives(active):
         yield
 
 

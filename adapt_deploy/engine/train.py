@@ -216,7 +216,7 @@ def train(
     state = _prepare_out(config, out, resume, world)  # read once: every optimizer's moments
     start = state["iteration"] if state is not None else 0
     device = distributed.pick_device(config.train.device, world)
-    with distributed.process_group(world, device), distributed.shared_loss_counts(world):
+    with distributed.process_group(world, device), distributed.method_collectives(world):
         torch.manual_seed(config.train.seed)  # the same initial weights in every process
         learner = build_learner(config, device, init, world)
         if world.rank:  # its own dropout masks (rank 0 keeps the one-process stream)
