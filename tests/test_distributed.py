@@ -28,11 +28,11 @@ from adapt_deploy.errors import UserError
 from adapt_deploy.models.checkpoints import load_weights_only, read_checkpoint
 from adapt_deploy.registry import METHODS
 
-# WDA with both kinds of discriminator; frozen BN and no dropout, so that the two processes'
-# halves of each batch give exactly the gradients of the whole batch.
+# WDA with both kinds of discriminator; frozen BN, so that the two processes' halves of each
+# batch give exactly the gradients of the whole batch (dropout keeps its default 0.1: its masks
+# are drawn for the whole batch, adapt/seeded_dropout.py).
 SETTINGS = [
     "train.method=wda_uda",
-    "adapt.dropout=0.0",
     "model.freeze_bn=true",
     "train.batch_size=2",
     "train.iterations=6",

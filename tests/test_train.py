@@ -5,6 +5,7 @@ import torch
 from helpers import assert_same_weights
 
 from adapt_deploy.config import load_config
+from adapt_deploy.data.weak import write_class_stats
 from adapt_deploy.engine.sampling import EpochBatchSampler
 from adapt_deploy.engine.train import poly_lr, train
 from adapt_deploy.errors import ConfigError, UserError
@@ -72,6 +73,25 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, tiny_config_fi
     train(straight, tmp_path / "split", resume=True, evaluate_at_end=False)
     assert_same_weights(tmp_path / "straight", tmp_path / "split")
     assert losses(tmp_path / "straight") == pytest.approx(losses(tmp_path / "split"), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["wda_image", "selftrain_image"])
+def test_a_resumed_run_draws_the_dropout_masks_of_the_uninterrupted_one(
+    tmp_path, tiny_config_file, cityscapes_root, method
+):
+    """These methods drop out logits before LSE pooling (adapt.dropout 0.1): the masks come
+    from (seed, iteration), so the resumed run's weights are bit for bit the straight run's."""
+    write_class_stats(cityscapes_root, "cityscapes", "train")
+    both = [f"train.method={method}", "optim.schedule_iters=4"]
+    train(load_config(tiny_config_file, [*both, "train.iterations=4"]), tmp_path / "straight",
+          evaluate_at_end=False)  # fmt: skip
+    train(load_config(tiny_config_file, [*both, "train.iterations=2"]), tmp_path / "split",
+          evaluate_at_end=False)  # fmt: skip
+    train(load_config(tiny_config_file, [*both, "train.iterations=4"]), tmp_path / "split",
+          resume=True, evaluate_at_end=False)  # fmt: skip
+    straight = read_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
+    split = read_checkpoint(tmp_path / "split" / "checkpoint.pt")["model"]
+    assert all(torch.equal(straight[k], split[k]) for k in straight)
 
 
 def test_eval_every_logs_evaluations_and_keeps_the_best_model(tmp_path, tiny_config_file):

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from adapt_deploy.adapt.base import Batch, Losses, Method
 from adapt_deploy.adapt.losses import at_least_fp32, point_loss, pseudo_label_loss, weak_label_loss
+from adapt_deploy.adapt.seeded_dropout import IterationDropout
 from adapt_deploy.adapt.target_statistics import TargetStatistics
 from adapt_deploy.adapt.teacher import EmaTeacher, class_mix, confidence_weight
 from adapt_deploy.config import ExperimentConfig
@@ -108,7 +108,11 @@ class SelfTrainImage(SelfTrain):
 
     def __init__(self, config: ExperimentConfig, model: DeepLab, device: torch.device) -> None:
         super().__init__(config, model, device)
-        self.dropout = nn.Dropout(config.adapt.dropout)
+        self.dropout = IterationDropout(config.adapt.dropout, config.train.seed)
+
+    def before_iteration(self, iteration: int) -> None:
+        super().before_iteration(iteration)
+        self.dropout.reseed(iteration)
 
     def refine(
         self, batch: Batch, labels: torch.Tensor, weight: torch.Tensor

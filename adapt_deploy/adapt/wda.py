@@ -19,6 +19,7 @@ from adapt_deploy.adapt.losses import (
     point_loss,
     weak_label_loss,
 )
+from adapt_deploy.adapt.seeded_dropout import IterationDropout
 from adapt_deploy.data.weak import pseudo_weak_labels
 from adapt_deploy.models.discriminators import CategoryDiscriminators
 from adapt_deploy.ops import attention_pool, lse_pool
@@ -37,12 +38,16 @@ class WeakLabelAdaptation(AdaptSegNet):
             "category",
             CategoryDiscriminators(model.num_classes, model.feature_dim, config.adapt.cw_hidden),
         )
-        self.dropout = nn.Dropout(config.adapt.dropout)
+        self.dropout = IterationDropout(config.adapt.dropout, config.train.seed)
         self.calibration = (
             SourceCalibratedThresholds(model.num_classes, config.adapt.pseudo_threshold)
             if config.adapt.pseudo_calibration == "source"
             else None
         )
+
+    def before_iteration(self, iteration: int) -> None:
+        super().before_iteration(iteration)
+        self.dropout.reseed(iteration)
 
     @property
     def d_cat(self) -> nn.Module:

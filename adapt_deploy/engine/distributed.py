@@ -199,6 +199,8 @@ def method_collectives(world: World) -> Iterator[None]:
     active = data_parallel.Collectives(
         mean=lambda value: mean_over_processes(value, world),
         earlier=lambda values: earlier_processes(values, world),
+        rank=world.rank,
+        size=world.size,
     )
     with data_parallel.collectives(active):
         yield
