@@ -236,16 +236,60 @@ assert cv2.getNumThreads() == threads, "the writer changed OpenCV's thread count
 """
 
 
-def test_writer_forks_workers_safely_after_opencv_ran_threads(tmp_path: Path) -> None:
-    """A demo that writes the benchmark after an earlier parallel cv2 call (a second demo in
-    one process) hung for good: forked workers inherited OpenCV's pool locks."""
+FORK_AFTER_ONNXRUNTIME_GARBAGE = """
+import gc, os, sys, time
+from pathlib import Path
+import numpy as np, onnxruntime as ort
+from onnx import helper, TensorProto
+from adapt_deploy.data.synthetic.writer import SynthSpec, write_benchmark
+
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 64])
+y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 64])
+graph = helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"])], "g", [x], [y])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+options = ort.SessionOptions()
+options.intra_op_num_threads = 2
+
+class Holder:  # a session in a reference cycle: garbage only the cyclic GC frees
+    def __init__(self):
+        cpu = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=cpu)
+        self.me = self
+gc.disable()  # the parent leaves its garbage to the cyclic GC, which has not run yet
+holder = Holder()
+for _ in range(20):
+    holder.session.run(None, {"x": np.ones((1, 64, 64), np.float32)})  # its pool has threads
+del holder
+time.sleep(0.5)  # the pool's threads stop spinning and wait
+os.register_at_fork(after_in_child=gc.collect)  # a worker collects what it inherited
+spec = SynthSpec(num_source=24, num_target_train=4, num_target_val=2, num_videos=0,
+                 source_size=(36, 64), target_size=(32, 64))
+write_benchmark(Path(sys.argv[1]), spec, workers=2)
+print("done")
+"""
+
+
+@pytest.mark.parametrize(
+    "scenario", ["opencv_threads", "onnxruntime_garbage"], ids=["opencv", "onnxruntime"]
+)
+def test_writer_forks_workers_safely_after_threads_ran(tmp_path: Path, scenario: str) -> None:
+    """Writing the benchmark after threaded work in the same process hung for good in forked
+    workers: after a parallel cv2 call (a second demo in one process: the workers inherited
+    OpenCV's pool locks), and with an ONNX Runtime session left as garbage in a reference cycle
+    (the third seed of bench.synthetic: a worker's GC ran its destructor, which waits for the
+    parent's threads). The second script disables the parent's GC and makes each worker collect
+    at once, so the old writer hangs every time."""
     import os
     import signal
     import subprocess
     import sys
 
-    script = tmp_path / "fork_after_opencv.py"
-    script.write_text(FORK_AFTER_OPENCV)
+    script = tmp_path / "fork_after_threads.py"
+    scripts = {
+        "opencv_threads": FORK_AFTER_OPENCV,
+        "onnxruntime_garbage": FORK_AFTER_ONNXRUNTIME_GARBAGE,
+    }
+    script.write_text(scripts[scenario])
     process = subprocess.Popen(
         [sys.executable, str(script), str(tmp_path / "bench")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -255,6 +299,6 @@ def test_writer_forks_workers_safely_after_opencv_ran_threads(tmp_path: Path) ->
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # the hung workers too
         process.communicate()
-        pytest.fail("writing the benchmark hung after OpenCV's thread pool had run")
+        pytest.fail(f"writing the benchmark hung ({scenario})")
     assert process.returncode == 0, stderr
     assert len(list((tmp_path / "bench" / "source" / "images").glob("*.png"))) == 24

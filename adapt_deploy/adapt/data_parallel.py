@@ -12,7 +12,8 @@ would then make N processes differ from one process on the whole batch:
   (ClassMix's classes, adapt/teacher.py), and `batch_rows` where its shard lies in the global
   batch (dropout masks drawn for the whole batch, adapt/seeded_dropout.py).
 
-Both are collectives: every process must call them in the same order, whatever its data.
+`mean_count` and `earlier_shards` are collectives: every process must call them in the same
+order, whatever its data.
 """
 
 from __future__ import annotations

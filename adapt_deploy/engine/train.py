@@ -219,7 +219,7 @@ def train(
     with distributed.process_group(world, device), distributed.method_collectives(world):
         torch.manual_seed(config.train.seed)  # the same initial weights in every process
         learner = build_learner(config, device, init, world)
-        if world.rank:  # its own dropout masks (rank 0 keeps the one-process stream)
+        if world.rank:  # its own global stream; the methods seed their draws per iteration
             torch.manual_seed(config.train.seed + 1_000_003 * world.rank)
         if state is not None:
             _load_state(learner, state, out / TRAINER_STATE)

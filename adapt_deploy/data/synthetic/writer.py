@@ -16,6 +16,7 @@ file under its final name; synth.json's presence means the whole benchmark is co
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -300,6 +301,23 @@ def _opencv_single_threaded() -> Iterator[None]:
         cv2.setNumThreads(threads)
 
 
+@contextmanager
+def _nothing_left_to_collect_in_workers() -> Iterator[None]:
+    """The parent's garbage collected, and everything else frozen, while workers fork.
+
+    A forked worker inherits the parent's uncollected garbage. Its own GC then ran destructors
+    of objects whose threads live only in the parent. One such object was an ONNX Runtime
+    session left in a reference cycle by the previous seed's stream stage: its destructor
+    waited for ever in `pthread_cond_destroy`, and the third seed of `bench.synthetic` hung.
+    Frozen objects are never examined by a collection, in the parent or in the workers."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _run_jobs(jobs: list[_Job], stage: str, workers: int, progress: Progress | None) -> np.ndarray:
     """Run jobs (in a process pool when workers > 1); returns summed trainId pixel counts."""
     total = np.zeros(256, np.int64)
@@ -314,7 +332,10 @@ def _run_jobs(jobs: list[_Job], stage: str, workers: int, progress: Progress | N
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             ctx = multiprocessing.get_context(method)
             one_thread = {"initializer": cv2.setNumThreads, "initargs": (1,)}  # for spawn
-            with ProcessPoolExecutor(workers, mp_context=ctx, **one_thread) as pool:
+            with (
+                _nothing_left_to_collect_in_workers(),
+                ProcessPoolExecutor(workers, mp_context=ctx, **one_thread) as pool,
+            ):
                 results = pool.map(_run_job, jobs, chunksize=8)
                 for done, counts in enumerate(results, 1):
                     total += counts
