@@ -170,9 +170,8 @@ def test_every_method_takes_the_one_process_steps_in_two_processes(
     """4 iterations of each method in two gloo processes against one process on the whole batch:
     the same losses, weights, optimizer moments, extra heads (LabOR's selector) and LabOR's
     labelled points (its round comes after 2 iterations; CBST's and CRST's two pseudo-label
-    rounds show in the losses after them). Losses over a varying
-    number of pixels and ClassMix's draws need the engine's collectives for this
-    (adapt/data_parallel.py)."""
+    rounds show in the losses after them). Losses over a varying number of pixels and
+    ClassMix's draws need the engine's collectives for this (adapt/data_parallel.py)."""
     write_class_stats(cityscapes_root, "cityscapes", "train")
     write_points(cityscapes_root, "cityscapes", "train", seed=0)
     needs = method_overrides(method, tiny_config_file, tmp_path)
