@@ -106,8 +106,8 @@ else
 fi
 run_step stream 90 "$PYTHON" -m bench.stream --backend torch --frames 600 --rounds 2
 run_step tta_cost 120 "$PYTHON" -m bench.tta_cost --rounds 2
-run_step train_scaling 100 "$PYTHON" -m bench.train_scaling --nproc 1 \
-  --methods wda_uda source_only --iters 10 --warmup 3 --timeout 45
+run_step train_scaling 130 "$PYTHON" -m bench.train_scaling --nproc 1 \
+  --methods wda_uda source_only --iters 10 --warmup 3 --timeout 60
 
 # The bench results this run wrote, next to the logs; the summary into bench/results.
 find bench/results -maxdepth 1 -type f -newer "$MARKER" -exec cp {} "$RESULTS_DIR/results/" \;
