@@ -171,8 +171,7 @@ def average(values: dict[str, float], world: World, device: torch.device) -> dic
     if not world.distributed or not values:
         return values
     stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(stacked)
-    return dict(zip(values, (stacked / world.size).tolist(), strict=True))
+    return dict(zip(values, mean_over_processes(stacked, world).tolist(), strict=True))
 
 
 def mean_over_processes(value: torch.Tensor, world: World) -> torch.Tensor:
