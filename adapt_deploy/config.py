@@ -195,6 +195,9 @@ class LaborConfig:
     warmup: float = 0.1  # share of train.iterations before the first round
     lambda_target: float = 1.0  # cross-entropy on the labelled target pixels (both classifiers)
     lambda_dis: float = 0.01  # cosine similarity of the two classifiers' weights (CLAN's)
+    # Source cross-entropy (both classifiers) once target labels exist: before them it is 1,
+    # so that the selector's first round has learnt something. 1 = the paper.
+    lambda_source: float = 1.0
 
 
 @dataclass
@@ -406,6 +409,7 @@ def validate(config: ExperimentConfig, source: str) -> None:
         (0 <= lb.warmup < 1, "labor.warmup", "a share of train.iterations in [0, 1)"),
         (lb.lambda_target >= 0, "labor.lambda_target", "0 or more (a loss weight)"),
         (lb.lambda_dis >= 0, "labor.lambda_dis", "0 or more (a loss weight)"),
+        (lb.lambda_source >= 0, "labor.lambda_source", "0 or more (a loss weight)"),
         (
             not a.points or POINT_SET_NAME.match(a.points) is not None,
             "adapt.points",

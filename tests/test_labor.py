@@ -216,6 +216,20 @@ def test_rounds_ask_the_budget_and_the_simulated_annotator_answers_the_truth(
     assert summary["labelled_per_image"] == labelled / 6
 
 
+def test_the_source_weight_changes_when_the_first_labels_arrive(
+    tmp_path, tiny_config_file, cityscapes_root
+):
+    config = labor_config(tiny_config_file, "labor_random", "labor.lambda_source=0.0",
+                          "train.log_every=1")  # fmt: skip
+    train(config, tmp_path / "run", evaluate_at_end=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    seg = {r["iteration"]: r["seg"] for r in rows if "seg" in r}
+    first = round_starts(8, 2, 0.25)[0]  # iteration 2: the first labels
+    assert sorted(seg) == list(range(1, 9))
+    assert all(seg[i] > 0 for i in range(1, first + 1))  # logged after iteration i-1 ran
+    assert all(seg[i] == 0 for i in range(first + 1, 9))
+
+
 def test_an_interrupted_labor_run_resumes_to_the_same_labels_and_weights(
     tmp_path, tiny_config_file, cityscapes_root
 ):

@@ -270,7 +270,7 @@ def running_means(network: nn.Module) -> list[torch.Tensor]:
     return [m.running_mean.clone() for m in network.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
-@pytest.mark.parametrize("method", ["selftrain", "cbst"])
+@pytest.mark.parametrize("method", ["selftrain", "cbst", "labor_ppl"])
 @pytest.mark.parametrize(("bn_stats", "source_moves_them"), [("target", False), ("all", True)])
 def test_bn_stats_decides_whether_the_source_pass_moves_the_running_statistics(
     tiny_config_file, method, bn_stats, source_moves_them

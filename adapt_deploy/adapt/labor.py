@@ -222,16 +222,23 @@ class LabelOnlyIfRequired(TargetStatistics, AdaptSegNet):
         )
 
     def source_losses(self, batch: Batch) -> Losses:
-        out = self.model(self.input(batch))
+        with self.source_pass():  # BN's running statistics stay the target's
+            out = self.model(self.input(batch))
         labels = batch["label"].to(self.device)
         self._remember_source(out, batch, labels)
         seg = segmentation_loss(out["logits"], labels)
         seg_selector = segmentation_loss(self.selector(out["features"]), labels)
         lambda_dis = self.config.labor.lambda_dis
         return {
-            "seg": seg + seg_selector,
+            "seg": self.source_weight() * (seg + seg_selector),
             "dis": lambda_dis * weight_similarity(self.network.head, self.selector),
         }
+
+    def source_weight(self) -> float:
+        """The source cross-entropy's weight: 1 until the first target labels exist (the
+        selector learns from the source what its first round needs), labor.lambda_source after."""
+        labelled = self.rounds_done > 0 or bool(self.config.adapt.points)
+        return self.config.labor.lambda_source if labelled else 1.0
 
     def label_map(self, name: str, size: tuple[int, int]) -> torch.Tensor:
         """(H, W) the image's labelled pixels at the batch's size, 255 elsewhere."""

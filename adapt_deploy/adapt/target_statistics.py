@@ -9,7 +9,7 @@ target image as the target needs (AdaBN's observation, kept up during training).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -26,10 +26,16 @@ class TargetStatistics:
     model: nn.Module
 
     def source_losses(self, batch: Batch) -> Losses:
+        with self.source_pass():
+            return super().source_losses(batch)  # type: ignore[misc]
+
+    def source_pass(self) -> AbstractContextManager[None]:
+        """The block a source forward pass runs in: one that leaves the running statistics
+        alone unless selftrain.bn_stats is "all". A method that writes its own source_losses
+        runs its pass in it too."""
         if self.config.selftrain.bn_stats == "all":
-            return super().source_losses(batch)  # type: ignore[misc]
-        with running_stats_kept(self.model):
-            return super().source_losses(batch)  # type: ignore[misc]
+            return nullcontext()
+        return running_stats_kept(self.model)
 
 
 @contextmanager
