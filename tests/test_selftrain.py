@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from helpers import assert_same_weights
 from torch import nn
 
+from adapt_deploy import registry
 from adapt_deploy.adapt.losses import pseudo_label_loss
 from adapt_deploy.adapt.selftrain import keep_present, with_points
+from adapt_deploy.adapt.target_statistics import TargetStatistics
 from adapt_deploy.adapt.teacher import EmaTeacher, class_mix, confidence_weight
 from adapt_deploy.config import load_config
 from adapt_deploy.data.weak import write_class_stats, write_points
@@ -270,7 +272,16 @@ def running_means(network: nn.Module) -> list[torch.Tensor]:
     return [m.running_mean.clone() for m in network.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
-@pytest.mark.parametrize("method", ["selftrain", "cbst", "labor_ppl"])
+def target_statistics_methods() -> list[str]:
+    """Every registered method that keeps BN's running statistics to the target passes."""
+    return [
+        n
+        for n in registry.METHODS.names()
+        if issubclass(registry.METHODS.load(n), TargetStatistics)
+    ]
+
+
+@pytest.mark.parametrize("method", target_statistics_methods())
 @pytest.mark.parametrize(("bn_stats", "source_moves_them"), [("target", False), ("all", True)])
 def test_bn_stats_decides_whether_the_source_pass_moves_the_running_statistics(
     tiny_config_file, method, bn_stats, source_moves_them
