@@ -43,11 +43,13 @@ def test_spl_asks_for_every_pixel_where_the_classifiers_disagree_and_no_other():
     pixels = ps.select_pixels("spl", one_hot(a), one_hot(b), None, taken, rng)
     assert sorted(map(tuple, pixels)) == [(y, x) for y in (2, 3) for x in range(3, 7)][1:]
     selector = one_hot(b)
-    sure = [(2, 6), (3, 5), (3, 6)]  # where the second classifier is surest: largest |p - q|
-    for y, x in sure:
-        selector[:, y, x] = [0.0, 1.0, 0.0, 0.0]
+    # Where the second classifier is surest, |p - q| is largest: (2, 6), then (3, 6), (3, 4).
+    for (y, x), sure in zip([(2, 6), (3, 6), (3, 4)], [1.0, 0.99, 0.98], strict=True):
+        selector[:, y, x] = [1 - sure, sure, 0.0, 0.0]
     capped = ps.select_pixels("spl", one_hot(a), selector, 3, taken, rng)
-    assert sorted(map(tuple, capped)) == sure
+    # Capped, the largest first but never a neighbour of one taken before: (3, 6) touches
+    # (2, 6), and every other pixel of the mask touches one of the two picked.
+    assert list(map(tuple, capped)) == [(2, 6), (3, 4)]
 
 
 def test_ppl_shares_the_budget_among_uncertain_classes_and_picks_each_prototype():
