@@ -42,14 +42,20 @@ def test_spl_asks_for_every_pixel_where_the_classifiers_disagree_and_no_other():
     rng = np.random.default_rng(0)
     pixels = ps.select_pixels("spl", one_hot(a), one_hot(b), None, taken, rng)
     assert sorted(map(tuple, pixels)) == [(y, x) for y in (2, 3) for x in range(3, 7)][1:]
+    # Capped: a uniform draw of the mask, never two neighbours, not the pixels where the two
+    # classifiers differ most (here the mask's left half: they crowd onto a few classes).
+    a = np.zeros((40, 40), np.int64)
+    b = a.copy()
+    b[:, 10:30] = 1  # 800 pixels of disagreement
     selector = one_hot(b)
-    # Where the second classifier is surest, |p - q| is largest: (2, 6), then (3, 6), (3, 4).
-    for (y, x), sure in zip([(2, 6), (3, 6), (3, 4)], [1.0, 0.99, 0.98], strict=True):
-        selector[:, y, x] = [1 - sure, sure, 0.0, 0.0]
-    capped = ps.select_pixels("spl", one_hot(a), selector, 3, taken, rng)
-    # Capped, the largest first but never a neighbour of one taken before: (3, 6) touches
-    # (2, 6), and every other pixel of the mask touches one of the two picked.
-    assert list(map(tuple, capped)) == [(2, 6), (3, 4)]
+    selector[:, :, 10:20] = one_hot(np.ones((40, 10), np.int64), sharp=1.0)  # surest there
+    taken = np.zeros_like(a, bool)
+    capped = ps.select_pixels("spl", one_hot(a), selector, 60, taken, rng)
+    assert len(capped) == 60 and b[capped[:, 0], capped[:, 1]].all()
+    gaps = np.abs(capped[:, None] - capped[None]).max(axis=2) + np.eye(60, dtype=np.int64) * 9
+    assert gaps.min() >= 2  # no two neighbours: never two in one cell of half-size labels
+    left = int((capped[:, 1] < 20).sum())
+    assert 20 <= left <= 40  # about half in each half of the mask
 
 
 def test_ppl_shares_the_budget_among_uncertain_classes_and_picks_each_prototype():
