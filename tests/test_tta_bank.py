@@ -99,6 +99,44 @@ def test_a_returning_condition_gets_its_own_state_back_exactly(trained):
     assert adapter.step(frames["dusk"]).switched is None  # already served
 
 
+@pytest.mark.parametrize(("fade", "beyond", "prior"), [(1.0, 0.5, 0.5), (2.0, 0.5, 0.75),
+                                                   (1.0, 2.0, 0.0), (0.0, 0.5, 0.0)])  # fmt: skip
+def test_the_source_prior_fades_with_the_conditions_distance_from_home(
+    trained, fade, beyond, prior
+):
+    """λ is 1 at the home radius and falls linearly to 0 `prior_fade` radii further out; the
+    runtime gets the statistics mixed with it."""
+    bundle, _ = trained
+    adapter = _banked(bundle, prior_fade=fade)
+    assert adapter.bank is not None and adapter.bank.home is not None
+    dusk = adapter.prepare(_frames()["dusk"])
+    adapter.bank.home_distance = distance(adapter.signature(dusk), adapter.bank.home) / (
+        1 + beyond
+    )  # the frame lies `beyond` radii past the home radius
+    adapter.step(_frames()["dusk"])
+    teacher = dict(adapter.teacher.named_buffers())
+    for name, layer in adapter._mixed.items():
+        assert layer.prior == pytest.approx(prior, abs=1e-5)
+        mixed = prior * layer.source_mean + (1 - prior) * layer.running_mean
+        torch.testing.assert_close(teacher[f"{name}.running_mean"], mixed)
+
+
+def test_a_shift_without_a_bank_restarts_the_test_average(trained):
+    bundle, _ = trained
+    adapter = adapter_for(bundle, bn_momentum=0.5)
+    frames = _frames()
+    adapter.step(frames["dusk"])
+    adapter.step(frames["dusk"])
+    stem = adapter.student.backbone
+    first = adapter._mixed["backbone.bn1"]
+    assert int(first.num_batches_tracked) == 2
+    adapter.step(frames["night"], shifted=True)
+    assert int(first.num_batches_tracked) == 1  # the night frame alone
+    with torch.no_grad():
+        night = stem.conv1(adapter.prepare(frames["night"]))
+    torch.testing.assert_close(first.running_mean, night.mean(dim=(0, 2, 3)))
+
+
 def test_without_a_bank_every_condition_shares_one_state(trained):
     bundle, _ = trained
     adapter = adapter_for(bundle)  # bank_size 0

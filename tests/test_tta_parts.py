@@ -64,6 +64,27 @@ def test_mixed_bn_prior_one_keeps_the_source_and_prior_zero_follows_the_stream()
     torch.testing.assert_close(following.running_mean, _bn().running_mean)
 
 
+def test_the_test_average_is_the_mean_of_its_frames_until_each_weighs_the_floor():
+    layer = MixedBatchNorm2d(_bn(), prior=0.0, momentum=0.25)
+    torch.manual_seed(1)
+    frames = [torch.randn(1, 4, 5, 5) * (1 + i) + i for i in range(6)]
+    means = [torch.var_mean(f, dim=(0, 2, 3), unbiased=False)[1] for f in frames]
+    layer.adapting = True
+    for k, frame in enumerate(frames[:4]):  # frame k weighs 1/(k+1) >= 0.25: a plain mean
+        layer(frame)
+        torch.testing.assert_close(layer.running_mean, torch.stack(means[: k + 1]).mean(0))
+    before = layer.running_mean.clone()
+    layer(frames[4])  # 1/5 < 0.25: the floor
+    torch.testing.assert_close(layer.running_mean, before + 0.25 * (means[4] - before))
+    layer.restart()  # a shift: the next frame replaces the average
+    layer(frames[5])
+    torch.testing.assert_close(layer.running_mean, means[5])
+    assert int(layer.num_batches_tracked) == 1
+    layer.reset_statistics()
+    assert int(layer.num_batches_tracked) == 0
+    torch.testing.assert_close(layer.running_mean, _bn().running_mean)
+
+
 def test_gradient_flows_through_the_frame_share_of_the_statistics():
     layer = MixedBatchNorm2d(_bn(), prior=0.0, momentum=0.5)
     x = torch.randn(1, 4, 3, 3, requires_grad=True)

@@ -18,13 +18,16 @@ is a snow model, and the first clear-weather frames pay for it. Instead the adap
 The **signature** of a frame (`models.signature`) is what the first BatchNorm sees: per channel
 of the stem convolution's output, the frame's mean and log standard deviation in units of the
 layer's running statistics. Measured on the benchmark's source-only model
-(`python -m bench.tta.signatures`, bench/results/tta_signatures.md, 128×256): on stream
-'drive', frames of one condition lie within 0.13 of their condition's mean and conditions lie
-0.21 or more apart, hence the default `condition_distance` 0.15; the source images' home
-radius is 0.39, source-style frames lie 0.16-0.21 from the home signature, every other frame
-of both streams 0.44 or more. The stem does not tell every condition apart: on stream
-'second', noise and motion blur lie 0.07-0.09 from the clean target (means) and share its
-state, and fog 1's frames spread up to 0.17 from their mean.
+(`python -m bench.tta.signatures`, bench/results/tta_signatures.md, 128×256; the model trained
+again on 2026-12-07): on stream 'drive', frames of one condition lie within 0.14 of their
+condition's mean and conditions lie 0.19 or more apart, hence the default `condition_distance`
+0.15; the source images' home radius is 0.35, source-style frames lie 0.19-0.26 from the home
+signature, every other frame of both streams 0.46 or more. The stem does not tell every
+condition apart: on stream 'second', noise and motion blur lie 0.05-0.10 from the clean target
+(means) and share its state, and fog 1's frames spread up to 0.17 from their mean.
+
+The distance of a condition's signature to home also sets how much of the source's BN
+statistics its state keeps (`AdaptOptions.prior_fade`, see `adapter`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,13 @@ import bench.tta
 from bench.common import RESULTS, write_results
 from bench.tta.conditions import STREAMS, WORK, render_conditions
 from bench.tta.methods import method_makers
-from bench.tta.model import DEFAULT_CHECKPOINT, DEFAULT_SOURCE, ensure_bundle, model_description
+from bench.tta.model import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_SOURCE,
+    ensure_bundle,
+    model_description,
+    require_checkpoint,
+)
 from bench.tta.report import plot, report
 from bench.tta.runner import kept_torch_threads, run_method
 from bench.tta.settings import parse_settings
@@ -59,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE",
-        help="an AdaptOptions field of the ours* methods (bn_stats takes bn_momentum), e.g. "
+        help="an AdaptOptions field of the ours* methods, e.g. "
         "lr=1e-3, reset=periodic:100, threshold=auto, size=128x256, threads=none (repeatable)",
     )  # fmt: skip
     parser.add_argument(
@@ -89,11 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     args.rounds = stream.rounds if args.rounds is None else args.rounds
     if args.rounds < 1 or args.frames < 1:
         parser.error("--rounds and --frames must be at least 1")
-    if not args.checkpoint.exists():
-        raise SystemExit(
-            f"{args.checkpoint} is missing: train it with `python -m bench.adaptation --seeds 0` "
-            "or pass --checkpoint and --source-data"
-        )
+    require_checkpoint(args.checkpoint)
     torch.set_num_threads(args.threads)
     meta, exported = ensure_bundle(args.checkpoint, args.source_data, bundle)
     print(f"bundle {bundle}: {'exported now' if exported else 'reused (same checkpoint)'}")

@@ -9,8 +9,11 @@ from adapt_deploy.bundle.meta import BundleError, load_meta, sha256_file
 from adapt_deploy.export.pipeline import export_bundle
 from bench.common import WORK as BENCH_WORK
 
-DEFAULT_CHECKPOINT = BENCH_WORK / "adapt_v2/runs/source_only_seed0/checkpoint.pt"
-DEFAULT_SOURCE = BENCH_WORK / "adapt_v2/data/source"
+# What `python -m bench.adaptation --seeds 0 --methods source_only` trains (its default work
+# dir); until 2026-12-07 the bench used an older run's model (work dir adapt_v2), which the
+# current code no longer trains.
+DEFAULT_CHECKPOINT = BENCH_WORK / "adaptation/runs/source_only_seed0/checkpoint.pt"
+DEFAULT_SOURCE = BENCH_WORK / "adaptation/data/source"
 
 
 def ensure_bundle(checkpoint: Path, source_data: Path, bundle: Path) -> tuple[dict, bool]:
@@ -44,3 +47,12 @@ def model_description(checkpoint: Path) -> str:
     if checkpoint.resolve() == DEFAULT_CHECKPOINT.resolve():
         return f"source-only model of bench.adaptation, seed 0 ({checkpoint.name})"
     return f"checkpoint {checkpoint}"
+
+
+def require_checkpoint(checkpoint: Path) -> None:
+    """Exit with how to make `checkpoint` when it is missing."""
+    if not checkpoint.exists():
+        raise SystemExit(
+            f"{checkpoint} is missing: train it with `python -m bench.adaptation --seeds 0 "
+            "--methods source_only` or pass --checkpoint and --source-data"
+        )

@@ -26,7 +26,7 @@ from adapt_deploy.tta.adapter import OnlineAdapter
 from adapt_deploy.tta.options import AdaptOptions
 from bench.common import write_results
 from bench.tta.conditions import STREAMS, WORK, Stream, render_conditions
-from bench.tta.model import DEFAULT_CHECKPOINT, DEFAULT_SOURCE, ensure_bundle
+from bench.tta.model import DEFAULT_CHECKPOINT, DEFAULT_SOURCE, ensure_bundle, require_checkpoint
 
 
 def adapter_of(bundle: Path) -> OnlineAdapter:
@@ -72,11 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--source-data", type=Path, default=DEFAULT_SOURCE)
     args = parser.parse_args(argv)
-    if not args.checkpoint.exists():
-        raise SystemExit(
-            f"{args.checkpoint} is missing: train it with `python -m bench.adaptation --seeds 0` "
-            "or pass --checkpoint and --source-data"
-        )
+    require_checkpoint(args.checkpoint)
     bundle = WORK / "bundle"
     ensure_bundle(args.checkpoint, args.source_data, bundle)
     adapter = adapter_of(bundle)
