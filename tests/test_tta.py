@@ -100,13 +100,17 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     return bundle.bundle, checkpoint
 
 
-def adapter_for(bundle: Path, **options) -> OnlineAdapter:
+def adapter_for(bundle: Path, batches_tracked: int | None = None, **options) -> OnlineAdapter:
     """An adapter on the trained tiny bundle; one adapted state (no condition bank) unless
-    `bank_size` is given: these tests are about updates, the bank has its own."""
+    `bank_size` is given: these tests are about updates, the bank has its own.
+    `batches_tracked`: the count every BN layer of the checkpoint is given first."""
     options.setdefault("bank_size", 0)
     meta = load_meta(bundle)
     package = load_package(bundle, meta)
     model, config = load_checkpoint(package.checkpoint)
+    if batches_tracked is not None:
+        for bn in model.batchnorms():
+            bn.num_batches_tracked.fill_(batches_tracked)
     return OnlineAdapter(
         model,
         config.input,

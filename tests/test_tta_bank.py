@@ -80,7 +80,9 @@ def test_home_frames_are_served_the_source_state_and_teach_nothing(trained):
 
 def test_a_returning_condition_gets_its_own_state_back_exactly(trained):
     bundle, _ = trained
-    adapter = _banked(bundle)
+    # a checkpoint whose BN layers counted their training batches: each condition's test
+    # average still starts from its first frame (the count is the average's, not training's)
+    adapter = _banked(bundle, batches_tracked=5000)
     frames = _frames()
     first = adapter.step(frames["dusk"])
     assert first.switched == "condition 0 (new)" and first.condition == "condition 0"
@@ -88,6 +90,7 @@ def test_a_returning_condition_gets_its_own_state_back_exactly(trained):
     dusk = _live(adapter)
     night = adapter.step(frames["night"])
     assert night.switched == "condition 1 (new)"
+    assert int(adapter._mixed["backbone.bn1"].num_batches_tracked) == 1
     assert adapter.optimizer.state  # the night update ran with a fresh optimizer
     adapter.step(frames["night"])
     night_state = _live(adapter)

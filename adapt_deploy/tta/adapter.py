@@ -21,10 +21,9 @@ One update (`step(frame)`), as a mean teacher (CoTTA) driven by weak labels (Eq.
 3. The student is trained on the weak-label loss of its presence against y, shifted so that
    T_c sits at 0.5, and on the teacher's labels of its confident pixels as pixel
    pseudo-labels (cross-entropy); optionally the entropy of its predictions on those pixels;
-   optionally
-   the cosine distance of its attention-pooled class features (Eq. 3) to the source prototypes
-   of the present classes, a stand-in for the category discriminators, which need source
-   images.
+   optionally the cosine distance of its attention-pooled class features (Eq. 3) to the
+   source prototypes of the present classes, a stand-in for the category discriminators,
+   which need source images.
 4. Stochastic restore, the EMA teacher update and the collapse check (see `safety`).
 
 Only the chosen parameters train (BN affine by default), so an update is cheap.

@@ -39,12 +39,11 @@ Methods, in one run, each from the same source weights:
 - ours_every_frame / ours_every_64 (not run by default): the same with k = 1 (what a faster
   device could afford) and k = 64 (about the rate the time budget leaves on our 2-core CPU at
   full decoding speed, where detected shifts still get their update).
-- ablations, not run by default (python -m bench.tta --methods ours,ours_bn_stats_only,...
-  --fps-rounds 0 --name tta_ablation): ours_bn_stats_only (no gradient: every loss weight 0),
-  ours_weak_only (the weak-label term alone), ours_no_fade (λ = 0 for every condition),
-  ours_bn_momentum_0.5 (each frame weighs 0.5 in the test statistics: the earlier default),
-  ours_bn_prior_0.3 (λ at least 0.3), and tent_lr_1e-4 (TENT at the other learning rate it
-  was compared with).
+- ablations, not run by default (tta_ablation.md; the command is in docs/benchmarks.md):
+  ours_bn_stats_only (no gradient: every loss weight 0), ours_weak_only (the weak-label term
+  alone), ours_no_fade (λ = 0 for every condition), ours_bn_momentum_0.5 (each frame weighs
+  0.5 in the test statistics: the earlier default), ours_bn_prior_0.3 (λ at least 0.3), and
+  tent_lr_1e-4 (TENT at the other learning rate it was compared with).
 
 Every frame is scored before that frame's update. Reported: mIoU per condition and round, the
 mean, first vs last round, forgetting (after the last round the clean target frames once more,
