@@ -108,7 +108,8 @@ def test_the_source_prior_fades_with_the_conditions_distance_from_home(
     trained, fade, beyond, prior
 ):
     """λ is 1 at the home radius and falls linearly to 0 `prior_fade` radii further out; the
-    runtime gets the statistics mixed with it."""
+    runtime gets the statistics mixed with it (in the adapted layers: the last stages keep the
+    source's, λ = 1)."""
     bundle, _ = trained
     adapter = _banked(bundle, prior_fade=fade)
     assert adapter.bank is not None and adapter.bank.home is not None
@@ -118,9 +119,12 @@ def test_the_source_prior_fades_with_the_conditions_distance_from_home(
     )  # the frame lies `beyond` radii past the home radius
     adapter.step(_frames()["dusk"])
     teacher = dict(adapter.teacher.named_buffers())
+    adapted = [name for name, layer in adapter._mixed.items() if layer in adapter._adapted]
+    assert adapted and len(adapted) < len(adapter._mixed)
     for name, layer in adapter._mixed.items():
-        assert layer.prior == pytest.approx(prior, abs=1e-5)
-        mixed = prior * layer.source_mean + (1 - prior) * layer.running_mean
+        expected = prior if name in adapted else 1.0
+        assert layer.prior == pytest.approx(expected, abs=1e-5)
+        mixed = expected * layer.source_mean + (1 - expected) * layer.running_mean
         torch.testing.assert_close(teacher[f"{name}.running_mean"], mixed)
 
 

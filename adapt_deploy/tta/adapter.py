@@ -4,11 +4,14 @@ One update (`step(frame)`), as a mean teacher (CoTTA) driven by weak labels (Eq.
 
 1. The student segments the frame. Its BN statistics are mixed source/test (see `bn`), and
    this frame enters its condition's test average here (a detected shift without a bank
-   restarts the average). The source's share λ is the condition's: 1 at the home radius,
-   fading to `bn_prior` `prior_fade` home radii further out, so a condition near the training
-   data keeps most of the statistics the model was trained with (on bench/tta's drive the
-   adapter scores 18.6 mIoU on the clear-weather frames with the fade, 13.7 without it, 17.5
-   unadapted: bench/results/tta.md, tta_ablation.md).
+   restarts the average). Only the early layers adapt: the BN layers of the backbone's last
+   `source_stages` stages keep the source statistics, as weather changes the image's low-level
+   statistics while the class-level layers' test statistics also follow what the frames show
+   (on bench/tta's drive: 17.6 mIoU keeping the last two stages' statistics, 15.2 adapting
+   every layer). In the early layers the source's share λ is the condition's: 1 at the home
+   radius, fading to `bn_prior` `prior_fade` home radii further out, so a condition near the
+   training data keeps most of the statistics the model was trained with (bench/results/
+   tta.md, tta_ablation.md).
 2. The teacher (an EMA of the student's weights with the student's mixed statistics: what the
    runtime runs) segments the same frame, a pure inference forward run as the torch backend
    runs one (`teacher_precision` fp32 / fp16 / bf16 autocast; on CUDA replayed from a CUDA
@@ -49,6 +52,7 @@ import torch.nn.functional as F
 from adapt_deploy.adapt.losses import weak_label_loss
 from adapt_deploy.config import InputConfig
 from adapt_deploy.data.normalize import normalize
+from adapt_deploy.errors import UserError
 from adapt_deploy.export.source_stats import SourceStats
 from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.models.prediction import predicted_classes
@@ -148,6 +152,10 @@ class OnlineAdapter:
         self._mixed = {
             name: m for name, m in self.student.named_modules() if isinstance(m, MixedBatchNorm2d)
         }
+        kept = source_layers(self.student, options.source_stages)
+        self._adapted = [m for name, m in self._mixed.items() if name not in kept]
+        for name in kept:  # the source statistics, always: never averaged, λ = 1
+            self._mixed[name].prior = 1.0
         self.trainable = self._select_trainable()
         names = {id(p): n for n, p in self.student.named_parameters()}
         self._source_trainable = [self.source_state[names[id(p)]] for p in self.trainable]
@@ -311,10 +319,10 @@ class OnlineAdapter:
             seconds = time.perf_counter() - start
             return StepReport(self.counters.updates, 0.0, {}, None, seconds, None, switched, HOME)
         if route is None and shifted:
-            for layer in self._mixed.values():
+            for layer in self._adapted:
                 layer.restart()
         prior = self._prior(route)
-        for layer in self._mixed.values():
+        for layer in self._adapted:
             layer.prior = prior
         out = self._student_forward(x)
         with torch.no_grad():  # after the student: the teacher sees this frame's statistics
@@ -354,14 +362,13 @@ class OnlineAdapter:
         return report
 
     def _student_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The student's forward on `x`, the frame entering the test statistics (the gradient
-        flows through its share)."""
-        layers = list(self._mixed.values())
-        set_adapting(layers, True)
+        """The student's forward on `x`, the frame entering the adapted layers' test statistics
+        (the gradient flows through its share)."""
+        set_adapting(self._adapted, True)
         try:
             return self.student(x)
         finally:
-            set_adapting(layers, False)
+            set_adapting(self._adapted, False)
 
     def _prior(self, route: Route | None) -> float:
         """λ of the frame's condition: `bn_prior`, or more the nearer the condition's signature
@@ -535,6 +542,26 @@ class OnlineAdapter:
                 self.bank.load_state_dict(saved, self.device)
             self.active = state.get("active") if saved is not None else None
         self.mark_synced()
+
+
+def source_layers(model: DeepLab, stages: int) -> set[str]:
+    """Names of the BN layers that keep the source statistics: those of the backbone's last
+    `stages` residual stages (layer1 ... layer4) and, when `stages` > 0, any after the
+    backbone. UserError when the backbone has fewer stages."""
+    names = [name for name, _ in model.backbone.named_children() if name.startswith("layer")]
+    if stages > len(names):
+        raise UserError(
+            f"source_stages must be at most {len(names)} (the backbone's stages), got {stages}"
+        )
+    if stages == 0:
+        return set()
+    prefixes = tuple(f"backbone.{name}." for name in names[len(names) - stages :])
+    return {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.BatchNorm2d)
+        and (name.startswith(prefixes) or not name.startswith("backbone."))
+    }
 
 
 def condition_name(key: str | int) -> str:

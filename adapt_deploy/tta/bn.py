@@ -12,8 +12,9 @@ the current frame enters the average and the gradient flows through its share, s
 (batch size 1) is enough. The n-th frame since the average (re)started weighs 1/n (the
 average is the plain mean of the frames) until that falls to `momentum`; later frames weigh
 `momentum` each. One frame's statistics are a noisy estimate of its condition's: on
-bench/tta's drive the adapter scores 15.8 mIoU with these averages against 15.0 with every
-frame weighing 0.5 (bench/results/tta.md, tta_ablation.md). `num_batches_tracked` counts the
+bench/tta's drive, with every layer adapting, the adapter scored 15.8 mIoU with these averages
+against 15.0 with every frame weighing 0.5; with only the early layers adapting (the default
+since) both score 17.6 (bench/results/tta.md, tta_ablation.md). `num_batches_tracked` counts the
 frames, so the count travels with the state dict. `deployed_statistics` gives the fixed
 statistics the runtime receives.
 """

@@ -209,6 +209,9 @@ def method_makers(
             bundle, replace(options, entropy_weight=0.0, pixel_weight=0.0), "ours_weak_only"
         ),
         "ours_no_fade": lambda: Ours(bundle, replace(options, prior_fade=0.0), "ours_no_fade"),
+        "ours_all_stages": lambda: Ours(
+            bundle, replace(options, source_stages=0), "ours_all_stages"
+        ),
         "ours_bn_momentum_0.5": lambda: Ours(
             bundle, replace(options, bn_momentum=0.5), "ours_bn_momentum_0.5"
         ),

@@ -54,5 +54,6 @@ def require_checkpoint(checkpoint: Path) -> None:
     if not checkpoint.exists():
         raise SystemExit(
             f"{checkpoint} is missing: train it with `python -m bench.adaptation --seeds 0 "
-            "--methods source_only` or pass --checkpoint and --source-data"
+            "--methods source_only --name tta_model` (the name keeps bench/results/adaptation.md "
+            "as it is) or pass --checkpoint and --source-data"
         )
