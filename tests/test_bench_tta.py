@@ -14,7 +14,7 @@ from helpers import write_source_checkpoint
 from adapt_deploy.bundle.meta import sha256_file
 from adapt_deploy.export.pipeline import export_bundle
 from adapt_deploy.tta.options import AdaptOptions, ResetPolicy
-from bench.tta.cli import build_parser, main
+from bench.tta.cli import build_parser, default_name, main
 from bench.tta.conditions import STREAMS, confusion
 from bench.tta.model import DEFAULT_CHECKPOINT, ensure_bundle, model_description
 from bench.tta.report import report
@@ -76,6 +76,12 @@ def test_main_rejects_bad_set_and_unknown_methods(capsys: pytest.CaptureFixture)
         main(["--methods", "none,tennt"])
     err = capsys.readouterr().err
     assert "unknown tennt" in err and "tent_lr_1e-4" in err
+
+
+def test_each_stream_writes_its_own_results_unless_named() -> None:
+    """A run of 'second' must not overwrite drive's tta.md (it once did)."""
+    assert [default_name(s) for s in STREAMS] == ["tta", "tta_second"]
+    assert build_parser().parse_args(["--stream", "second"]).name is None
 
 
 def test_every_flag_has_help() -> None:

@@ -4,9 +4,8 @@ One update (`step(frame)`), as a mean teacher (CoTTA) driven by weak labels (Eq.
 
 1. The student segments the frame. Its BN statistics are mixed source/test (see `bn`), and
    this frame enters its condition's test average here (a detected shift without a bank
-   restarts the average). Only the early layers adapt: the BN layers of the backbone's last
-   `source_stages` stages keep the source statistics, as weather changes the image's low-level
-   statistics while the class-level layers' test statistics also follow what the frames show
+   restarts the average). Only the early layers adapt, where weather changes an image's
+   statistics: the BN layers of the backbone's last `source_stages` stages keep the source's
    (on bench/tta's drive: 17.6 mIoU keeping the last two stages' statistics, 15.2 adapting
    every layer). In the early layers the source's share λ is the condition's: 1 at the home
    radius, fading to `bn_prior` `prior_fade` home radii further out, so a condition near the

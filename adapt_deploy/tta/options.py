@@ -50,13 +50,12 @@ class AdaptOptions:
     `prior_fade` 1.25 (session 18: 10-round runs keeping the source statistics in the last 1,
     2 or 3 stages, or none, with fades 1, 1.25, 1.5 and 2; 1.25 the smallest that keeps every
     round's clear-weather frames within 0.5 of no adaptation; the table is in the issue-20
-    notes);
-    `bn_momentum` 0.05, `lr` 0.05 with the pixel term instead of the entropy term (session 17:
-    cumulative statistics with and without the fade, lr 0.05 and 0.1, the entropy and pixel
-    terms, confidence 0, 0.5 and 0.7, every 2, restore 0, sharpness-aware steps); `confidence`
-    0.7 and the restore from earlier screens (session 13); `bank_size` 0 is compared as
-    ours_no_bank, `every` with 1 and 64; the distances come from measured signatures (see
-    `bank`); every other default is set by hand.
+    notes); `bn_momentum` 0.05, `lr` 0.05 with the pixel term instead of the entropy term
+    (session 17: cumulative statistics with and without the fade, lr 0.05 and 0.1, the entropy
+    and pixel terms, confidence 0, 0.5 and 0.7, every 2, restore 0, sharpness-aware steps);
+    `confidence` 0.7 and the restore from earlier screens (session 13); `bank_size` 0 is
+    compared as ours_no_bank, `every` with 1 and 64; the distances come from measured
+    signatures (see `bank`); every other default is set by hand.
     """
 
     every: int = 4  # offer every k-th frame (a detected shift offers the frame at once)

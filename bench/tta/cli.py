@@ -69,9 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
         "lr=1e-3, reset=periodic:100, threshold=auto, size=128x256, threads=none (repeatable)",
     )  # fmt: skip
     parser.add_argument(
-        "--name", default="tta", help="results name: bench/results/NAME.md and NAME.png"
-    )
+        "--name", default=None,
+        help="results name: bench/results/NAME.md and NAME.png (default: tta for drive, "
+        "tta_second for second)",
+    )  # fmt: skip
     return parser
+
+
+def default_name(stream: str) -> str:
+    """The results name of a stream's run: each stream keeps its own file."""
+    return "tta" if stream == "drive" else f"tta_{stream}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     stream = STREAMS[args.stream]
     args.frames = stream.frames if args.frames is None else args.frames
     args.rounds = stream.rounds if args.rounds is None else args.rounds
+    args.name = args.name or default_name(args.stream)
     if args.rounds < 1 or args.frames < 1:
         parser.error("--rounds and --frames must be at least 1")
     require_checkpoint(args.checkpoint)
