@@ -11,12 +11,12 @@ where λ (`prior`) anchors the network to the statistics it was trained with. Wh
 the current frame enters the average and the gradient flows through its share, so one frame
 (batch size 1) is enough. The n-th frame since the average (re)started weighs 1/n (the
 average is the plain mean of the frames) until that falls to `momentum`; later frames weigh
-`momentum` each. One frame's statistics are a noisy estimate of its condition's: on
-bench/tta's drive, with every layer adapting, the adapter scored 15.8 mIoU with these averages
-against 15.0 with every frame weighing 0.5; with only the early layers adapting (the default
-since) both score 17.6 (bench/results/tta.md, tta_ablation.md). `num_batches_tracked` counts the
-frames, so the count travels with the state dict. `deployed_statistics` gives the fixed
-statistics the runtime receives.
+`momentum` each. One frame's statistics are a noisy estimate of its condition's, though on
+bench/tta's drive, with the adapter's defaults, every frame weighing 0.5 scores the same 17.6
+mIoU (bench/results/tta.md, tta_ablation.md; the averages were chosen when every layer
+adapted, see the issue-20 notes). `num_batches_tracked` counts the frames, so the count
+travels with the state dict. `deployed_statistics` gives the fixed statistics the runtime
+receives.
 """
 
 from __future__ import annotations

@@ -42,8 +42,9 @@ Methods, in one run, each from the same source weights:
 - ablations, not run by default (tta_ablation.md; the command is in docs/benchmarks.md):
   ours_bn_stats_only (no gradient: every loss weight 0), ours_weak_only (the weak-label term
   alone), ours_no_fade (λ = 0 for every condition in the adapted layers), ours_all_stages
-  (every BN layer adapts: source_stages 0, the earlier default), ours_bn_momentum_0.5 (each
-  frame weighs 0.5 in the test statistics), ours_bn_prior_0.3 (λ at least 0.3), and
+  (every BN layer adapts: source_stages 0, as before session 18, at today's fade),
+  ours_bn_momentum_0.5 (each frame weighs 0.5 in the test statistics), ours_bn_prior_0.3 (λ
+  at least 0.3), and
   tent_lr_1e-4 (TENT at the other learning rate it was compared with).
 
 Every frame is scored before that frame's update. Reported: mIoU per condition and round, the

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import bench.tta
+from adapt_deploy.errors import UserError
 from bench.common import RESULTS, write_results
 from bench.tta.conditions import STREAMS, WORK, render_conditions
 from bench.tta.methods import method_makers
@@ -82,8 +83,16 @@ def default_name(stream: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the bench; a setting the model cannot take (e.g. more kept stages than its backbone
+    has) ends in one line, not a traceback."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        run(parser, parser.parse_args(argv))
+    except UserError as exc:
+        parser.error(str(exc))
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     try:
         options = parse_settings(args.set)
     except ValueError as exc:
