@@ -690,6 +690,14 @@ def stream(
             "at export; 0: no frame is home. (default auto)"
         ),
     ] = None,
+    adapt_source_stages: Annotated[
+        int | None,
+        typer.Option(
+            help="The backbone's last N stages keep the source BN statistics in every "
+            "condition; the earlier layers take the frames'. 0: every layer adapts. "
+            f"(default {ADAPT.source_stages})"
+        ),
+    ] = None,
 ) -> None:
     """Segment a video, camera, network stream or image folder; Ctrl-C finishes the outputs."""
     from adapt_deploy.stream import StreamOptions, run_stream
@@ -712,7 +720,7 @@ def stream(
     )
     setup = setup_from_flags(
         adapt, adapt_every, adapt_params, lr, threshold, reset_policy, adapt_state, adapt_budget,
-        adapt_bank, adapt_home,
+        adapt_bank, adapt_home, adapt_source_stages,
     )  # fmt: skip
     summary = run_stream(source, bundle, options, reporter=_reporter(), adapt=setup)
     for line in summary.lines():

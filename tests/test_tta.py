@@ -170,7 +170,7 @@ def test_the_last_stages_keep_the_source_statistics_and_the_others_adapt(trained
 
 def test_more_kept_stages_than_the_backbone_has_is_a_user_error(trained):
     bundle, _ = trained
-    with pytest.raises(UserError, match=r"source_stages must be at most 4 .*got 5"):
+    with pytest.raises(UserError, match=r"--adapt-source-stages must be at most 4 .*got 5"):
         adapter_for(bundle, source_stages=5)
 
 
@@ -375,6 +375,7 @@ def test_adaptation_flags_without_adapt_are_refused(tiny_bundle, tmp_path):
         ("--adapt-home", "near", "--adapt-home: expected 'auto' or a distance >= 0, got 'near'"),
         ("--adapt-home", "-1", "--adapt-home: expected 'auto' or a distance >= 0, got '-1'"),
         ("--adapt-bank", "-2", "--adapt-bank must be >= 0, got -2"),
+        ("--adapt-source-stages", "-1", "--adapt-source-stages must be >= 0, got -1"),
     ],
 )
 def test_bad_bank_flags_are_named(tiny_bundle, tmp_path, flag, value, says):
@@ -382,6 +383,20 @@ def test_bad_bank_flags_are_named(tiny_bundle, tmp_path, flag, value, says):
     args = ["stream", str(video), "--bundle", str(tiny_bundle), "--adapt", flag, value]
     result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, UserError) and str(result.exception) == says
+
+
+def test_more_kept_stages_than_the_model_has_stops_the_stream_before_it_writes(trained, tmp_path):
+    bundle, _ = trained
+    video = _video(tmp_path / "drive.avi", 3)
+    stats, state = tmp_path / "stats.jsonl", tmp_path / "state.pt"
+    args = ["stream", str(video), "--bundle", str(bundle), "--stats", str(stats), "--adapt",
+            "--adapt-state", str(state), "--adapt-source-stages", "5"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, UserError)
+    assert str(result.exception) == (
+        "--adapt-source-stages must be at most 4 (the backbone's stages), got 5"
+    )
+    assert not stats.exists() and not state.exists()
 
 
 def test_a_source_without_usable_frames_writes_nothing(trained, tmp_path):

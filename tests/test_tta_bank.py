@@ -214,6 +214,42 @@ def test_the_bank_is_saved_and_resumed(trained, tmp_path):
     assert switched == "condition 0"  # dusk's saved state, not a new entry
 
 
+def test_a_state_adapted_in_every_layer_resumes_with_the_source_statistics_where_kept(
+    trained, tmp_path
+):
+    """A state saved with every layer adapting (--adapt-source-stages 0, or before the kept
+    stages existed) resumes under the default with the source statistics in the last two
+    stages, live and in every bank entry; the early layers keep what they learned."""
+    bundle, _ = trained
+    adapter = _banked(bundle, source_stages=0)
+    frames = _frames()
+    for name in ("dusk", "night", "night"):
+        adapter.step(frames[name])
+    path = tmp_path / "state.pt"
+    save_state(adapter, path)
+    again = _banked(bundle)
+    assert again.options.source_stages == 2 and resume(again, path)
+    pairs = {"live": (_live(adapter), _live(again))}  # saved, resumed
+    pairs |= {k: (e.state, again.bank.entries[k].state) for k, e in adapter.bank.entries.items()}
+    kept = ("backbone.layer3.", "backbone.layer4.")
+    statistics = ("running_mean", "running_var")
+    held_adapted = set()
+    for which, (before, after) in pairs.items():
+        for role, tensors in after.items():
+            for key, value in tensors.items():
+                if not key.endswith(statistics):
+                    continue
+                if not key.startswith(kept):
+                    assert torch.equal(value, before[role][key]), (which, role, key)
+                    continue
+                assert torch.equal(value, again.source_state[key]), (which, role, key)
+                if not torch.equal(before[role][key], value):
+                    held_adapted.add(which)
+    # the live state (night) and dusk's entry, left at the switch to night, held adapted
+    # statistics there (night's entry is written when night is left)
+    assert held_adapted == {"live", 0}
+
+
 def test_a_version_1_state_resumes_without_a_bank(trained, tmp_path):
     bundle, _ = trained
     adapter = _banked(bundle)

@@ -129,7 +129,13 @@ def test_bad_reset_policy_names_the_flag(text):
 def test_options_check_names_each_bad_flag():
     with pytest.raises(UserError) as info:
         AdaptOptions(every=0, params="everything", lr=-1.0, budget=0.0, source_stages=-1).check()
-    for flag in ("--adapt-every", "--adapt-params", "--lr", "--adapt-budget", "source_stages"):
+    for flag in (
+        "--adapt-every",
+        "--adapt-params",
+        "--lr",
+        "--adapt-budget",
+        "--adapt-source-stages",
+    ):
         assert flag in str(info.value)
     assert parse_threshold("auto") is None and parse_threshold("0.2") == 0.2
     with pytest.raises(UserError, match="--threshold"):

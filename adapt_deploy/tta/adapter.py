@@ -151,9 +151,9 @@ class OnlineAdapter:
         self._mixed = {
             name: m for name, m in self.student.named_modules() if isinstance(m, MixedBatchNorm2d)
         }
-        kept = source_layers(self.student, options.source_stages)
-        self._adapted = [m for name, m in self._mixed.items() if name not in kept]
-        for name in kept:  # the source statistics, always: never averaged, λ = 1
+        self._kept = sorted(source_layers(self.student, options.source_stages))
+        self._adapted = [m for name, m in self._mixed.items() if name not in self._kept]
+        for name in self._kept:  # the source statistics, always: never averaged, λ = 1
             self._mixed[name].prior = 1.0
         self.trainable = self._select_trainable()
         names = {id(p): n for n, p in self.student.named_parameters()}
@@ -540,7 +540,20 @@ class OnlineAdapter:
             if saved is not None:
                 self.bank.load_state_dict(saved, self.device)
             self.active = state.get("active") if saved is not None else None
+        self._keep_source_statistics(self._changing)
+        for entry in self.bank.entries.values() if self.bank is not None else ():
+            self._keep_source_statistics(entry.state)
         self.mark_synced()
+
+    @torch.no_grad()
+    def _keep_source_statistics(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Set the source statistics in the kept layers of `tensors` (student and teacher, live
+        or a bank entry's): a state saved with fewer kept stages, or before they existed, holds
+        adapted ones there, which the runtime would otherwise get until the next update."""
+        for role in tensors.values():
+            for layer in self._kept:
+                for stat in ("running_mean", "running_var", "num_batches_tracked"):
+                    role[f"{layer}.{stat}"].copy_(self.source_state[f"{layer}.{stat}"])
 
 
 def source_layers(model: DeepLab, stages: int) -> set[str]:
@@ -550,7 +563,8 @@ def source_layers(model: DeepLab, stages: int) -> set[str]:
     names = [name for name, _ in model.backbone.named_children() if name.startswith("layer")]
     if stages > len(names):
         raise UserError(
-            f"source_stages must be at most {len(names)} (the backbone's stages), got {stages}"
+            f"--adapt-source-stages must be at most {len(names)} (the backbone's stages), "
+            f"got {stages}"
         )
     if stages == 0:
         return set()

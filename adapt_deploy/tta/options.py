@@ -118,7 +118,7 @@ class AdaptOptions:
         if not self.prior_fade >= 0.0:
             bad.append(f"prior_fade must be >= 0, got {self.prior_fade}")
         if self.source_stages < 0:
-            bad.append(f"source_stages must be >= 0, got {self.source_stages}")
+            bad.append(f"--adapt-source-stages must be >= 0, got {self.source_stages}")
         if self.sync_every < 1:
             bad.append(f"sync_every must be >= 1, got {self.sync_every}")
         if self.bank_size < 0:

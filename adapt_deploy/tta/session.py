@@ -34,6 +34,7 @@ def setup_from_flags(
     budget: float | None = None,
     bank: int | None = None,
     home: str | None = None,
+    source_stages: int | None = None,
 ) -> AdaptSetup | None:
     """The `stream` flags as an AdaptSetup (None without --adapt); adaptation flags given
     without --adapt are an error rather than silently ignored."""
@@ -47,6 +48,7 @@ def setup_from_flags(
         "--adapt-budget": budget,
         "--adapt-bank": bank,
         "--adapt-home": home,
+        "--adapt-source-stages": source_stages,
     }
     if not adapt:
         used = [flag for flag, value in given.items() if value is not None]
@@ -64,6 +66,7 @@ def setup_from_flags(
         budget=defaults.budget if budget is None else budget,
         bank_size=defaults.bank_size if bank is None else bank,
         home_distance=defaults.home_distance if home is None else parse_home(home),
+        source_stages=defaults.source_stages if source_stages is None else source_stages,
     )
     return AdaptSetup(options.check(), state)
 
