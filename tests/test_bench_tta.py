@@ -214,6 +214,18 @@ def test_cost_sizes_are_parsed_strictly() -> None:
             parse_size(bad)
 
 
+def test_the_cost_runs_the_fast_path_precision_by_default() -> None:
+    """The goal names the fast torch path: fp16 on CUDA, where the Segmenter's own 'auto' is
+    fp32 for the torch backend."""
+    import torch
+
+    from bench.tta_cost import fast_precision
+
+    assert fast_precision("torch", "auto") == ("fp16" if torch.cuda.is_available() else "fp32")
+    assert fast_precision("torch", "bf16") == "bf16"
+    assert fast_precision("onnxruntime", "auto") == "auto"
+
+
 def test_cost_videos_are_looped_frame_by_frame(tmp_path) -> None:
     import cv2
 

@@ -60,6 +60,7 @@ from adapt_deploy.runtime.torch_backend import ModelBackend
 from adapt_deploy.runtime.torch_inference import LogitsInference, check_precision, graph_safe
 from adapt_deploy.tta.adapter import OnlineAdapter
 from adapt_deploy.tta.options import AdaptOptions
+from adapt_deploy.tta.session import teacher_precision
 from adapt_deploy.tta.sync import make_sync
 
 Array = np.ndarray
@@ -380,6 +381,14 @@ def test_teacher_precision_and_graph_requests_are_checked(package_bundle):
         _adapter(package_bundle, teacher_precision="fp16")
     adapter = _adapter(package_bundle, cuda_graph=True)
     assert adapter.notes == ["teacher: CUDA graphs need a CUDA device; running eager on the CPU"]
+
+
+def test_teacher_precision_follows_the_runtime_where_torch_computes_it():
+    assert teacher_precision("fp16", "cuda:0") == "fp16"
+    assert teacher_precision("bf16", "cuda:1") == "bf16"
+    assert teacher_precision("bf16", "cpu") == "bf16"
+    assert teacher_precision("fp16", "cpu") == "fp32"  # ONNX Runtime's fp16 model on the CPU
+    assert teacher_precision("fp32", "cuda:0") == "fp32"
 
 
 # ------------------------------------------------------------------ pushes into torch

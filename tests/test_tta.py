@@ -319,6 +319,22 @@ def test_saved_weights_the_runtime_rejects_stop_the_set_up_and_close_the_sync(
     assert len(closed) == 1
 
 
+@pytest.mark.parametrize(
+    ("backend", "precision", "teacher"),
+    [("torch", "bf16", "bf16"), ("torch", "fp32", "fp32"), ("onnxruntime", "fp32", "fp32")],
+)
+def test_stream_adapt_runs_the_teacher_at_the_runtimes_precision(
+    trained, backend, precision, teacher
+):
+    bundle, _ = trained
+    with Segmenter.from_bundle(bundle, backend, "cpu", precision) as seg:
+        worker = open_adaptation(bundle, seg, AdaptSetup(AdaptOptions(threads=None)))
+        try:
+            assert worker.adapter.teacher_precision == teacher
+        finally:
+            worker.close()
+
+
 def _video(path: Path, count: int) -> Path:
     rng = np.random.default_rng(10)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, SIZE[::-1])

@@ -92,6 +92,17 @@ def adapter_device(segmenter_device: str) -> str:
     return "cpu"
 
 
+def teacher_precision(segmenter_precision: str, device: str) -> str:
+    """The precision the adapter's teacher runs at: the runtime's, where torch computes it on
+    the adapter's `device` (fp16 and bf16 on a GPU, bf16 on the CPU), else fp32. The teacher is
+    what the runtime serves, so its pseudo-labels come from the outputs the runtime gives, and
+    on a GPU its forward takes the fast path (an fp16 forward instead of an fp32 one)."""
+    from adapt_deploy.runtime.torch_inference import PRECISIONS
+
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    return segmenter_precision if segmenter_precision in PRECISIONS[kind] else "fp32"
+
+
 def open_adaptation(
     bundle: Path, segmenter: Any, setup: AdaptSetup, reporter: Reporter | None = None
 ) -> AdaptWorker:
@@ -109,7 +120,8 @@ def open_adaptation(
     meta = load_meta(Path(bundle))
     package = load_package(Path(bundle), meta)
     model, config = load_checkpoint(package.checkpoint)
-    model = model.to(adapter_device(segmenter.device))
+    device = adapter_device(segmenter.device)
+    model = model.to(device)
     size = setup.options.size or tuple(meta["evaluation"]["size"])
     options = setup.options
     if segmenter.backend == "torch":  # torch's thread pool is per process: leave inference's
@@ -122,7 +134,10 @@ def open_adaptation(
         size=(int(size[0]), int(size[1])),
         lse_k=package.lse_k,
         checkpoint_sha256=meta["checkpoint"]["sha256"],
+        teacher_precision=teacher_precision(segmenter.precision, device),
     )
+    if adapter.teacher_precision != "fp32":
+        reporter.log(f"adaptation: the teacher runs at {adapter.teacher_precision}, as the runtime")
     for note in adapter.notes:
         reporter.log(f"adaptation: {note}")
     if resume(adapter, setup.state):
