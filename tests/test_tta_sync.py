@@ -27,6 +27,7 @@ from adapt_deploy.errors import UserError
 from adapt_deploy.export import folding
 from adapt_deploy.export.folding import build_folding_map, conv_bn_pairs, own_initializers
 from adapt_deploy.export.parity import target_frames, torch_outputs
+from adapt_deploy.export.verify import tolerance_for
 from adapt_deploy.models.checkpoints import load_checkpoint
 from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.models.deploy import DeployModel
@@ -144,6 +145,16 @@ def test_a_template_that_is_not_the_bundles_checkpoint_is_refused(tiny_bundle, t
 # --------------------------------------------------------------------------------------------
 # Pushes
 # --------------------------------------------------------------------------------------------
+
+
+def test_a_bf16_runtime_is_checked_against_its_own_floor():
+    """bf16 (the torch backend only) rounds to 8 significant bits: held to 99% of the labels and
+    2e-2 on presence, not fp16's 99.5% and 1e-2; a meta.json cannot loosen either."""
+    floor = {"min_label_agreement": 0.99, "max_presence_diff": 2e-2}
+    assert tolerance_for({}, "bf16") == floor
+    loose = {"tolerances": {"bf16": {"min_label_agreement": 0.5, "max_presence_diff": 1.0}}}
+    assert tolerance_for(loose, "bf16") == floor
+    assert tolerance_for({}, "fp16") == {"min_label_agreement": 0.995, "max_presence_diff": 1e-2}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
