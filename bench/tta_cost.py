@@ -81,8 +81,10 @@ def report(
     fps: dict[str, list[float]],
     worker: AdaptSummary | None,
     video: str,
+    partial: str = "",
 ) -> str:
-    """The Markdown body: frames/s both ways, the cost against the goal, the update rate."""
+    """The Markdown body: frames/s both ways, the cost against the goal, the update rate.
+    `partial`: how many rounds ran, when the run has not finished them all."""
     without, with_ = (statistics.median(fps[k]) for k in ("without", "with"))
     cost = 1 - with_ / without
     rate = worker.adapted / worker.due if worker is not None and worker.due else 0.0
@@ -95,6 +97,7 @@ def report(
     lines = [
         f"Model: {model}. Runtime: {segmenter}. Input: {video}.",
         "",
+        *([f"**Stopped early: {partial} ran.**", ""] if partial else []),
         f"Adapter: `stream --adapt` defaults with every={options.every} and budget "
         f"{options.budget:g}.",
         "",
@@ -164,13 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     options = replace(AdaptOptions(), every=args.every, budget=1.0)
     precision = fast_precision(args.backend, args.precision)
     fps: dict[str, list[float]] = {"without": [], "with": []}
-    worker: AdaptSummary | None = None
-    segmenter = adapting = ""
+    title = "On-device adaptation: what it costs the stream"
+    described = f"{video.name} x{args.loops}"
     try:
         with tempfile.TemporaryDirectory() as tmp:
             looped = loop_video(video, args.loops, Path(tmp))
             for r in range(args.rounds):
-                value, _, segmenter = measure(bundle, looped, args.backend, precision, None)
+                value, _, _ = measure(bundle, looped, args.backend, precision, None)
                 fps["without"].append(value)
                 value, worker, adapting = measure(bundle, looped, args.backend, precision, options)
                 fps["with"].append(value)
@@ -179,11 +182,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"{fps['with'][-1]:.1f} frames/s",
                     flush=True,
                 )
+                # written after every round: a run stopped by a time limit keeps what it measured
+                rounds = f"{r + 1} of {args.rounds} rounds" if r + 1 < args.rounds else ""
+                body = report(model, adapting, options, fps, worker, described, rounds)
+                path = write_results(args.name, title, body)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    body = report(model, adapting or segmenter, options, fps, worker, f"{video.name} x{args.loops}")
-    path = write_results(args.name, "On-device adaptation: what it costs the stream", body)
     print(body)
     print(f"wrote {path}")
     return 0

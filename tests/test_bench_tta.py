@@ -203,6 +203,17 @@ def test_the_cost_goal_needs_the_update_rate_as_well() -> None:
     assert _cost_report(100.0, 90.0, 95, 100).count(": met") == 1
     assert "not shown: only 50% of due frames" in _cost_report(100.0, 90.0, 50, 100)
     assert "MISSED" in _cost_report(100.0, 80.0, 100, 100)
+    assert "Stopped early" not in _cost_report(100.0, 90.0, 95, 100)
+
+
+def test_a_cost_report_written_between_rounds_says_how_many_ran() -> None:
+    from adapt_deploy.tta.worker import AdaptSummary
+    from bench.tta_cost import report as cost_report
+
+    fps = {"without": [100.0], "with": [90.0]}
+    worker = AdaptSummary(due=10, adapted=10)
+    body = cost_report("m", "torch fp16", AdaptOptions(), fps, worker, "v.mp4", "1 of 3 rounds")
+    assert "**Stopped early: 1 of 3 rounds ran.**" in body
 
 
 def test_cost_sizes_are_parsed_strictly() -> None:

@@ -550,7 +550,7 @@ def test_the_gpu_check_script_is_valid_and_its_kernel_bench_flags_parse() -> Non
     text = script.read_text().replace("\\\n", " ")
     (line,) = [s for s in text.splitlines() if "-m bench.kernels" in s]
     flags = line.split("-m bench.kernels", 1)[1].split()
-    for module in ("bench.inference", "bench.stream", "adapt_deploy.cli"):
+    for module in ("bench.inference", "bench.stream", "bench.tta_cost", "adapt_deploy.cli"):
         assert f"-m {module}" in text
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file()
     if torch.cuda.is_available():
