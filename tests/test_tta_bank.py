@@ -194,14 +194,21 @@ def test_the_runtime_runs_the_bundles_weights_again_at_home(trained):
         worker.close()
 
 
-def test_the_bank_is_saved_and_resumed(trained, tmp_path):
-    bundle, _ = trained
-    adapter = _banked(bundle)
+def _saved_after_dusk_and_night(bundle: Path, path: Path, **options) -> OnlineAdapter:
+    """An adapter that saw dusk, then night twice (two bank entries, night live), saved to
+    `path`."""
+    adapter = _banked(bundle, **options)
     frames = _frames()
     for name in ("dusk", "night", "night"):
         adapter.step(frames[name])
-    path = tmp_path / "state.pt"
     save_state(adapter, path)
+    return adapter
+
+
+def test_the_bank_is_saved_and_resumed(trained, tmp_path):
+    bundle, _ = trained
+    path = tmp_path / "state.pt"
+    adapter = _saved_after_dusk_and_night(bundle, path)
     again = _banked(bundle)
     assert resume(again, path)
     assert again.active == 1 and again.bank is not None and sorted(again.bank.entries) == [0, 1]
@@ -210,7 +217,7 @@ def test_the_bank_is_saved_and_resumed(trained, tmp_path):
         assert _same(again.bank.entries[key].state, entry.state)
         assert torch.equal(again.bank.entries[key].signature, entry.signature)
     assert _same(_live(again), _live(adapter))
-    switched = again.step(frames["dusk"]).switched
+    switched = again.step(_frames()["dusk"]).switched
     assert switched == "condition 0"  # dusk's saved state, not a new entry
 
 
@@ -221,12 +228,8 @@ def test_a_state_adapted_in_every_layer_resumes_with_the_source_statistics_where
     stages existed) resumes under the default with the source statistics in the last two
     stages, live and in every bank entry; the early layers keep what they learned."""
     bundle, _ = trained
-    adapter = _banked(bundle, source_stages=0)
-    frames = _frames()
-    for name in ("dusk", "night", "night"):
-        adapter.step(frames[name])
     path = tmp_path / "state.pt"
-    save_state(adapter, path)
+    adapter = _saved_after_dusk_and_night(bundle, path, source_stages=0)
     again = _banked(bundle)
     assert again.options.source_stages == 2 and resume(again, path)
     pairs = {"live": (_live(adapter), _live(again))}  # saved, resumed
