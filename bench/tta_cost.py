@@ -1,8 +1,8 @@
 """What on-device adaptation costs the stream: frames/s with and without `stream --adapt`.
 
     python -m bench.tta_cost [--backbone resnet101] [--width 64] [--size 512x1024]
-                             [--backend torch] [--precision auto] [--every 4] [--rounds 3]
-                             [--loops 1] [--name tta_cost]
+                             [--adapt-size HxW] [--backend torch] [--precision auto]
+                             [--every 4] [--rounds 3] [--loops 1] [--name tta_cost]
 
 Issue 20's goal: on a GPU, at 1024x512 with ResNet-101, an update every 4th frame costs at most
 15% of the stream's frames/s, through the fast torch path (the torch backend: CUDA graphs and
@@ -12,7 +12,8 @@ Model: a randomly initialised DeepLab-v2 (--backbone, --width) exported for --si
 adaptation package (source statistics over 8 synthetic source images; bench/.work/bundles/,
 reused): the cost does not depend on the weights. Input: bench.stream's 1-minute synthetic
 dashcam drive (900 frames, 256x512, 15 fps), looped --loops times; the runtime resizes every
-frame to --size, and the adapter adapts at --size too.
+frame to --size, and the adapter adapts at --size too, or at --adapt-size (`AdaptOptions.size`:
+a cheaper update on smaller frames).
 
 Each round streams the video twice, alternating: without adaptation, then with the background
 worker at the `stream --adapt` defaults except `every` (--every) and the time budget (1.0: the
@@ -99,7 +100,8 @@ def report(
         "",
         *([f"**Stopped early: {partial} ran.**", ""] if partial else []),
         f"Adapter: `stream --adapt` defaults with every={options.every} and budget "
-        f"{options.budget:g}.",
+        f"{options.budget:g}"
+        + (f", adapting at {options.size[0]}x{options.size[1]}." if options.size else "."),
         "",
         f"- without adaptation: {without:.1f} frames/s (runs: "
         + ", ".join(f"{v:.1f}" for v in fps["without"])
@@ -126,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", default="resnet101", help="resnet18, resnet50, resnet101")
     parser.add_argument("--width", type=int, default=64, help="ResNet width (64: the standard)")
     parser.add_argument("--size", default="512x1024", help="HxW the runtime and adapter run at")
+    parser.add_argument(
+        "--adapt-size", default=None, help="HxW the adapter runs at instead (default: --size)"
+    )
     parser.add_argument("--backend", default="torch", help="Segmenter backend (torch: fast path)")
     parser.add_argument(
         "--precision",
@@ -140,14 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'HxW' → (H, W) (bench.tta's --set size parser, without its 'none'); ValueError else."""
+def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
+    """'HxW' → (H, W) (bench.tta's --set size parser, without its 'none'); ValueError naming
+    `flag` else."""
     try:
         size = parse_hw(text)
     except ValueError as exc:
-        raise ValueError(f"--size: {exc}") from None
+        raise ValueError(f"{flag}: {exc}") from None
     if size is None:
-        raise ValueError(f"--size: expected HxW, e.g. 512x1024, got {text!r}")
+        raise ValueError(f"{flag}: expected HxW, e.g. 512x1024, got {text!r}")
     return size
 
 
@@ -156,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         size = parse_size(args.size)
+        adapt_size = parse_size(args.adapt_size, "--adapt-size") if args.adapt_size else None
     except ValueError as exc:
         parser.error(str(exc))
     if min(args.every, args.rounds, args.loops) < 1:
@@ -164,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     video = dashcam_video()
     bundle = random_bundle(args.width, size, source_data(), backbone=args.backbone)
     model = f"random-init DeepLab-v2 {args.backbone}, width {args.width}, {size[0]}x{size[1]}"
-    options = replace(AdaptOptions(), every=args.every, budget=1.0)
+    options = replace(AdaptOptions(), every=args.every, budget=1.0, size=adapt_size)
     precision = fast_precision(args.backend, args.precision)
     fps: dict[str, list[float]] = {"without": [], "with": []}
     title = "On-device adaptation: what it costs the stream"

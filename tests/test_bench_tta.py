@@ -213,7 +213,9 @@ def test_a_cost_report_written_between_rounds_says_how_many_ran() -> None:
     fps = {"without": [100.0], "with": [90.0]}
     worker = AdaptSummary(due=10, adapted=10)
     body = cost_report("m", "torch fp16", AdaptOptions(), fps, worker, "v.mp4", "1 of 3 rounds")
-    assert "**Stopped early: 1 of 3 rounds ran.**" in body
+    assert "**Stopped early: 1 of 3 rounds ran.**" in body and "adapting at" not in body
+    smaller = AdaptOptions(size=(256, 512))
+    assert ", adapting at 256x512." in cost_report("m", "t", smaller, fps, worker, "v.mp4")
 
 
 def test_cost_sizes_are_parsed_strictly() -> None:
@@ -223,6 +225,8 @@ def test_cost_sizes_are_parsed_strictly() -> None:
     for bad in ("512", "0x10", "ax2", "512x1024x3"):
         with pytest.raises(ValueError, match="--size"):
             parse_size(bad)
+    with pytest.raises(ValueError, match="--adapt-size"):
+        parse_size("0x10", "--adapt-size")
 
 
 def test_the_cost_runs_the_fast_path_precision_by_default() -> None:
@@ -235,6 +239,21 @@ def test_the_cost_runs_the_fast_path_precision_by_default() -> None:
     assert fast_precision("torch", "auto") == ("fp16" if torch.cuda.is_available() else "fp32")
     assert fast_precision("torch", "bf16") == "bf16"
     assert fast_precision("onnxruntime", "auto") == "auto"
+
+
+def test_the_gpu_check_s_cost_flags_parse() -> None:
+    """bench/gpu_check.sh runs the cost bench on the one lent GPU: a stale flag would cost it."""
+    from bench.tta_cost import build_parser, parse_size
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    text = script.read_text().replace("\\\n", " ")
+    lines = [line for line in text.splitlines() if "-m bench.tta_cost" in line]
+    assert len(lines) == 2
+    for line in lines:
+        args = build_parser().parse_args(line.split("-m bench.tta_cost", 1)[1].split())
+        parse_size(args.size)
+        if args.adapt_size:
+            parse_size(args.adapt_size, "--adapt-size")
 
 
 def test_cost_videos_are_looped_frame_by_frame(tmp_path) -> None:
