@@ -6,7 +6,8 @@
 
 Issue 20's goal: on a GPU, at 1024x512 with ResNet-101, an update every 4th frame costs at most
 15% of the stream's frames/s, through the fast torch path (the torch backend: CUDA graphs and
-fp16 on CUDA at --precision auto; the adapter's teacher runs at the runtime's precision).
+fp16 on CUDA at --precision auto; the adapter's teacher runs at the runtime's precision, its
+student under bf16 autocast).
 
 Model: a randomly initialised DeepLab-v2 (--backbone, --width) exported for --size with its
 adaptation package (source statistics over 8 synthetic source images; bench/.work/bundles/,
@@ -71,7 +72,11 @@ def measure(
             summary = stream(VideoFile(video), seg, stats, stop=threading.Event(), adapter=worker)
         described = f"{seg.backend} {seg.precision} on {seg.device}"
         if worker is not None:
-            described += f", the adapter's teacher at {worker.adapter.teacher_precision}"
+            adapter = worker.adapter
+            described += (
+                f", the adapter's teacher at {adapter.teacher_precision} and its student at "
+                f"{adapter.student_precision}"
+            )
     return summary.fps, (worker.summary if worker else None), described
 
 

@@ -67,6 +67,7 @@ from adapt_deploy.runtime.backend import as_runner
 from adapt_deploy.runtime.cuda_graphs import GraphedForward
 from adapt_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend, cuda_available
 from adapt_deploy.runtime.torch_backend import ModelBackend
+from adapt_deploy.runtime.torch_inference import cuda_has_bf16
 from adapt_deploy.tta.adapter import OnlineAdapter, StepReport
 from adapt_deploy.tta.options import AdaptOptions
 from adapt_deploy.tta.push import graph_spec
@@ -316,15 +317,16 @@ def _metrics(run: Path) -> list[dict[str, float]]:
     ]
 
 
-def _adapter(bundle: Path, device: str) -> OnlineAdapter:
+def _adapter(bundle: Path, device: str, student_precision: str = "fp32") -> OnlineAdapter:
     """The bundle's on-device adapter on `device`, with every loss term on and the BN affine
-    parameters and the head trained."""
+    parameters and the head trained; the student in fp32 unless asked (the comparisons with
+    the CPU need fp32 on both sides; the default, bf16 on a GPU, has its own test)."""
     meta = load_meta(bundle)
     package = load_package(bundle, meta)
     model, config = load_checkpoint(package.checkpoint)
     options = AdaptOptions(
         params="bn+head", entropy_weight=1.0, pixel_weight=1.0, prototype_weight=0.5,
-        confidence=0.5, threads=None,
+        confidence=0.5, threads=None, student_precision=student_precision,
     )  # fmt: skip
     size = tuple(meta["evaluation"]["size"])
     return OnlineAdapter(
@@ -524,6 +526,26 @@ def test_online_adapter_on_the_device_learns_and_matches_the_cpu(
         got = student if name == "student" else teacher
         for key, value in _state(expected).items():
             torch.testing.assert_close(got[key], value, rtol=1e-3, atol=1e-4, msg=f"{name} {key}")
+    _check_kernels(device)
+
+
+def test_the_student_trains_in_bf16_on_a_gpu_by_default(
+    device: str, trained: Trained, kernel_mode: str
+) -> None:
+    """`student_precision` auto: bf16 autocast on a GPU that computes in bf16, fp32 on the CPU.
+    Three bf16 updates: finite, the test statistics fp32, the losses within a few percent of
+    the same updates in fp32."""
+    frames = target_frames(3, *FRAME_SIZE, first=20)
+    auto = _adapter(trained.bundle, device, "auto")
+    bf16_here = device == "cuda" and cuda_has_bf16(torch.device(device))
+    assert auto.student_precision == ("bf16" if bf16_here else "fp32")
+    low, full = _adapter(trained.bundle, device, "bf16"), _adapter(trained.bundle, device)
+    for report, reference in zip(_adapt(low, frames), _adapt(full, frames), strict=True):
+        assert report.reset is None and math.isfinite(report.loss)
+        assert report.loss == pytest.approx(reference.loss, rel=0.05)
+        assert report.loss != reference.loss  # bf16 really ran
+    layer = next(iter(low._mixed.values()))
+    assert layer.running_mean.dtype == torch.float32 and layer.num_batches_tracked >= 1
     _check_kernels(device)
 
 

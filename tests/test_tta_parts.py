@@ -138,6 +138,8 @@ def test_options_check_names_each_bad_flag():
     ):
         assert flag in str(info.value)
     assert parse_threshold("auto") is None and parse_threshold("0.2") == 0.2
+    with pytest.raises(UserError, match=r"student_precision must be one of .*got 'fp16'"):
+        AdaptOptions(student_precision="fp16").check()  # fp16 would need a gradient scaler
     with pytest.raises(UserError, match="--threshold"):
         parse_threshold("1.5")
 

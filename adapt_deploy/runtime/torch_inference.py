@@ -34,7 +34,8 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")}
 
 
-def _cuda_has_bf16(device: torch.device) -> bool:
+def cuda_has_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes in bf16 (Ampere or newer), not just emulates it."""
     try:
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     except TypeError:  # releases without the argument
@@ -57,7 +58,7 @@ def check_precision(precision: str, device: torch.device | str, what: str = "tor
             f"{what}: precision on {device.type}: expected one of {list(allowed)}, "
             f"got {precision!r}{hint}"
         )
-    if precision == "bf16" and device.type == "cuda" and not _cuda_has_bf16(device):
+    if precision == "bf16" and device.type == "cuda" and not cuda_has_bf16(device):
         name = torch.cuda.get_device_name(device)
         raise UserError(f"{what}: {name} does not compute in bf16; use precision 'fp16'")
 

@@ -46,7 +46,8 @@ class MixedBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.adapting:
-            batch_var, batch_mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+            # in fp32 whatever the input's type (bf16 under the student's autocast)
+            batch_var, batch_mean = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
             # the n-th frame weighs 1/n (the mean of the frames so far) until that falls to
             # `test_momentum`: kept on the device, no sync
             m = (1.0 / (self.num_batches_tracked + 1)).clamp(min=self.test_momentum)

@@ -138,6 +138,8 @@ def open_adaptation(
     )
     if adapter.teacher_precision != "fp32":
         reporter.log(f"adaptation: the teacher runs at {adapter.teacher_precision}, as the runtime")
+    if adapter.student_precision != "fp32":
+        reporter.log(f"adaptation: the student trains under {adapter.student_precision} autocast")
     for note in adapter.notes:
         reporter.log(f"adaptation: {note}")
     if resume(adapter, setup.state):
