@@ -540,6 +540,7 @@ def test_the_student_trains_in_bf16_on_a_gpu_by_default(
     bf16_here = device == "cuda" and cuda_has_bf16(torch.device(device))
     assert auto.student_precision == ("bf16" if bf16_here else "fp32")
     low, full = _adapter(trained.bundle, device, "bf16"), _adapter(trained.bundle, device)
+    assert low.student.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     for report, reference in zip(_adapt(low, frames), _adapt(full, frames), strict=True):
         assert report.reset is None and math.isfinite(report.loss)
         assert report.loss == pytest.approx(reference.loss, rel=0.05)

@@ -205,11 +205,12 @@ def _saved_after_dusk_and_night(bundle: Path, path: Path, **options) -> OnlineAd
     return adapter
 
 
-def test_the_bank_is_saved_and_resumed(trained, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: a channels_last student
+def test_the_bank_is_saved_and_resumed(trained, tmp_path, precision):
     bundle, _ = trained
     path = tmp_path / "state.pt"
-    adapter = _saved_after_dusk_and_night(bundle, path)
-    again = _banked(bundle)
+    adapter = _saved_after_dusk_and_night(bundle, path, student_precision=precision)
+    again = _banked(bundle, student_precision=precision)
     assert resume(again, path)
     assert again.active == 1 and again.bank is not None and sorted(again.bank.entries) == [0, 1]
     assert again.bank.clock == 3 and again.bank.next_key == 2

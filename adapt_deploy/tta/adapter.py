@@ -29,9 +29,10 @@ One update (`step(frame)`), as a mean teacher (CoTTA) driven by weak labels (Eq.
 4. Stochastic restore, the EMA teacher update and the collapse check (see `safety`).
 
 Only the chosen parameters train (BN affine by default), so an update is cheap. On a GPU that
-computes in bf16 the student's forward and backward run under bf16 autocast (`student_precision`
-auto; the parameters, test statistics and losses stay fp32): on bench/tta's drive a bf16 student
-(forced on the CPU) scored 17.5 mIoU against fp32's 17.6 (bench/results/tta_student_bf16.md).
+computes in bf16 the student's forward and backward run under bf16 autocast in channels_last
+(`student_precision` auto; the parameters, test statistics and losses stay fp32): on
+bench/tta's drive a bf16 student (forced on the CPU) scored 17.6 mIoU, as fp32 did
+(bench/results/tta_student_bf16.md).
 
 Before all that, the frame is routed (see `bank`): a frame that looks like the training data
 (home) is served by the source state and teaches nothing; any other goes to the adapted state
@@ -159,6 +160,8 @@ class OnlineAdapter:
         for name in self._kept:  # the source statistics, always: never averaged, λ = 1
             self._mixed[name].prior = 1.0
         self.student_precision = self._student_precision()
+        if self.student_precision == "bf16":  # the layout tensor cores read, as in training
+            self.student.to(memory_format=torch.channels_last)
         self.trainable = self._select_trainable()
         names = {id(p): n for n, p in self.student.named_parameters()}
         self._source_trainable = [self.source_state[names[id(p)]] for p in self.trainable]
@@ -376,9 +379,11 @@ class OnlineAdapter:
 
     def _student_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The student's forward on `x`, the frame entering the adapted layers' test statistics
-        (the gradient flows through its share); under bf16 autocast at `student_precision`
-        bf16, its outputs in fp32 either way."""
+        (the gradient flows through its share); under bf16 autocast in channels_last at
+        `student_precision` bf16, its outputs in fp32 either way."""
         low = self.student_precision == "bf16"
+        if low:
+            x = x.contiguous(memory_format=torch.channels_last)
         set_adapting(self._adapted, True)
         try:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low):

@@ -81,10 +81,11 @@ class AdaptOptions:
     # where weather changes the image, and leave the class-level layers as trained (0: every
     # layer adapts)
     source_stages: int = 2
-    # the student's forward (and so its backward) under bf16 autocast, the parameters, test
-    # statistics and losses fp32: "auto" is bf16 on a GPU that computes in bf16 (the fast path of
-    # training) and fp32 on the CPU (bench/tta's model here: 30 ms an update in fp32, 29-33 in
-    # bf16 on a CPU with AVX512-BF16)
+    # the student's forward (and so its backward) under bf16 autocast in channels_last, the
+    # parameters, test statistics and losses fp32: "auto" is bf16 on a GPU that computes in bf16
+    # (the fast path of training) and fp32 on the CPU, where bf16's speed depends on the CPU's
+    # instructions (bench/tta's model on a 2-core EPYC with AVX512-BF16: 26-27 ms an update in
+    # bf16 against 31 in fp32)
     student_precision: str = "auto"
     ema: float = 0.9  # teacher = ema · teacher + (1 − ema) · student
     restore: float = 0.01  # stochastic restore: share of student weights set back per update
