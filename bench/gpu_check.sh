@@ -24,7 +24,8 @@
 #               paper preset, data loading included), the recipe's time per method
 #   tta_cost_256  bench.tta_cost again with the adapter at 256x512 (the stream still 512x1024):
 #               what a cheaper update would cost, should the full-size one miss the goal (not
-#               free: adapting at half size scored 13.2 mIoU against 17.6 on bench.tta's drive)
+#               free: adapting at half size scored 13.2 mIoU against 17.6 on bench.tta's drive,
+#               bench/results/tta_adapt_half_size.md)
 # A failing or timed-out step is recorded and the next one runs. RESULTS_DIR gets one log per
 # step, summary.md (step, status, seconds) and a copy of the bench/results files written; the
 # summary, with the GPU's name, is also written to bench/results/gpu_check.md.
@@ -98,7 +99,7 @@ env_report() {
 run_step env 30 env_report
 run_step doctor 60 "$PYTHON" -m adapt_deploy.cli doctor
 run_step build 150 "$PYTHON" -m adapt_deploy.cli kernels build
-# its bundle's export alone took 72 s on this project's 2-core CPU machine
+# 200 s: its ResNet-101 bundle is exported first, on the CPU
 run_step tta_cost 200 "$PYTHON" -m bench.tta_cost --rounds 2
 run_step pytest_gpu 180 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests
 run_step kernels 150 "$PYTHON" -m bench.kernels --batches 1 2 8 --sizes 65x129 129x257 \

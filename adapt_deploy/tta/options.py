@@ -84,8 +84,7 @@ class AdaptOptions:
     # the student's forward (and so its backward) under bf16 autocast in channels_last, the
     # parameters, test statistics and losses fp32: "auto" is bf16 on a GPU that computes in bf16
     # (the fast path of training) and fp32 on the CPU, where bf16's speed depends on the CPU's
-    # instructions (bench/tta's model on a 2-core EPYC with AVX512-BF16: 26-27 ms an update in
-    # bf16 against 31 in fp32)
+    # instructions (bench/results/tta_student_bf16.md: its quality on drive)
     student_precision: str = "auto"
     ema: float = 0.9  # teacher = ema · teacher + (1 − ema) · student
     restore: float = 0.01  # stochastic restore: share of student weights set back per update
