@@ -82,6 +82,15 @@ def test_each_stream_writes_its_own_results_unless_named() -> None:
     """A run of 'second' must not overwrite drive's tta.md (it once did)."""
     assert [default_name(s) for s in STREAMS] == ["tta", "tta_second"]
     assert build_parser().parse_args(["--stream", "second"]).name is None
+    assert default_name("drive", 3) == "tta_seed3"
+    assert default_name("second", 2) == "tta_second_seed2"
+
+
+def test_render_seed_must_not_be_negative(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["--render-seed", "-1", "--methods", "none"])
+    err = capsys.readouterr().err
+    assert "--render-seed: expected a seed >= 0, got -1" in err
 
 
 def test_every_flag_has_help() -> None:
@@ -161,7 +170,8 @@ def test_report_follows_name_rounds_and_model() -> None:
     )  # fmt: skip
     assert "![online mIoU](tta_ablation.png)" in body
     assert "a method's 3 rounds" in body and "10 rounds" not in body
-    assert "Model: checkpoint /x/y.pt." in body and "seed 0" not in body
+    assert "Model: checkpoint /x/y.pt." in body and "bench.adaptation, seed 0" not in body
+    assert "rendered from seed 0" in body  # drive's own frames
     assert "vs none" not in body and "nan" not in body
     header = next(line for line in body.splitlines() if line.startswith("| method | mean"))
     row = next(line for line in body.splitlines() if line.startswith("| ours | 13.0"))

@@ -1,7 +1,7 @@
 """On-device adaptation on a continual stream: does it help, does it stay stable, what does it cost?
 
     python -m bench.tta [--checkpoint CKPT] [--source-data DIR] [--stream drive|second]
-                        [--frames N] [--rounds N]
+                        [--render-seed N] [--frames N] [--rounds N]
                         [--methods none,bn_stats,tent,sar,rdumb,cotta,ours,ours_no_bank]
                         [--fps-rounds 3] [--fps-loops 5] [--threads 2] [--set field=value ...]
                         [--name tta]
@@ -13,6 +13,8 @@ protocol, with shorter rounds on CPU):
   each, 10 rounds. Every default of the adapter was set on it.
 - second: never tuned on: source-style frames (home) → night 4 → target → snow 4 → noise 3 →
   fog 1 → rain 2 → motion blur 2, 64 frames each, 10 rounds (5,120 frames), another seed.
+--render-seed renders a stream's conditions from another seed (other scenes, same conditions;
+results tta[_second]_seedN): a margin that holds across renderings owes little to the frames.
 
 Model: a source-only checkpoint of the adaptation benchmark (bench.adaptation, seed 0) by default,
 exported with its adaptation package (source statistics from --source-data) into

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--frames", type=int, default=None, help="frames per condition (default: the stream's)"
     )
     parser.add_argument(
+        "--render-seed", type=int, default=None,
+        help="render the stream's frames from this seed instead of its own (drive 0, second "
+        "1): the same conditions on other scenes, to see how much a result owes to the frames",
+    )  # fmt: skip
+    parser.add_argument(
         "--rounds", type=int, default=None,
         help="times the whole stream (all conditions) repeats (default: the stream's)",
     )  # fmt: skip
@@ -77,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def default_name(stream: str) -> str:
-    """The results name of a stream's run: each stream keeps its own file."""
-    return "tta" if stream == "drive" else f"tta_{stream}"
+def default_name(stream: str, render_seed: int | None = None) -> str:
+    """The results name of a stream's run: each stream, and each other rendering of it, keeps
+    its own file."""
+    name = "tta" if stream == "drive" else f"tta_{stream}"
+    return name if render_seed is None else f"{name}_seed{render_seed}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,9 +115,16 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             f"choose from {', '.join(makers)}"
         )
     stream = STREAMS[args.stream]
+    if args.render_seed is not None:
+        if args.render_seed < 0:
+            parser.error(f"--render-seed: expected a seed >= 0, got {args.render_seed}")
+        if args.render_seed != stream.seed:
+            stream = replace(stream, seed=args.render_seed)
+        else:
+            args.render_seed = None  # the stream's own frames: its own results name
     args.frames = stream.frames if args.frames is None else args.frames
     args.rounds = stream.rounds if args.rounds is None else args.rounds
-    args.name = args.name or default_name(args.stream)
+    args.name = args.name or default_name(args.stream, args.render_seed)
     if args.rounds < 1 or args.frames < 1:
         parser.error("--rounds and --frames must be at least 1")
     require_checkpoint(args.checkpoint)

@@ -54,7 +54,7 @@ class Stream:
         total = frames * rounds * len(self.conditions)
         return (
             f"'{self.name}': {order}, {frames} frames each at {SIZE[0]}x{SIZE[1]}, "
-            f"{rounds} rounds ({total} frames per method)"
+            f"{rounds} rounds ({total} frames per method), rendered from seed {self.seed}"
         )
 
 
