@@ -595,6 +595,44 @@ def test_stream_adaptation_trains_on_the_segmenters_device(
     _check_kernels(device)
 
 
+def test_updates_run_off_the_stream_the_runtime_waits_for(
+    device: str, trained: Trained, kernel_mode: str
+) -> None:
+    """On CUDA the worker's updates (and their pushes) run on the adapter's own stream, below
+    the runtime's priority, not on the default stream each frame waits for (`cuda_streams`);
+    the pushed weights go live. On the CPU nothing is put on a stream."""
+    frames = target_frames(3, *FRAME_SIZE, first=40)
+    with Segmenter.from_bundle(trained.bundle, "torch", _runtime_device(device)) as seg:
+        options = AdaptOptions(every=1, threads=None)
+        worker = open_adaptation(trained.bundle, seg, AdaptSetup(options))
+        worker.inline = True  # the updates in this thread, one per offered frame
+        adapter, streams = worker.adapter, []
+        step = adapter.step
+
+        def recording_step(frame: np.ndarray, shifted: bool = False) -> StepReport:
+            streams.append(torch.cuda.current_stream(adapter.device) if CUDA else None)
+            return step(frame, shifted)
+
+        adapter.step = recording_step  # type: ignore[method-assign]
+        try:
+            before = seg(frames[0])
+            for i, frame in enumerate(frames):
+                assert worker.offer(frame, before.presence, i) == "adapt"
+            after = seg(frames[0])
+        finally:
+            summary = worker.close()
+    assert summary.error is None and summary.adapted == 3 and summary.syncs >= 1
+    assert not np.array_equal(after.presence, before.presence)
+    if device == "cuda":
+        own = adapter._stream
+        assert own is not None and all(s == own for s in streams)
+        assert own != torch.cuda.default_stream(adapter.device)
+        assert own.priority > seg.current_backend()._stream.priority  # runs after inference
+    else:
+        assert adapter._stream is None
+    _check_kernels(device)
+
+
 # ------------------------------------------------------------- fast inference without TensorRT
 
 

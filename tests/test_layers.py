@@ -52,6 +52,7 @@ TORCH_BACKEND = {
     "adapt_deploy.runtime.torch_backend",
     "adapt_deploy.runtime.torch_inference",
     "adapt_deploy.runtime.cuda_graphs",
+    "adapt_deploy.runtime.cuda_streams",
 }
 # What `adapt-deploy stream`, `verify` and `build-engine` import: none may need torch.
 TORCH_FREE_PACKAGES = ("bundle", "runtime", "stream")

@@ -3,6 +3,7 @@ how the worker stops."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from types import SimpleNamespace
@@ -192,6 +193,9 @@ class SlowAdapter:
 
     def mark_synced(self) -> None:
         pass
+
+    def on_own_stream(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
 
 class CountingSync:

@@ -84,6 +84,7 @@ class ModelBackend:
 
         from adapt_deploy.models.deploy import DeployModel
         from adapt_deploy.runtime.cuda_graphs import GraphedForward
+        from adapt_deploy.runtime.cuda_streams import inference_stream
         from adapt_deploy.runtime.torch_inference import (
             LogitsInference,
             check_precision,
@@ -104,7 +105,7 @@ class ModelBackend:
         self._layout = model.graph.layout
         self._torch = torch
         self._cuda = target.type == "cuda"
-        self._stream = torch.cuda.Stream(target) if self._cuda else None
+        self._stream = inference_stream(target) if self._cuda else None  # cuda_streams
         self._dtype = torch.uint8 if input_dtype(self._layout) is np.uint8 else torch.float32
         self._forward = GraphedForward(self.model, target, self._dtype, cuda_graph, who="torch")
         self._pinned: ShapeCache[_Pinned] = ShapeCache(self._make_pinned)

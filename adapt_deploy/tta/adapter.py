@@ -45,6 +45,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +65,7 @@ from adapt_deploy.models.signature import SignatureProbe, distance
 from adapt_deploy.ops.pooling import attention_pool, lse_pool
 from adapt_deploy.runtime import graph_policy
 from adapt_deploy.runtime.cuda_graphs import GraphedForward
+from adapt_deploy.runtime.cuda_streams import adaptation_stream
 from adapt_deploy.runtime.graph_policy import graphs_env_off
 from adapt_deploy.runtime.torch_inference import LogitsInference, check_precision, cuda_has_bf16
 from adapt_deploy.tta.bank import HOME, ConditionBank, Route
@@ -141,6 +144,7 @@ class OnlineAdapter:
         self.lse_k = lse_k
         self.checkpoint_sha256 = checkpoint_sha256
         self.device = next(model.parameters()).device
+        self._stream = adaptation_stream(self.device) if self.device.type == "cuda" else None
         model = model.eval()
         self.source_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         for name, value in self.source_state.items():  # the test averages hold no frame yet
@@ -219,6 +223,22 @@ class OnlineAdapter:
             wanted = "bf16" if cuda and cuda_has_bf16(self.device) else "fp32"
         check_precision(wanted, self.device, "student_precision")
         return wanted
+
+    @contextmanager
+    def on_own_stream(self) -> Iterator[None]:
+        """On CUDA, what runs inside on the adapter's own low-priority stream (`cuda_streams`:
+        the runtime's frames then never wait behind an update), after what the caller's stream
+        holds (a resumed state) and finished on leaving, as other threads read the adapter's
+        tensors (saves, pushes); on the CPU, nothing changes."""
+        if self._stream is None:
+            yield
+            return
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(self._stream):
+                yield
+        finally:
+            self._stream.synchronize()
 
     @property
     def notes(self) -> list[str]:

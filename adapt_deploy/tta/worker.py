@@ -172,7 +172,8 @@ class AdaptWorker:
         self._busy.set()
         began = time.perf_counter()
         try:
-            self._update(index, frame, shifted)
+            with self.adapter.on_own_stream():  # on a GPU, off the stream inference waits for
+                self._update(index, frame, shifted)
         except Exception as exc:  # adaptation must never take the stream down
             self.summary.error = f"{type(exc).__name__}: {exc}"
             self._events.put({"event": "error", "frame": index, "error": self.summary.error})
