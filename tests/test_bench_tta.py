@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+import copy
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,10 @@ from helpers import write_source_checkpoint
 
 from adapt_deploy.bundle.meta import sha256_file
 from adapt_deploy.export.pipeline import export_bundle
+from adapt_deploy.tta.bn import MixedBatchNorm2d
 from adapt_deploy.tta.options import AdaptOptions, ResetPolicy
+from bench.common import write_results
+from bench.tta import renderings
 from bench.tta.cli import build_parser, default_name, main
 from bench.tta.conditions import STREAMS, confusion
 from bench.tta.model import DEFAULT_CHECKPOINT, ensure_bundle, model_description
@@ -292,3 +296,68 @@ def test_the_goals_compare_ours_with_the_best_other_method() -> None:
     assert "- target per round >= none - 0.5: met (worst round r1: +3.0)" in lines
     assert "- last round >= first round - 1.0: met (14.0 vs 13.0)" in lines
     assert goals(runs[1:], 2) == []  # no 'none' to compare with
+
+
+def test_renderings_read_back_what_the_report_wrote(tmp_path: Path) -> None:
+    """tta_renderings.md compares ours with the best other method on each rendering, read from
+    the reports bench.tta writes (a report that names no seed is the stream's own)."""
+    fps: dict[str, list[float]] = {"without": [], "with": []}
+    drive = STREAMS["drive"]
+    for name, stream, values in (
+        ("tta", drive, {"none": 10.0, "sar": 14.0, "rdumb": 15.0, "ours": 17.0, "ours_x": 20.0}),
+        ("tta_seed3", replace(drive, seed=3), {"none": 11.0, "sar": 18.0, "ours": 17.0}),
+    ):
+        runs = [_run(method, 2, value) for method, value in values.items()]
+        body = report(runs, stream, 2, 8, AdaptOptions(), fps, None, {}, name=name)
+        if name == "tta":  # as written before reports named their seed
+            body = body.replace(", rendered from seed 0", "")
+        write_results(name, "On-device adaptation (bench/tta/)", body, tmp_path)
+    found = renderings.stream_renderings(tmp_path, "drive")
+    assert [(r.seed, r.path.name) for r in found] == [(0, "tta.md"), (3, "tta_seed3.md")]
+    assert [r.best_baseline for r in found] == [("rdumb", 15.5), ("sar", 18.5)]  # ours_x is ours
+    assert found[0].goals["mean >="] == "met" and found[1].goals["mean >="] == "MISSED"
+    renderings.main(["--results", str(tmp_path)])
+    text = (tmp_path / "tta_renderings.md").read_text()
+    assert "| 0 (tuned on) | tta.md | 10.5 | rdumb 15.5 | 17.5 | +2.0 | met |" in text
+    assert "| 3 | tta_seed3.md | 11.5 | sar 18.5 | 17.5 | -1.0 | MISSED |" in text
+    held_out = "Held out (1 rendering): ours - best baseline -1.0 on average, from -1.0 to -1.0"
+    assert held_out + "; mean goal met on 0." in text and "## second" not in text
+
+
+def test_renderings_name_a_file_without_a_mean_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "tta.md").write_text("# On-device adaptation\n\nnothing here\n")
+    with pytest.raises(SystemExit):
+        renderings.main(["--results", str(tmp_path)])
+    assert "tta.md: no mean online mIoU table with ours and a baseline" in capsys.readouterr().err
+    assert not (tmp_path / "tta_renderings.md").exists()
+
+
+def test_the_frame_statistics_probe_normalises_with_the_frame_on_a_copy(tmp_path: Path) -> None:
+    """ours_frame_stats_1 scores a frame as BN in training mode would (each layer on the frame's
+    own statistics), ours_frame_stats_0.5 halfway; the adapter's teacher is left untouched."""
+    from helpers import write_checkpoint
+
+    from adapt_deploy.engine.evaluate import predict_logits
+    from adapt_deploy.models.checkpoints import load_checkpoint
+    from bench.tta.conditions import SIZE
+    from bench.tta.methods import frame_stats_logits
+
+    model, config = load_checkpoint(write_checkpoint(tmp_path / "tiny.pt"))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 3, 48, 64), np.uint8))
+    own = frame_stats_logits(model, images, config.input, 1.0)
+    half = frame_stats_logits(model, images, config.input, 0.5)
+    reference = copy.deepcopy(model)
+    for layer in reference.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.train()
+    with torch.no_grad():
+        expected = predict_logits(reference, images, config.input, SIZE)
+        fixed = predict_logits(model, images, config.input, SIZE)
+    torch.testing.assert_close(own, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(half, own, atol=1e-3) and not torch.allclose(half, fixed, atol=1e-3)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(type(m) is not MixedBatchNorm2d for m in model.modules())

@@ -15,6 +15,7 @@ protocol, with shorter rounds on CPU):
   fog 1 → rain 2 → motion blur 2, 64 frames each, 10 rounds (5,120 frames), another seed.
 --render-seed renders a stream's conditions from another seed (other scenes, same conditions;
 results tta[_second]_seedN): a margin that holds across renderings owes little to the frames.
+`python -m bench.tta.renderings` tabulates ours against the best baseline on each of them.
 
 Model: a source-only checkpoint of the adaptation benchmark (bench.adaptation, seed 0) by default,
 exported with its adaptation package (source statistics from --source-data) into
@@ -48,6 +49,9 @@ Methods, in one run, each from the same source weights:
   ours_bn_momentum_0.5 (each frame weighs 0.5 in the test statistics), ours_bn_prior_0.3 (λ
   at least 0.3), and
   tent_lr_1e-4 (TENT at the other learning rate it was compared with).
+- probes, not run by default: ours_frame_stats_0.5 / ours_frame_stats_1: ours, each frame
+  scored by the adapter's teacher in PyTorch with the frame's own BN statistics mixed in at 0.5
+  / 1, as the strong baselines normalise (a folded engine cannot; tta_frame_stats_seedN.md).
 
 Every frame is scored before that frame's update. Reported: mIoU per condition and round, the
 mean, first vs last round, forgetting (after the last round the clean target frames once more,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adapt_deploy.config import InputConfig
 from adapt_deploy.data.normalize import normalize
 from adapt_deploy.engine.evaluate import predict_logits
 from adapt_deploy.models.checkpoints import load_checkpoint
@@ -176,6 +178,40 @@ class Ours(Runtime):
         }
 
 
+class OursFrameStats(Ours):
+    """A probe, not a deployable method: ours, each frame scored by the adapter's teacher in
+    PyTorch with that frame's own statistics entering every BN layer at `weight` (bn_stats
+    does so at 0.5, RDumb in effect at 1). Every strong baseline normalises each frame with its
+    own statistics, which a folded engine cannot: this says what ours would gain from a served
+    network that does (BN as reductions in the exported graph, not folded)."""
+
+    def __init__(self, bundle: Path, checkpoint: Path, options: AdaptOptions, weight: float):
+        super().__init__(bundle, options, f"ours_frame_stats_{weight:g}")
+        self.spec = load_checkpoint(checkpoint)[1].input
+        self.weight = weight
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        super().predict(image)  # the runtime's presence still drives the shift detector
+        teacher = self.worker.adapter.teacher
+        return labels_of(
+            frame_stats_logits(teacher, TorchModel.batch(image), self.spec, self.weight)
+        )
+
+
+@torch.no_grad()
+def frame_stats_logits(
+    model: torch.nn.Module, images: torch.Tensor, spec: InputConfig, weight: float
+) -> torch.Tensor:
+    """`model`'s logits at the label size (as predict_logits) with the frame's own statistics
+    entering every BN layer at `weight`, on a copy: `model` is left as it was."""
+    copied = copy.deepcopy(model)
+    layers = mix_batchnorms(copied, prior=0.0, momentum=weight)
+    for layer in layers:  # the frame weighs 1/(n + 1), at least `weight`: n = 1 → 0.5
+        layer.num_batches_tracked.fill_(1)
+    set_adapting(layers, True)
+    return predict_logits(copied, images, spec, SIZE)
+
+
 def make_worker(
     bundle: Path, segmenter: Segmenter, options: AdaptOptions, inline: bool = False
 ) -> AdaptWorker:
@@ -219,6 +255,9 @@ def method_makers(
             bundle, replace(options, bn_prior=0.3), "ours_bn_prior_0.3"
         ),
         "tent_lr_1e-4": lambda: Tent(checkpoint, TENT_LR_LOW, "tent_lr_1e-4"),
+        # probes: ours scored with each frame's own statistics mixed in (not deployable)
+        "ours_frame_stats_0.5": lambda: OursFrameStats(bundle, checkpoint, options, 0.5),
+        "ours_frame_stats_1": lambda: OursFrameStats(bundle, checkpoint, options, 1.0),
         # continual TTA baselines (bench/tta/baselines.py)
         "cotta": lambda: CoTTA(checkpoint),
         "sar": lambda: SAR(checkpoint),
