@@ -610,7 +610,8 @@ def test_updates_run_off_the_stream_the_runtime_waits_for(
         step = adapter.step
 
         def recording_step(frame: np.ndarray, shifted: bool = False) -> StepReport:
-            streams.append(torch.cuda.current_stream(adapter.device) if CUDA else None)
+            on_cuda = adapter.device.type == "cuda"
+            streams.append(torch.cuda.current_stream(adapter.device) if on_cuda else None)
             return step(frame, shifted)
 
         adapter.step = recording_step  # type: ignore[method-assign]
@@ -619,6 +620,7 @@ def test_updates_run_off_the_stream_the_runtime_waits_for(
             for i, frame in enumerate(frames):
                 assert worker.offer(frame, before.presence, i) == "adapt"
             after = seg(frames[0])
+            runtime_stream = seg.current_backend()._stream  # the backend a push put live
         finally:
             summary = worker.close()
     assert summary.error is None and summary.adapted == 3 and summary.syncs >= 1
@@ -627,9 +629,9 @@ def test_updates_run_off_the_stream_the_runtime_waits_for(
         own = adapter._stream
         assert own is not None and all(s == own for s in streams)
         assert own != torch.cuda.default_stream(adapter.device)
-        assert own.priority > seg.current_backend()._stream.priority  # runs after inference
+        assert own.priority > runtime_stream.priority  # inference's kernels start first
     else:
-        assert adapter._stream is None
+        assert adapter._stream is None and runtime_stream is None
     _check_kernels(device)
 
 
