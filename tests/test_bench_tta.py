@@ -10,16 +10,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_gta5
-from helpers import write_source_checkpoint
+from helpers import write_checkpoint, write_source_checkpoint
 
 from adapt_deploy.bundle.meta import sha256_file
+from adapt_deploy.engine.evaluate import predict_logits
 from adapt_deploy.export.pipeline import export_bundle
+from adapt_deploy.models.checkpoints import load_checkpoint
 from adapt_deploy.tta.bn import MixedBatchNorm2d
 from adapt_deploy.tta.options import AdaptOptions, ResetPolicy
 from bench.common import write_results
 from bench.tta import renderings
 from bench.tta.cli import build_parser, default_name, main
-from bench.tta.conditions import STREAMS, confusion
+from bench.tta.conditions import SIZE, STREAMS, confusion
+from bench.tta.methods import frame_stats_logits
 from bench.tta.model import DEFAULT_CHECKPOINT, ensure_bundle, model_description
 from bench.tta.report import report
 from bench.tta.runner import Run, kept_torch_threads
@@ -340,13 +343,6 @@ def test_renderings_name_a_file_without_a_mean_table(
 def test_the_frame_statistics_probe_normalises_with_the_frame_on_a_copy(tmp_path: Path) -> None:
     """ours_frame_stats_1 scores a frame as BN in training mode would (each layer on the frame's
     own statistics), ours_frame_stats_0.5 halfway; the adapter's teacher is left untouched."""
-    from helpers import write_checkpoint
-
-    from adapt_deploy.engine.evaluate import predict_logits
-    from adapt_deploy.models.checkpoints import load_checkpoint
-    from bench.tta.conditions import SIZE
-    from bench.tta.methods import frame_stats_logits
-
     model, config = load_checkpoint(write_checkpoint(tmp_path / "tiny.pt"))
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
