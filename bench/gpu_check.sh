@@ -14,7 +14,9 @@
 #               processes: the cached-load path)
 #   tta_cost    bench.tta_cost: stream frames/s with and without adapting every 4th frame
 #               (ResNet-101, 512x1024, the torch backend in fp16): issue 20's cost goal, the one
-#               goal of an open issue that only a GPU can measure, so it runs first
+#               goal of an open issue that only a GPU can measure, so it runs first; with a
+#               third run per round, the updates on the caller's stream as before 2026-12-07
+#               (--streams both: what the adapter's own CUDA stream is worth)
 #   pytest_gpu  pytest -m gpu (every CUDA path: ops, training, export, Segmenter, adapter)
 #   kernels     bench.kernels: accuracy, opcheck, per-op and autograd timings, kernel_choice.json
 #   inference   bench.inference's GPU rows (ResNet-101, 512x1024)
@@ -100,7 +102,7 @@ run_step env 30 env_report
 run_step doctor 60 "$PYTHON" -m adapt_deploy.cli doctor
 run_step build 150 "$PYTHON" -m adapt_deploy.cli kernels build
 # 200 s: its ResNet-101 bundle is exported first, on the CPU
-run_step tta_cost 200 "$PYTHON" -m bench.tta_cost --rounds 2
+run_step tta_cost 240 "$PYTHON" -m bench.tta_cost --rounds 2 --streams both
 run_step pytest_gpu 180 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests
 run_step kernels 150 "$PYTHON" -m bench.kernels --batches 1 2 8 --sizes 65x129 129x257 \
   --repeats 10 --no-compile

@@ -2,7 +2,8 @@
 
     python -m bench.tta_cost [--backbone resnet101] [--width 64] [--size 512x1024]
                              [--adapt-size HxW] [--backend torch] [--precision auto]
-                             [--every 4] [--rounds 3] [--loops 1] [--name tta_cost]
+                             [--every 4] [--rounds 3] [--loops 1] [--streams own]
+                             [--name tta_cost]
 
 Issue 20's goal: on a GPU, at 1024x512 with ResNet-101, an update every 4th frame costs at most
 15% of the stream's frames/s, through the fast torch path (the torch backend: CUDA graphs and
@@ -21,22 +22,31 @@ worker at the `stream --adapt` defaults except `every` (--every) and the time bu
 worker is never held back, so what is measured is the cost of adapting every k-th frame, not the
 budget's cap). A due frame the worker is still busy with is skipped and counted: the report
 gives the share of due frames that got their update, so a cost under the goal at a lower rate
-is visible as such. Cost = 1 - median frames/s with / median without. Writes
-bench/results/<name>.md.
+is visible as such. Cost = 1 - median frames/s with / median without.
+
+--streams both adds a third run to each round: adapting as releases before 2026-12-07 did, the
+updates on the caller's stream, which every frame waits for, and the runtime's stream at the
+default priority (ADAPT_DEPLOY_ADAPTER_STREAM=shared, `adapt_deploy/runtime/cuda_streams.py`):
+what running the updates on a stream of their own is worth. On the CPU the two are the same
+code. Writes bench/results/<name>.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from adapt_deploy.errors import UserError
 from adapt_deploy.runtime import Segmenter
+from adapt_deploy.runtime.cuda_streams import OWN, SHARED, STREAMS_ENV
 from adapt_deploy.stream import StreamOptions, stream
 from adapt_deploy.stream.sources import VideoFile
 from adapt_deploy.tta.options import AdaptOptions
@@ -58,6 +68,29 @@ def fast_precision(backend: str, precision: str) -> str:
     import torch
 
     return "fp16" if torch.cuda.is_available() else "fp32"
+
+
+# the runs of a round: (key, adapting, ADAPT_DEPLOY_ADAPTER_STREAM)
+ARMS = {
+    OWN: (("without", False, OWN), ("with", True, OWN)),
+    SHARED: (("without", False, SHARED), ("with", True, SHARED)),
+    "both": (("without", False, OWN), ("with", True, OWN), ("with_shared", True, SHARED)),
+}
+
+
+@contextmanager
+def adapter_streams(setting: str) -> Iterator[None]:
+    """ADAPT_DEPLOY_ADAPTER_STREAM=`setting` inside (read when the segmenter and the adapter
+    are built), restored on leaving."""
+    before = os.environ.get(STREAMS_ENV)
+    os.environ[STREAMS_ENV] = setting
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[STREAMS_ENV]
+        else:
+            os.environ[STREAMS_ENV] = before
 
 
 def measure(
@@ -88,12 +121,15 @@ def report(
     worker: AdaptSummary | None,
     video: str,
     partial: str = "",
+    shared_worker: AdaptSummary | None = None,
 ) -> str:
-    """The Markdown body: frames/s both ways, the cost against the goal, the update rate.
-    `partial`: how many rounds ran, when the run has not finished them all."""
+    """The Markdown body: frames/s both ways, the cost against the goal, the update rate; with
+    `fps['with_shared']` (--streams both) the same for the updates on the caller's stream, and
+    what the adapter's own stream is worth. `partial`: how many rounds ran, when the run has not
+    finished them all."""
     without, with_ = (statistics.median(fps[k]) for k in ("without", "with"))
     cost = 1 - with_ / without
-    rate = worker.adapted / worker.due if worker is not None and worker.due else 0.0
+    rate = update_rate(worker)
     if cost > GOAL:
         verdict = "MISSED"
     elif rate < FULL_RATE:
@@ -108,22 +144,47 @@ def report(
         f"{options.budget:g}"
         + (f", adapting at {options.size[0]}x{options.size[1]}." if options.size else "."),
         "",
-        f"- without adaptation: {without:.1f} frames/s (runs: "
-        + ", ".join(f"{v:.1f}" for v in fps["without"])
-        + ")",
-        f"- with adaptation: {with_:.1f} frames/s (runs: "
-        + ", ".join(f"{v:.1f}" for v in fps["with"])
-        + ")",
+        f"- without adaptation: {without:.1f} frames/s (runs: {runs(fps['without'])})",
+        f"- with adaptation: {with_:.1f} frames/s (runs: {runs(fps['with'])})",
         f"- cost: {100 * cost:.1f}% of frames/s (goal <= {100 * GOAL:.0f}% with at least "
         f"{100 * FULL_RATE:.0f}% of due frames updated): {verdict}",
     ]
     if worker is not None:
-        lines.append(
-            f"- last run: {worker.adapted} updates on {worker.due} due frames "
-            f"({100 * rate:.0f}%; {worker.skipped_busy} skipped busy)"
-        )
+        lines.append(f"- last run: {updates(worker)}")
         lines += [f"- last run's worker: {line}" for line in worker.lines()]
+    if fps.get("with_shared"):
+        shared = statistics.median(fps["with_shared"])
+        lines += [
+            "",
+            "The same with the updates on the caller's stream, which each frame waits for, and "
+            "the runtime's stream at the default priority (ADAPT_DEPLOY_ADAPTER_STREAM=shared: "
+            "as before 2026-12-07):",
+            "",
+            f"- with adaptation: {shared:.1f} frames/s (runs: {runs(fps['with_shared'])}), "
+            f"cost {100 * (1 - shared / without):.1f}%",
+            *([f"- last run: {updates(shared_worker)}"] if shared_worker is not None else []),
+            f"- the adapter's own stream: {with_ - shared:+.1f} frames/s "
+            f"({100 * (with_ - shared) / without:+.1f}% of the frames/s without adaptation)",
+        ]
     return "\n".join(lines)
+
+
+def update_rate(worker: AdaptSummary | None) -> float:
+    """The share of due frames that got their update (0 without a worker or a due frame)."""
+    return worker.adapted / worker.due if worker is not None and worker.due else 0.0
+
+
+def updates(worker: AdaptSummary) -> str:
+    """'N updates on M due frames (P%; S skipped busy)'."""
+    return (
+        f"{worker.adapted} updates on {worker.due} due frames "
+        f"({100 * update_rate(worker):.0f}%; {worker.skipped_busy} skipped busy)"
+    )
+
+
+def runs(values: list[float]) -> str:
+    """The frames/s of each run, '91.2, 90.8'."""
+    return ", ".join(f"{v:.1f}" for v in values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--every", type=int, default=4, help="adapt on every k-th frame")
     parser.add_argument("--rounds", type=int, default=3, help="alternating pairs of runs")
     parser.add_argument("--loops", type=int, default=1, help="passes over the video per run")
+    parser.add_argument(
+        "--streams",
+        choices=tuple(ARMS),
+        default=OWN,
+        help="where the adapter's updates run: own (its own CUDA stream, the release's), shared "
+        "(the caller's stream, as before 2026-12-07), or both: a third run per round, the two "
+        "compared",
+    )
     parser.add_argument("--name", default="tta_cost", help="bench/results/NAME.md")
     return parser
 
@@ -178,25 +247,40 @@ def main(argv: list[str] | None = None) -> int:
     model = f"random-init DeepLab-v2 {args.backbone}, width {args.width}, {size[0]}x{size[1]}"
     options = replace(AdaptOptions(), every=args.every, budget=1.0, size=adapt_size)
     precision = fast_precision(args.backend, args.precision)
-    fps: dict[str, list[float]] = {"without": [], "with": []}
+    fps: dict[str, list[float]] = {key: [] for key, _, _ in ARMS[args.streams]}
+    workers: dict[str, AdaptSummary | None] = {}
     title = "On-device adaptation: what it costs the stream"
     described = f"{video.name} x{args.loops}"
     try:
         with tempfile.TemporaryDirectory() as tmp:
             looped = loop_video(video, args.loops, Path(tmp))
             for r in range(args.rounds):
-                value, _, _ = measure(bundle, looped, args.backend, precision, None)
-                fps["without"].append(value)
-                value, worker, adapting = measure(bundle, looped, args.backend, precision, options)
-                fps["with"].append(value)
+                for key, adapting, setting in ARMS[args.streams]:
+                    with adapter_streams(setting):
+                        value, workers[key], described_run = measure(
+                            bundle, looped, args.backend, precision, options if adapting else None
+                        )
+                    fps[key].append(value)
+                    if key == "with":
+                        segmenter = described_run
                 print(
-                    f"round {r + 1}/{args.rounds}: {fps['without'][-1]:.1f} → "
-                    f"{fps['with'][-1]:.1f} frames/s",
+                    f"round {r + 1}/{args.rounds}: "
+                    + " → ".join(f"{fps[key][-1]:.1f}" for key in fps)
+                    + f" frames/s ({', '.join(fps)})",
                     flush=True,
                 )
                 # written after every round: a run stopped by a time limit keeps what it measured
                 rounds = f"{r + 1} of {args.rounds} rounds" if r + 1 < args.rounds else ""
-                body = report(model, adapting, options, fps, worker, described, rounds)
+                body = report(
+                    model,
+                    segmenter,
+                    options,
+                    fps,
+                    workers["with"],
+                    described,
+                    rounds,
+                    workers.get("with_shared"),
+                )
                 path = write_results(args.name, title, body)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -235,6 +235,34 @@ def test_a_cost_report_written_between_rounds_says_how_many_ran() -> None:
     assert ", adapting at 256x512." in cost_report("m", "t", smaller, fps, worker, "v.mp4")
 
 
+def test_a_cost_report_with_both_streams_says_what_the_own_stream_is_worth() -> None:
+    from adapt_deploy.tta.worker import AdaptSummary
+    from bench.tta_cost import report as cost_report
+
+    fps = {"without": [100.0, 100.0], "with": [90.0, 92.0], "with_shared": [80.0, 82.0]}
+    own, shared = AdaptSummary(due=10, adapted=10), AdaptSummary(due=10, adapted=6)
+    body = cost_report("m", "t", AdaptOptions(), fps, own, "v.mp4", shared_worker=shared)
+    assert "- cost: 9.0% of frames/s" in body and body.count(": met") == 1  # the own stream's
+    assert "81.0 frames/s (runs: 80.0, 82.0), cost 19.0%" in body
+    assert "6 updates on 10 due frames (60%" in body
+    assert "the adapter's own stream: +10.0 frames/s (+10.0% of the frames/s without" in body
+    two_way = cost_report("m", "t", AdaptOptions(), {"without": [1.0], "with": [1.0]}, own, "v")
+    assert "caller's stream" not in two_way
+
+
+def test_the_adapter_stream_setting_is_own_shared_or_a_clear_error() -> None:
+    from adapt_deploy.errors import UserError
+    from adapt_deploy.runtime.cuda_streams import STREAMS_ENV, adapter_stream_setting
+    from bench.tta_cost import build_parser
+
+    assert adapter_stream_setting({}) == "own"
+    assert adapter_stream_setting({STREAMS_ENV: " Shared "}) == "shared"
+    with pytest.raises(UserError, match=f"{STREAMS_ENV}: expected 'own' or 'shared', got 'x'"):
+        adapter_stream_setting({STREAMS_ENV: "x"})
+    assert build_parser().parse_args([]).streams == "own"
+    assert build_parser().parse_args(["--streams", "both"]).streams == "both"
+
+
 def test_cost_sizes_are_parsed_strictly() -> None:
     from bench.tta_cost import parse_size
 

@@ -65,6 +65,7 @@ from adapt_deploy.ops import (
 from adapt_deploy.runtime import Segmentation, Segmenter
 from adapt_deploy.runtime.backend import as_runner
 from adapt_deploy.runtime.cuda_graphs import GraphedForward
+from adapt_deploy.runtime.cuda_streams import STREAMS_ENV
 from adapt_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend, cuda_available
 from adapt_deploy.runtime.torch_backend import ModelBackend
 from adapt_deploy.runtime.torch_inference import cuda_has_bf16
@@ -595,12 +596,16 @@ def test_stream_adaptation_trains_on_the_segmenters_device(
     _check_kernels(device)
 
 
+@pytest.mark.parametrize("setting", ["own", "shared"])
 def test_updates_run_off_the_stream_the_runtime_waits_for(
-    device: str, trained: Trained, kernel_mode: str
+    device: str, trained: Trained, kernel_mode: str, setting: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On CUDA the worker's updates (and their pushes) run on the adapter's own stream, below
     the runtime's priority, not on the default stream each frame waits for (`cuda_streams`);
-    the pushed weights go live. On the CPU nothing is put on a stream."""
+    with ADAPT_DEPLOY_ADAPTER_STREAM=shared, as before, on the caller's stream, with the
+    runtime's at the default priority. The pushed weights go live either way. On the CPU nothing
+    is put on a stream."""
+    monkeypatch.setenv(STREAMS_ENV, setting)
     frames = target_frames(3, *FRAME_SIZE, first=40)
     with Segmenter.from_bundle(trained.bundle, "torch", _runtime_device(device)) as seg:
         options = AdaptOptions(every=1, threads=None)
@@ -625,7 +630,11 @@ def test_updates_run_off_the_stream_the_runtime_waits_for(
             summary = worker.close()
     assert summary.error is None and summary.adapted == 3 and summary.syncs >= 1
     assert not np.array_equal(after.presence, before.presence)
-    if device == "cuda":
+    if device == "cuda" and setting == "shared":
+        assert adapter._stream is None
+        assert all(s == torch.cuda.default_stream(adapter.device) for s in streams)
+        assert runtime_stream.priority == 0  # the default
+    elif device == "cuda":
         own = adapter._stream
         assert own is not None and all(s == own for s in streams)
         assert own != torch.cuda.default_stream(adapter.device)

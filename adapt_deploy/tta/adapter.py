@@ -144,7 +144,9 @@ class OnlineAdapter:
         self.lse_k = lse_k
         self.checkpoint_sha256 = checkpoint_sha256
         self.device = next(model.parameters()).device
-        self._stream = adaptation_stream(self.device) if self.device.type == "cuda" else None
+        self._stream = (  # None on the CPU, or when ADAPT_DEPLOY_ADAPTER_STREAM=shared
+            adaptation_stream(self.device) if self.device.type == "cuda" else None
+        )
         model = model.eval()
         self.source_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         for name, value in self.source_state.items():  # the test averages hold no frame yet
@@ -229,7 +231,8 @@ class OnlineAdapter:
         """On CUDA, what runs inside on the adapter's own low-priority stream (`cuda_streams`:
         the runtime's frames then never wait behind an update), after what the caller's stream
         holds (a resumed state) and finished on leaving, as other threads read the adapter's
-        tensors (saves, pushes); on the CPU, nothing changes."""
+        tensors (saves, pushes); on the CPU, or with ADAPT_DEPLOY_ADAPTER_STREAM=shared, nothing
+        changes."""
         if self._stream is None:
             yield
             return
