@@ -698,6 +698,14 @@ def stream(
             f"(default {ADAPT.source_stages})"
         ),
     ] = None,
+    adapt_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Any other adapter option as FIELD=VALUE, repeatable, e.g. prior_fade=1.5, "
+            "condition_distance=0.2, confidence=0.5, size=256x512 (every field: "
+            "docs/streaming.md)."
+        ),
+    ] = None,
 ) -> None:
     """Segment a video, camera, network stream or image folder; Ctrl-C finishes the outputs."""
     from adapt_deploy.stream import StreamOptions, run_stream
@@ -720,7 +728,7 @@ def stream(
     )
     setup = setup_from_flags(
         adapt, adapt_every, adapt_params, lr, threshold, reset_policy, adapt_state, adapt_budget,
-        adapt_bank, adapt_home, adapt_source_stages,
+        adapt_bank, adapt_home, adapt_source_stages, adapt_set,
     )  # fmt: skip
     summary = run_stream(source, bundle, options, reporter=_reporter(), adapt=setup)
     for line in summary.lines():

@@ -51,10 +51,10 @@ from adapt_deploy.stream import StreamOptions, stream
 from adapt_deploy.stream.sources import VideoFile
 from adapt_deploy.tta.options import AdaptOptions
 from adapt_deploy.tta.session import AdaptSetup, open_adaptation
+from adapt_deploy.tta.settings import parse_size as parse_hw
 from adapt_deploy.tta.worker import AdaptSummary
 from bench.common import random_bundle, write_results
 from bench.stream import dashcam_video, source_data
-from bench.tta.settings import parse_size as parse_hw
 
 GOAL = 0.15
 FULL_RATE = 0.9  # the goal holds for "an update every k-th frame": this share of due frames

@@ -14,10 +14,12 @@ from helpers import write_checkpoint, write_source_checkpoint
 
 from adapt_deploy.bundle.meta import sha256_file
 from adapt_deploy.engine.evaluate import predict_logits
+from adapt_deploy.errors import UserError
 from adapt_deploy.export.pipeline import export_bundle
 from adapt_deploy.models.checkpoints import load_checkpoint
 from adapt_deploy.tta.bn import MixedBatchNorm2d
 from adapt_deploy.tta.options import AdaptOptions, ResetPolicy
+from adapt_deploy.tta.settings import SETTING_PARSERS, parse_settings
 from bench.common import write_results
 from bench.tta import renderings
 from bench.tta.cli import build_parser, default_name, main
@@ -26,7 +28,6 @@ from bench.tta.methods import frame_stats_logits
 from bench.tta.model import DEFAULT_CHECKPOINT, ensure_bundle, model_description
 from bench.tta.report import report
 from bench.tta.runner import Run, kept_torch_threads
-from bench.tta.settings import SETTING_PARSERS, parse_settings
 
 # --------------------------------------------------------------------------------------------
 # --set
@@ -69,10 +70,10 @@ def test_every_field_can_be_set() -> None:
     ],
 )
 def test_set_rejects_with_one_line(item: str, says: str) -> None:
-    with pytest.raises(ValueError) as info:
-        parse_settings([item])
+    with pytest.raises(UserError) as info:
+        parse_settings([item], flag="--set")
     message = str(info.value)
-    assert says in message and "\n" not in message
+    assert says in message and "\n" not in message and message.startswith("--set")
 
 
 def test_main_rejects_bad_set_and_unknown_methods(capsys: pytest.CaptureFixture) -> None:
@@ -251,7 +252,6 @@ def test_a_cost_report_with_both_streams_says_what_the_own_stream_is_worth() -> 
 
 
 def test_the_adapter_stream_setting_is_own_shared_or_a_clear_error() -> None:
-    from adapt_deploy.errors import UserError
     from adapt_deploy.runtime.cuda_streams import STREAMS_ENV, adapter_stream_setting
     from bench.tta_cost import build_parser
 

@@ -392,6 +392,8 @@ def test_adaptation_flags_without_adapt_are_refused(tiny_bundle, tmp_path):
         ("--adapt-home", "-1", "--adapt-home: expected 'auto' or a distance >= 0, got '-1'"),
         ("--adapt-bank", "-2", "--adapt-bank must be >= 0, got -2"),
         ("--adapt-source-stages", "-1", "--adapt-source-stages must be >= 0, got -1"),
+        ("--adapt-set", "prior_fade=-1", "--adapt-set: prior_fade must be >= 0, got -1.0"),
+        ("--adapt-set", "ema=high", "--adapt-set 'ema=high': expected float"),
     ],
 )
 def test_bad_bank_flags_are_named(tiny_bundle, tmp_path, flag, value, says):

@@ -18,7 +18,7 @@ from adapt_deploy.tta.adapter import StepReport
 from adapt_deploy.tta.bn import MixedBatchNorm2d, mix_batchnorms, set_adapting
 from adapt_deploy.tta.options import AdaptOptions, ResetPolicy, parse_threshold
 from adapt_deploy.tta.safety import CollapseMonitor, Observation, ema_update, stochastic_restore
-from adapt_deploy.tta.session import AdaptSetup, finish_adaptation
+from adapt_deploy.tta.session import AdaptSetup, finish_adaptation, setup_from_flags
 from adapt_deploy.tta.shift import ShiftDetector
 from adapt_deploy.tta.worker import AdaptWorker
 
@@ -143,6 +143,26 @@ def test_options_check_names_each_bad_flag():
         AdaptOptions(student_precision="fp16").check()  # fp16 would need a gradient scaler
     with pytest.raises(UserError, match="--threshold"):
         parse_threshold("1.5")
+
+
+def test_adapt_set_reaches_every_other_field_and_never_overrides_a_flag():
+    setup = setup_from_flags(
+        True, lr=0.1, settings=["prior_fade=1.5", "condition_distance=0.2", "size=96x160"]
+    )
+    assert setup is not None and setup.options == AdaptOptions(
+        lr=0.1, prior_fade=1.5, condition_distance=0.2, size=(96, 160)
+    )
+    assert setup_from_flags(True, settings=[]).options == AdaptOptions()
+    with pytest.raises(UserError) as info:
+        setup_from_flags(True, lr=0.1, bank=2, settings=["lr=0.2", "bank_size=3", "ema=0.8"])
+    assert str(info.value) == (
+        "--adapt-set sets what a flag sets too: lr (also --lr), bank_size (also --adapt-bank); "
+        "give it once"
+    )
+    with pytest.raises(UserError, match="--adapt-set only apply with --adapt"):
+        setup_from_flags(False, settings=["ema=0.8"])
+    with pytest.raises(UserError, match=r"--adapt-set 'fade=2': expected FIELD=VALUE"):
+        setup_from_flags(True, settings=["fade=2"])
 
 
 def test_shift_detector_fires_once_on_a_change_not_on_noise():

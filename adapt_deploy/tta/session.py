@@ -11,6 +11,7 @@ from adapt_deploy.bundle.meta import load_meta
 from adapt_deploy.errors import UserError
 from adapt_deploy.progress import Reporter
 from adapt_deploy.tta.options import AdaptOptions, ResetPolicy, parse_home, parse_threshold
+from adapt_deploy.tta.settings import parse_settings, set_fields
 from adapt_deploy.tta.shift import ShiftDetector
 from adapt_deploy.tta.worker import AdaptWorker
 
@@ -21,6 +22,20 @@ class AdaptSetup:
 
     options: AdaptOptions
     state: Path | None = None  # --adapt-state: resumed when it exists, written at the end
+
+
+# the `stream` flags of AdaptOptions fields: {flag: field}
+DEDICATED_FLAGS = {
+    "--adapt-every": "every",
+    "--adapt-params": "params",
+    "--lr": "lr",
+    "--threshold": "threshold",
+    "--reset-policy": "reset",
+    "--adapt-budget": "budget",
+    "--adapt-bank": "bank_size",
+    "--adapt-home": "home_distance",
+    "--adapt-source-stages": "source_stages",
+}
 
 
 def setup_from_flags(
@@ -35,9 +50,11 @@ def setup_from_flags(
     bank: int | None = None,
     home: str | None = None,
     source_stages: int | None = None,
+    settings: list[str] | None = None,
 ) -> AdaptSetup | None:
-    """The `stream` flags as an AdaptSetup (None without --adapt); adaptation flags given
-    without --adapt are an error rather than silently ignored."""
+    """The `stream` flags as an AdaptSetup (None without --adapt): the dedicated flags, then
+    `settings` (--adapt-set FIELD=VALUE) for any other field. Adaptation flags given without
+    --adapt, and a field given both ways, are errors rather than silently ignored."""
     given = {
         "--adapt-every": every,
         "--adapt-params": params,
@@ -49,6 +66,7 @@ def setup_from_flags(
         "--adapt-bank": bank,
         "--adapt-home": home,
         "--adapt-source-stages": source_stages,
+        "--adapt-set": settings or None,
     }
     if not adapt:
         used = [flag for flag, value in given.items() if value is not None]
@@ -68,7 +86,15 @@ def setup_from_flags(
         home_distance=defaults.home_distance if home is None else parse_home(home),
         source_stages=defaults.source_stages if source_stages is None else source_stages,
     )
-    return AdaptSetup(options.check(), state)
+    fields_of = dict(zip(DEDICATED_FLAGS.values(), DEDICATED_FLAGS, strict=True))
+    twice = [
+        f"{name} (also {fields_of[name]})"
+        for name in set_fields(settings or [])
+        if name in fields_of and given[fields_of[name]] is not None
+    ]
+    if twice:
+        raise UserError(f"--adapt-set sets what a flag sets too: {', '.join(twice)}; give it once")
+    return AdaptSetup(parse_settings(settings or [], options.check()), state)
 
 
 def check_state_path(path: Path | None) -> None:

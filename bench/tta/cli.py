@@ -12,6 +12,7 @@ import torch
 
 import bench.tta
 from adapt_deploy.errors import UserError
+from adapt_deploy.tta.settings import parse_settings
 from bench.common import RESULTS, write_results
 from bench.tta.conditions import STREAMS, WORK, render_conditions
 from bench.tta.methods import method_makers
@@ -24,7 +25,6 @@ from bench.tta.model import (
 )
 from bench.tta.report import plot, report
 from bench.tta.runner import kept_torch_threads, run_method
-from bench.tta.settings import parse_settings
 from bench.tta.throughput import stream_fps, write_video
 
 
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     try:
-        options = parse_settings(args.set)
-    except ValueError as exc:
+        options = parse_settings(args.set, flag="--set")
+    except UserError as exc:
         parser.error(str(exc))
     bundle = WORK / "bundle"
     makers = method_makers(args.checkpoint, bundle, options)

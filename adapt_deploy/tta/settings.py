@@ -1,4 +1,5 @@
-"""--set FIELD=VALUE: AdaptOptions fields of the ours* methods, each parsed by its own parser."""
+"""FIELD=VALUE settings of AdaptOptions (`stream --adapt-set`, bench.tta's --set): every field
+of the adapter's options reachable from the command line, each parsed by its own parser."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from adapt_deploy.tta.options import AdaptOptions, ResetPolicy, parse_home, pars
 
 
 def parse_size(text: str) -> tuple[int, int] | None:
-    """'HxW' (or 'H,W') → (H, W); 'none' → None (the bundle's evaluation size)."""
+    """'HxW' (or 'H,W') → (H, W); 'none' → None (the bundle's evaluation size); ValueError
+    else."""
     if text.lower() == "none":
         return None
     parts = text.lower().replace(",", "x").split("x")
@@ -39,10 +41,13 @@ SETTING_PARSERS: dict[str, Callable[[str], Any]] = {
 }
 
 
-def parse_settings(items: list[str], options: AdaptOptions | None = None) -> AdaptOptions:
+def parse_settings(
+    items: list[str], options: AdaptOptions | None = None, flag: str = "--adapt-set"
+) -> AdaptOptions:
     """`options` (default AdaptOptions()) with each `field=value` of `items` applied, parsed by
     the field's own parser (SETTING_PARSERS, else the type of its default) and checked with
-    AdaptOptions.check(); ValueError with a one-line message naming the item otherwise."""
+    AdaptOptions.check(); UserError with a one-line message naming `flag` and the item
+    otherwise."""
     options = options or AdaptOptions()
     known = [f.name for f in fields(AdaptOptions)]
     values: dict[str, Any] = {}
@@ -50,20 +55,23 @@ def parse_settings(items: list[str], options: AdaptOptions | None = None) -> Ada
         key, sep, text = item.partition("=")
         key, text = key.strip(), text.strip()
         if not sep or key not in known:
-            raise ValueError(
-                f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(known)}"
+            raise UserError(
+                f"{flag} {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(known)}"
             )
         kind = SETTING_PARSERS.get(key) or type(getattr(options, key))
         if kind not in (int, float, str) and key not in SETTING_PARSERS:
-            raise ValueError(
-                f"--set {item!r}: {key} has no parser here (bench.tta.settings SETTING_PARSERS)"
-            )
+            raise UserError(f"{flag} {item!r}: {key} has no parser (SETTING_PARSERS)")
         try:
             values[key] = kind(text)
         except (ValueError, UserError) as exc:
             detail = str(exc) if key in SETTING_PARSERS else f"expected {kind.__name__}"
-            raise ValueError(f"--set {item!r}: {detail}") from None
+            raise UserError(f"{flag} {item!r}: {detail}") from None
     try:
         return replace(options, **values).check()
     except UserError as exc:
-        raise ValueError(f"--set: {exc}") from None
+        raise UserError(f"{flag}: {exc}") from None
+
+
+def set_fields(items: list[str]) -> list[str]:
+    """The field names `items` ('field=value') set, as given (not checked)."""
+    return [item.partition("=")[0].strip() for item in items]
