@@ -26,7 +26,7 @@ is visible as such. Cost = 1 - median frames/s with / median without.
 
 --streams both adds a third run to each round: adapting as releases before 2026-12-07 did, the
 updates on the caller's stream, which every frame waits for, and the runtime's stream at the
-default priority (ADAPT_DEPLOY_ADAPTER_STREAM=shared, `adapt_deploy/runtime/cuda_streams.py`):
+default priority (ADAPT_DEPLOY_ADAPTER_STREAM=shared, `adapt_deploy/runtime/stream_priority.py`):
 what running the updates on a stream of their own is worth. On the CPU the two are the same
 code. Writes bench/results/<name>.md.
 """
@@ -46,7 +46,7 @@ from pathlib import Path
 
 from adapt_deploy.errors import UserError
 from adapt_deploy.runtime import Segmenter
-from adapt_deploy.runtime.cuda_streams import OWN, SHARED, STREAMS_ENV
+from adapt_deploy.runtime.stream_priority import OWN, SHARED, STREAMS_ENV
 from adapt_deploy.stream import StreamOptions, stream
 from adapt_deploy.stream.sources import VideoFile
 from adapt_deploy.tta.options import AdaptOptions

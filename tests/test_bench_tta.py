@@ -252,7 +252,7 @@ def test_a_cost_report_with_both_streams_says_what_the_own_stream_is_worth() -> 
 
 
 def test_the_adapter_stream_setting_is_own_shared_or_a_clear_error() -> None:
-    from adapt_deploy.runtime.cuda_streams import STREAMS_ENV, adapter_stream_setting
+    from adapt_deploy.runtime.stream_priority import STREAMS_ENV, adapter_stream_setting
     from bench.tta_cost import build_parser
 
     assert adapter_stream_setting({}) == "own"

@@ -522,15 +522,44 @@ class Stream:
         return self.address
 
 
-def fake_cudart(stream: Stream) -> SimpleNamespace:
+def fake_cudart(stream: Stream, created: list[tuple[int, int]] | None = None) -> SimpleNamespace:
+    """A stand-in cuda-python runtime module; `created` gets the (flags, priority) of each
+    stream made."""
+
+    def create_with_priority(flags: int, priority: int) -> tuple[int, Stream]:
+        if created is not None:
+            created.append((flags, priority))
+        return 0, stream
+
     return SimpleNamespace(
         cudaError_t=SimpleNamespace(cudaSuccess=0),
         cudaStreamNonBlocking=1,
         cudaSetDevice=lambda device: (0,),
-        cudaStreamCreateWithFlags=lambda flags: (0, stream),
+        cudaStreamCreateWithPriority=create_with_priority,
         cudaStreamSynchronize=lambda s: (0,),
         cudaStreamDestroy=lambda s: (0,),
     )
+
+
+@pytest.mark.parametrize(("setting", "priority"), [(None, -1), ("own", -1), ("shared", 0)])
+def test_the_tensorrt_stream_runs_at_the_inference_priority(monkeypatch, setting, priority):
+    """The TensorRT backend's cuda-python stream: non-blocking, at the high priority the torch
+    runtime's stream has (`stream_priority`), the default one with the adapter on a shared
+    stream; a bad setting is named before any CUDA call."""
+    from adapt_deploy.runtime.cuda_memory import CudaPythonMemory
+    from adapt_deploy.runtime.stream_priority import STREAMS_ENV
+
+    install_cuda_bindings_utils(monkeypatch, with_utils=True)
+    if setting is None:
+        monkeypatch.delenv(STREAMS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(STREAMS_ENV, setting)
+    created: list[tuple[int, int]] = []
+    CudaPythonMemory(fake_cudart(Stream(0x7F00), created), 0)
+    assert created == [(1, priority)]
+    monkeypatch.setenv(STREAMS_ENV, "both")
+    with pytest.raises(UserError, match=f"{STREAMS_ENV}: expected 'own' or 'shared'"):
+        CudaPythonMemory(fake_cudart(Stream(0x7F00), created), 0)
 
 
 def install_cuda_bindings_utils(monkeypatch, with_utils: bool) -> None:

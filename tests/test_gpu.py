@@ -65,8 +65,8 @@ from adapt_deploy.ops import (
 from adapt_deploy.runtime import Segmentation, Segmenter
 from adapt_deploy.runtime.backend import as_runner
 from adapt_deploy.runtime.cuda_graphs import GraphedForward
-from adapt_deploy.runtime.cuda_streams import STREAMS_ENV
 from adapt_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend, cuda_available
+from adapt_deploy.runtime.stream_priority import STREAMS_ENV
 from adapt_deploy.runtime.torch_backend import ModelBackend
 from adapt_deploy.runtime.torch_inference import cuda_has_bf16
 from adapt_deploy.tta.adapter import OnlineAdapter, StepReport

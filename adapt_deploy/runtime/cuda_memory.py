@@ -27,6 +27,7 @@ from adapt_deploy.bundle.platform import (
     error_name,
     import_cudart,
 )
+from adapt_deploy.runtime.stream_priority import inference_priority
 
 
 def native_handle(obj: Any) -> int:
@@ -58,7 +59,8 @@ class CudaMemory(Protocol):
 
 
 class CudaPythonMemory:
-    """cuda-python: cudaMalloc / cudaMallocHost / cudaMemcpyAsync on a non-blocking stream."""
+    """cuda-python: cudaMalloc / cudaMallocHost / cudaMemcpyAsync on a non-blocking stream of
+    high priority."""
 
     def __init__(self, cudart: Any, device: int) -> None:
         self._rt = cudart
@@ -66,7 +68,10 @@ class CudaPythonMemory:
         self._device_ptrs: list[int] = []
         self._host_ptrs: list[int] = []
         self.activate()
-        self._stream = self._call(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
+        # the runtime's frames first when the adapter's kernels wait too (`stream_priority`)
+        self._stream = self._call(
+            cudart.cudaStreamCreateWithPriority(cudart.cudaStreamNonBlocking, inference_priority())
+        )
         self.stream = native_handle(self._stream)
 
     def _call(self, result: tuple[Any, ...]) -> Any:
@@ -111,13 +116,14 @@ class CudaPythonMemory:
 
 
 class TorchCudaMemory:
-    """torch: uint8 CUDA tensors as device memory, pinned CPU tensors, a torch.cuda.Stream."""
+    """torch: uint8 CUDA tensors as device memory, pinned CPU tensors, a high-priority
+    torch.cuda.Stream."""
 
     def __init__(self, torch: Any, device: int) -> None:
         self._torch = torch
         self._device = torch.device("cuda", device)
         self._tensors: dict[int, Any] = {}
-        self._stream_obj = torch.cuda.Stream(self._device)
+        self._stream_obj = torch.cuda.Stream(self._device, priority=inference_priority())
         self.stream = int(self._stream_obj.cuda_stream)
 
     def activate(self) -> None:
