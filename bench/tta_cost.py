@@ -122,6 +122,7 @@ def report(
     video: str,
     partial: str = "",
     shared_worker: AdaptSummary | None = None,
+    streams: str = OWN,
 ) -> str:
     """The Markdown body: frames/s both ways, the cost against the goal, the update rate; with
     `fps['with_shared']` (--streams both) the same for the updates on the caller's stream, and
@@ -142,7 +143,12 @@ def report(
         *([f"**Stopped early: {partial} ran.**", ""] if partial else []),
         f"Adapter: `stream --adapt` defaults with every={options.every} and budget "
         f"{options.budget:g}"
-        + (f", adapting at {options.size[0]}x{options.size[1]}." if options.size else "."),
+        + (f", adapting at {options.size[0]}x{options.size[1]}" if options.size else "")
+        + (
+            ", its updates on the caller's stream (ADAPT_DEPLOY_ADAPTER_STREAM=shared)."
+            if streams == SHARED
+            else "."
+        ),
         "",
         f"- without adaptation: {without:.1f} frames/s (runs: {runs(fps['without'])})",
         f"- with adaptation: {with_:.1f} frames/s (runs: {runs(fps['with'])})",
@@ -280,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                     described,
                     rounds,
                     workers.get("with_shared"),
+                    args.streams,
                 )
                 path = write_results(args.name, title, body)
     except UserError as exc:

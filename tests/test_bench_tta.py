@@ -249,6 +249,10 @@ def test_a_cost_report_with_both_streams_says_what_the_own_stream_is_worth() -> 
     assert "the adapter's own stream: +10.0 frames/s (+10.0% of the frames/s without" in body
     two_way = cost_report("m", "t", AdaptOptions(), {"without": [1.0], "with": [1.0]}, own, "v")
     assert "caller's stream" not in two_way
+    shared_only = cost_report(
+        "m", "t", AdaptOptions(), {"without": [1.0], "with": [1.0]}, own, "v", streams="shared"
+    )
+    assert "every=4 and budget 0.15, its updates on the caller's stream" in shared_only
 
 
 def test_the_adapter_stream_setting_is_own_shared_or_a_clear_error() -> None:
