@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import importlib
+import os
 import platform
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 
+from adapt_deploy.errors import UserError
 from adapt_deploy.extras import TRAIN_INSTALL
+from adapt_deploy.runtime.graph_policy import GRAPHS_ENV, graphs_env_off
+from adapt_deploy.runtime.stream_priority import STREAMS_ENV, adapter_stream_setting
+
+ENV_PREFIX = "ADAPT_DEPLOY_"
+# The process-wide switches read from the environment, each with the parser that checks its
+# value where it has one here (ADAPT_DEPLOY_KERNELS is checked by the kernels line; the cache
+# is any directory).
+ENV_CHECKS: dict[str, Callable[[Mapping[str, str]], object] | None] = {
+    GRAPHS_ENV: graphs_env_off,
+    STREAMS_ENV: adapter_stream_setting,
+    "ADAPT_DEPLOY_KERNELS": None,
+    "ADAPT_DEPLOY_KERNELS_CACHE": None,
+}
 
 
 @dataclass
@@ -57,6 +73,26 @@ def _kernels_check() -> Check:
     except Exception as exc:  # a broken install is reported, never a traceback
         return Check("cuda kernels", "unknown", False, f"{type(exc).__name__}: {exc}")
     return Check("cuda kernels", found, ok, advice)
+
+
+def environment_check(environ: Mapping[str, str] | None = None) -> Check:
+    """The ADAPT_DEPLOY_* variables set: each value checked where a parser exists, a name the
+    package does not read (a typo) named, since it would be ignored without a word."""
+    environ = os.environ if environ is None else environ
+    found, problems = [], []
+    for name in sorted(n for n in environ if n.startswith(ENV_PREFIX)):
+        found.append(f"{name}={environ[name]}")
+        if name not in ENV_CHECKS:
+            problems.append(f"{name} is not read by adapt-deploy (known: {', '.join(ENV_CHECKS)})")
+            continue
+        parse = ENV_CHECKS[name]
+        try:
+            if parse is not None:
+                parse(environ)
+        except UserError as exc:
+            problems.append(str(exc))
+    return Check("environment", ", ".join(found) or "no ADAPT_DEPLOY_* set", not problems,
+                 "; ".join(problems))  # fmt: skip
 
 
 def run_checks() -> list[Check]:
@@ -118,4 +154,5 @@ def run_checks() -> list[Check]:
     )
     cuda_python = installed_version("cuda-python")
     checks.append(Check("cuda-python", cuda_python or "missing"))
+    checks.append(environment_check())
     return checks

@@ -18,3 +18,15 @@ def test_one_flavour_is_fine(monkeypatch):
 def test_checks_cover_the_backends():
     names = {c.name for c in doctor.run_checks()}
     assert {"python", "torch", "cv2", "onnx", "onnxruntime", "tensorrt", "cuda-python"} <= names
+
+
+def test_the_environment_line_checks_each_switch_and_names_a_typo():
+    fine = doctor.environment_check({"ADAPT_DEPLOY_CUDA_GRAPHS": "0", "HOME": "/root"})
+    assert fine.ok and fine.found == "ADAPT_DEPLOY_CUDA_GRAPHS=0"
+    assert doctor.environment_check({}).found == "no ADAPT_DEPLOY_* set"
+    bad = doctor.environment_check(
+        {"ADAPT_DEPLOY_ADAPTER_STREAM": "mine", "ADAPT_DEPLOY_CUDA_GRAPH": "0"}
+    )
+    assert not bad.ok
+    assert "ADAPT_DEPLOY_CUDA_GRAPH is not read by adapt-deploy" in bad.advice
+    assert "ADAPT_DEPLOY_ADAPTER_STREAM: expected 'own' or 'shared', got 'mine'" in bad.advice
