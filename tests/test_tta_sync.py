@@ -33,7 +33,7 @@ from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.models.deploy import DeployModel
 from adapt_deploy.runtime import Segmenter
 from adapt_deploy.runtime.torch_backend import ModelBackend
-from adapt_deploy.tta.push import graph_spec
+from adapt_deploy.tta.push import check_samples, graph_spec
 from adapt_deploy.tta.sync import make_sync
 from adapt_deploy.tta.sync_tensorrt import check_refittable
 
@@ -180,6 +180,22 @@ def test_push_to_onnxruntime_changes_what_the_runtime_computes(tiny_bundle, sour
         again = seg(FRAME)
         np.testing.assert_array_equal(again.labels, after.labels)
         np.testing.assert_array_equal(again.presence, after.presence)
+
+
+def test_a_push_is_checked_on_the_single_frame_samples(tiny_bundle, source):
+    """A push changes weights, not how a batch runs: the samples of one frame are enough, and
+    a bundle with batch samples only is checked on the first frame of each."""
+    one, three = np.zeros((1, 8, 8, 3), np.uint8), np.ones((3, 8, 8, 3), np.uint8)
+    assert [n for n, _ in check_samples([("a", one), ("b", three), ("c", one)])] == ["a", "c"]
+    only_batches = check_samples([("b", three)])
+    assert [n for n, _ in only_batches] == ["b[0]"] and only_batches[0][1].shape == (1, 8, 8, 3)
+    model, config = source
+    with Segmenter.from_bundle(tiny_bundle, "onnxruntime", "cpu", threads=1) as seg:
+        sync = make_sync(seg, model, config.input)
+        batches = {e["file"]: e["shape"][0] for e in seg.meta["samples"]}
+        assert any(n > 1 for n in batches.values())  # the bundle has a batch sample
+        checked = [name for name, _ in sync._samples]
+        assert checked and all(batches[name] == 1 for name in checked)
 
 
 def test_push_to_the_torch_backend(tiny_bundle, source):

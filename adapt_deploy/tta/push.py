@@ -5,6 +5,11 @@ Every push first snapshots the pushed model into a private CPU copy (the caller 
 training), runs the candidate backend on the bundle's samples and compares it with the PyTorch
 reference of that copy under meta.json's tolerances. Only then is it swapped in
 (`Segmenter.swap_backend`); otherwise it is dropped and the runtime keeps its weights.
+
+The check runs the samples of one frame (`check_samples`): a push changes the weights, not how
+the graph runs a batch, which export verified once. A sample batch of several frames costs as
+many reference forwards: on bench/tta's ResNet-18 bundle on one CPU thread, checking the three
+samples (1, 3 and 1 frames) took 71 ms of a 77 ms push, the two single frames 29 ms.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from adapt_deploy.bundle.meta import presence_lse_k
@@ -59,6 +65,13 @@ def _reason(exc: Exception) -> str:
     return str(exc) if isinstance(exc, SyncFailure) else f"{type(exc).__name__}: {exc}"
 
 
+def check_samples(samples: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    """What a push is checked on: the samples of one frame; when a bundle has none, the first
+    frame of each (see the module docstring)."""
+    single = [(name, batch) for name, batch in samples if batch.shape[0] == 1]
+    return single or [(f"{name}[0]", batch[:1]) for name, batch in samples]
+
+
 class RuntimeSync:
     """Snapshot, build a candidate backend, check it on the samples, swap or drop it.
     Subclasses say how a candidate is made and what happens to the backends afterwards."""
@@ -80,7 +93,9 @@ class RuntimeSync:
                 f"{segmenter.bundle}: no sample in meta.json has a shape within the bundle's "
                 "range, so pushed weights cannot be checked; re-export the bundle"
             )
-        self._samples = [(e["file"], load_sample(segmenter.bundle, e)["input"]) for e in entries]
+        self._samples = check_samples(
+            [(e["file"], load_sample(segmenter.bundle, e)["input"]) for e in entries]
+        )
         self._lock = threading.Lock()
 
     def push(self, model: nn.Module) -> SyncResult:
