@@ -626,6 +626,8 @@ def test_updates_run_off_the_stream_the_runtime_waits_for(
                 assert worker.offer(frame, before.presence, i) == "adapt"
             after = seg(frames[0])
             runtime_stream = seg.current_backend()._stream  # the backend a push put live
+            # the push check's reference runs where the adapter trains, not on the CPU
+            assert next(worker.sync._ref.parameters()).device == adapter.device
         finally:
             summary = worker.close()
     assert summary.error is None and summary.adapted == 3 and summary.syncs >= 1

@@ -51,9 +51,10 @@ def target_frames(batch: int, height: int, width: int, first: int = 0) -> np.nda
 
 @torch.no_grad()
 def torch_outputs(model: DeployModel, batch: np.ndarray) -> dict[str, np.ndarray]:
-    """The PyTorch wrapper's outputs by name, as numpy."""
-    outputs = model(torch.from_numpy(batch))
-    return {n: t.numpy() for n, t in zip(model.graph.output_names, outputs, strict=True)}
+    """The PyTorch wrapper's outputs by name, as numpy, on whatever device the model is."""
+    device = next(model.parameters()).device
+    outputs = model(torch.from_numpy(batch).to(device))
+    return {n: t.cpu().numpy() for n, t in zip(model.graph.output_names, outputs, strict=True)}
 
 
 @dataclass

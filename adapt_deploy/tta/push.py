@@ -1,10 +1,14 @@
 """A push of adapted weights into a running Segmenter, checked before it goes live: the part every
 backend's sync shares (tta/sync.py picks the backend's way of making a candidate).
 
-Every push first snapshots the pushed model into a private CPU copy (the caller may keep
+Every push first snapshots the pushed model into a private copy (the caller may keep
 training), runs the candidate backend on the bundle's samples and compares it with the PyTorch
 reference of that copy under meta.json's tolerances. Only then is it swapped in
 (`Segmenter.swap_backend`); otherwise it is dropped and the runtime keeps its weights.
+
+The copy lives where the adapter trains: on a GPU the reference runs there in fp32 (with TF32
+convolutions where torch's cuDNN default allows them, as a torch fp32 runtime runs), rather than
+a ResNet-101 forward per sample on the CPU at every push.
 
 The check runs the samples of one frame (`check_samples`): a push changes the weights, not how
 the graph runs a batch, which export verified once. A sample batch of several frames costs as
@@ -81,7 +85,8 @@ class RuntimeSync:
     ) -> None:
         self.segmenter = segmenter
         meta = segmenter.meta
-        self._ref = copy.deepcopy(template).cpu().float().eval().requires_grad_(False)
+        # on the template's device: where the adapter trains (see the module docstring)
+        self._ref = copy.deepcopy(template).float().eval().requires_grad_(False)
         self._input_config = input_config
         self._graph = GraphSpec(layout=graph.layout, lse_k=graph.lse_k)  # labels, presence
         self._reference = DeployModel(self._ref, input_config, self._graph)
