@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import typer
 from helpers import TINY_SHAPES, corrupting, write_source_checkpoint
 from typer.testing import CliRunner
 
@@ -36,7 +37,7 @@ from adapt_deploy.runtime import Segmenter
 from adapt_deploy.tta.adapter import OnlineAdapter
 from adapt_deploy.tta.options import AdaptOptions, ResetPolicy
 from adapt_deploy.tta.push import SyncResult, graph_spec
-from adapt_deploy.tta.session import AdaptSetup, open_adaptation
+from adapt_deploy.tta.session import DEDICATED_FLAGS, AdaptSetup, open_adaptation
 from adapt_deploy.tta.shift import ShiftDetector
 from adapt_deploy.tta.state import load_state, resume, save_state
 from adapt_deploy.tta.sync import OnnxRuntimeSync, make_sync
@@ -383,6 +384,13 @@ def test_adaptation_flags_without_adapt_are_refused(tiny_bundle, tmp_path):
     assert "only apply with --adapt" in str(result.exception)
     result = CliRunner().invoke(app, [*args[:-2], "--adapt-bank", "3"])
     assert "--adapt-bank only apply with --adapt" in str(result.exception)
+
+
+def test_every_dedicated_adaptation_flag_is_a_stream_option():
+    """--adapt-set refuses the fields these flags set: each must be a real `stream` option."""
+    stream = typer.main.get_command(app).commands["stream"]  # type: ignore[attr-defined]
+    options = {opt for param in stream.params for opt in param.opts}
+    assert set(DEDICATED_FLAGS) <= options and "--adapt-set" in options
 
 
 @pytest.mark.parametrize(

@@ -145,7 +145,7 @@ def test_options_check_names_each_bad_flag():
         parse_threshold("1.5")
 
 
-def test_adapt_set_reaches_every_other_field_and_never_overrides_a_flag():
+def test_adapt_set_reaches_every_field_without_a_flag_and_refuses_the_others():
     setup = setup_from_flags(
         True, lr=0.1, settings=["prior_fade=1.5", "condition_distance=0.2", "size=96x160"]
     )
@@ -154,10 +154,9 @@ def test_adapt_set_reaches_every_other_field_and_never_overrides_a_flag():
     )
     assert setup_from_flags(True, settings=[]).options == AdaptOptions()
     with pytest.raises(UserError) as info:
-        setup_from_flags(True, lr=0.1, bank=2, settings=["lr=0.2", "bank_size=3", "ema=0.8"])
+        setup_from_flags(True, lr=0.1, settings=["lr=0.2", "bank_size=3", "ema=0.8"])
     assert str(info.value) == (
-        "--adapt-set sets what a flag sets too: lr (also --lr), bank_size (also --adapt-bank); "
-        "give it once"
+        "--adapt-set is for the fields without a flag (lr: use --lr; bank_size: use --adapt-bank)"
     )
     with pytest.raises(UserError, match="--adapt-set only apply with --adapt"):
         setup_from_flags(False, settings=["ema=0.8"])

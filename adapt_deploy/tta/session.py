@@ -53,8 +53,9 @@ def setup_from_flags(
     settings: list[str] | None = None,
 ) -> AdaptSetup | None:
     """The `stream` flags as an AdaptSetup (None without --adapt): the dedicated flags, then
-    `settings` (--adapt-set FIELD=VALUE) for any other field. Adaptation flags given without
-    --adapt, and a field given both ways, are errors rather than silently ignored."""
+    `settings` (--adapt-set FIELD=VALUE) for the fields without one. Adaptation flags given
+    without --adapt, and a dedicated flag's field in `settings`, are errors rather than silently
+    ignored or set two ways."""
     given = {
         "--adapt-every": every,
         "--adapt-params": params,
@@ -86,14 +87,11 @@ def setup_from_flags(
         home_distance=defaults.home_distance if home is None else parse_home(home),
         source_stages=defaults.source_stages if source_stages is None else source_stages,
     )
-    fields_of = dict(zip(DEDICATED_FLAGS.values(), DEDICATED_FLAGS, strict=True))
-    twice = [
-        f"{name} (also {fields_of[name]})"
-        for name in set_fields(settings or [])
-        if name in fields_of and given[fields_of[name]] is not None
-    ]
-    if twice:
-        raise UserError(f"--adapt-set sets what a flag sets too: {', '.join(twice)}; give it once")
+    flag_of = dict(zip(DEDICATED_FLAGS.values(), DEDICATED_FLAGS, strict=True))
+    dedicated = [f"{name}: use {flag_of[name]}" for name in set_fields(settings or [])
+                 if name in flag_of]  # fmt: skip
+    if dedicated:
+        raise UserError(f"--adapt-set is for the fields without a flag ({'; '.join(dedicated)})")
     return AdaptSetup(parse_settings(settings or [], options.check()), state)
 
 
