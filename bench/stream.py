@@ -7,8 +7,9 @@
 Input: a 1-minute synthetic dashcam drive (900 frames at 15 fps, 256x512, mp4v) written by the
 synthetic benchmark's video writer into bench/.work/stream/, reused.
 Model: --bundle, or a randomly initialised DeepLab-v2 ResNet-18 at width 16 exported for
-256x512 with its adaptation package (source statistics over 8 synthetic source images;
-bench/.work/bundles/, reused): accuracy is irrelevant here, trained weights cost the same time.
+256x512 with its adaptation package (source statistics over 8 synthetic source images, its BN
+statistics set on them: `bench.common.calibrate_batchnorm`; bench/.work/bundles/, reused):
+accuracy is irrelevant here, trained weights cost the same time.
 --backend and --device go to Segmenter.from_bundle (device auto: GPU 0 where the backend can use
 it, else the CPU; cuda, cuda:N or cpu to insist).
 
@@ -457,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("random bundle with an adaptation package (exported on the first run)", flush=True)
         bundle = random_bundle(source=source_data())
-        model = "random-init DeepLab-v2 ResNet-18, width 16"
+        model = "random-init DeepLab-v2 ResNet-18, width 16, BN calibrated on the source images"
     try:
         done = run(
             bundle, video, model, backend=args.backend, device=args.device,

@@ -12,7 +12,10 @@ student under bf16 autocast).
 
 Model: a randomly initialised DeepLab-v2 (--backbone, --width) exported for --size with its
 adaptation package (source statistics over 8 synthetic source images; bench/.work/bundles/,
-reused): the cost does not depend on the weights. Input: bench.stream's 1-minute synthetic
+reused): the cost does not depend on the weights, but the adapter's path does, so its BN
+statistics are set on those images and its residual branches scaled first
+(`bench.common.calibrate_batchnorm`: uncalibrated, a random ResNet-101's fp16 outputs are inf,
+and every push check and pseudo-label would fail). Input: bench.stream's 1-minute synthetic
 dashcam drive (900 frames, 256x512, 15 fps), looped --loops times; the runtime resizes every
 frame to --size, and the adapter adapts at --size too, or at --adapt-size (`AdaptOptions.size`:
 a cheaper update on smaller frames).
@@ -250,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     print("input video and source images (rendered on the first run only)", flush=True)
     video = dashcam_video()
     bundle = random_bundle(args.width, size, source_data(), backbone=args.backbone)
-    model = f"random-init DeepLab-v2 {args.backbone}, width {args.width}, {size[0]}x{size[1]}"
+    model = (
+        f"random-init DeepLab-v2 {args.backbone}, width {args.width}, {size[0]}x{size[1]}, "
+        "BN calibrated on the source images"
+    )
     options = replace(AdaptOptions(), every=args.every, budget=1.0, size=adapt_size)
     precision = fast_precision(args.backend, args.precision)
     fps: dict[str, list[float]] = {key: [] for key, _, _ in ARMS[args.streams]}

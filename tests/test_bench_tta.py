@@ -267,6 +267,42 @@ def test_the_adapter_stream_setting_is_own_shared_or_a_clear_error() -> None:
     assert build_parser().parse_args(["--streams", "both"]).streams == "both"
 
 
+def test_the_cost_bundles_random_model_is_calibrated_on_the_source(tmp_path: Path) -> None:
+    """bench.tta_cost's random model gets BN statistics from the source images and scaled
+    residual branches: finite, moderate logits, as a trained model's (see calibrate_batchnorm);
+    its training-time settings are left as they were."""
+    from adapt_deploy.config import from_dict
+    from adapt_deploy.models.checkpoints import build_model
+    from adapt_deploy.models.resnet import BasicBlock
+    from bench.common import RESIDUAL_SCALE, RGB_INPUT, calibrate_batchnorm
+
+    source = write_gta5(tmp_path / "gta5", 3)
+    config = from_dict(
+        {"name": "x", "input": RGB_INPUT,
+         "model": {"backbone": "resnet18", "width": 8, "num_classes": 19},
+         "data": {"val": {"kind": "cityscapes", "root": ".", "split": "val", "size": [32, 64]}}}
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    initial = copy.deepcopy(model)
+    calibrate_batchnorm(model, source, (32, 64), config.input)
+    assert not model.training
+    first = model.backbone.bn1
+    assert not torch.allclose(first.running_var, torch.ones_like(first.running_var))
+    assert first.momentum == initial.backbone.bn1.momentum
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    before = [m for m in initial.modules() if isinstance(m, BasicBlock)]
+    pairs = list(zip(before, blocks, strict=True))
+    assert pairs
+    assert all(torch.allclose(b.bn2.weight, RESIDUAL_SCALE * a.bn2.weight) for a, b in pairs)
+    x = torch.randn(1, 3, 32, 64)
+    with torch.no_grad():
+        calibrated, raw = model(x)["logits"], initial.eval()(x)["logits"]
+    assert torch.isfinite(calibrated).all() and calibrated.abs().mean() < raw.abs().mean()
+    with pytest.raises(FileNotFoundError, match="no PNG image"):
+        calibrate_batchnorm(model, tmp_path, (32, 64), config.input)
+
+
 def test_cost_sizes_are_parsed_strictly() -> None:
     from bench.tta_cost import parse_size
 
