@@ -86,8 +86,9 @@ def random_bundle(
     bench/.work/bundles/ and reused: for
     benchmarks of speed and memory, which do not depend on the weights. With `source` (a
     labelled GTA5-layout directory) the bundle also gets the adaptation package that
-    `stream --adapt` needs (source statistics over its images), and its BN statistics are set
-    on those images first (`calibrate_batchnorm`): the adapter's work depends on the values."""
+    `stream --adapt` needs (source statistics over its images), and the model is first made
+    numerically like a trained one on those images (`calibrate_batchnorm`): what the adapter
+    does depends on the values."""
     import torch
 
     from adapt_deploy.config import from_dict
@@ -134,11 +135,11 @@ def calibrate_batchnorm(model: Any, source: Path, size: tuple[int, int], spec: A
     `size`), then each residual branch's last BN affine scaled by RESIDUAL_SCALE.
 
     Left as initialised (statistics mean 0, variance 1), a random ResNet-101's logits reach
-    about 3e6, beyond fp16's range. Calibrated alone, it is chaotic: under fp16 autocast (on
-    the CPU, 128x256) 84-87% of its labels agree with fp32, where the push check asks 99.5%.
-    With the branches scaled too: 99.9%. Either way, on a GPU the adapter's fp16 teacher and
-    every push check would fail (a collapse reset or a rejected push at every update), and
-    bench.tta_cost would time a path no trained model takes."""
+    about 3e6, beyond fp16's range: on a GPU the adapter's fp16 teacher and every push check
+    would fail (a collapse reset or a rejected push at every update), and bench.tta_cost would
+    time a path no trained model takes. Calibrated alone, it is chaotic: under fp16 autocast
+    (on the CPU, 128x256) 84-87% of its labels agree with fp32, where the push check asks
+    99.5%. With the branches scaled too: 99.9% (bf16: 99.3-99.7%, the check asks 99%)."""
     import cv2
     import torch
 
