@@ -545,7 +545,7 @@ def fake_cudart(stream: Stream, created: list[tuple[int, int]] | None = None) ->
 def test_the_tensorrt_stream_runs_at_the_inference_priority(monkeypatch, setting, priority):
     """The TensorRT backend's cuda-python stream: non-blocking, at the high priority the torch
     runtime's stream has (`stream_priority`), the default one with the adapter on a shared
-    stream; a bad setting is named before any CUDA call."""
+    stream; a bad setting is a UserError naming the variable, and no stream is made."""
     from adapt_deploy.runtime.cuda_memory import CudaPythonMemory
     from adapt_deploy.runtime.stream_priority import STREAMS_ENV
 
@@ -560,6 +560,7 @@ def test_the_tensorrt_stream_runs_at_the_inference_priority(monkeypatch, setting
     monkeypatch.setenv(STREAMS_ENV, "both")
     with pytest.raises(UserError, match=f"{STREAMS_ENV}: expected 'own' or 'shared'"):
         CudaPythonMemory(fake_cudart(Stream(0x7F00), created), 0)
+    assert len(created) == 1
 
 
 def install_cuda_bindings_utils(monkeypatch, with_utils: bool) -> None:
