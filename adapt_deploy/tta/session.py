@@ -3,6 +3,7 @@ runtime sync and the background worker; and saving the state at the end."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,14 @@ DEDICATED_FLAGS = {
 }
 
 
+# the dedicated flags whose text is parsed (the others arrive typed from the CLI)
+FLAG_PARSERS: dict[str, Callable[[str], Any]] = {
+    "--threshold": parse_threshold,
+    "--reset-policy": ResetPolicy.parse,
+    "--adapt-home": parse_home,
+}
+
+
 def setup_from_flags(
     adapt: bool,
     every: int | None = None,
@@ -56,37 +65,21 @@ def setup_from_flags(
     `settings` (--adapt-set FIELD=VALUE) for the fields without one. Adaptation flags given
     without --adapt, and a dedicated flag's field in `settings`, are errors rather than silently
     ignored or set two ways."""
-    given = {
-        "--adapt-every": every,
-        "--adapt-params": params,
-        "--lr": lr,
-        "--threshold": threshold,
-        "--reset-policy": reset_policy,
-        "--adapt-state": state,
-        "--adapt-budget": budget,
-        "--adapt-bank": bank,
-        "--adapt-home": home,
-        "--adapt-source-stages": source_stages,
-        "--adapt-set": settings or None,
-    }
+    dedicated_values = (every, params, lr, threshold, reset_policy, budget, bank, home,
+                        source_stages)  # fmt: skip
+    values = dict(zip(DEDICATED_FLAGS, dedicated_values, strict=True))
+    given = {**values, "--adapt-state": state, "--adapt-set": settings or None}
     if not adapt:
         used = [flag for flag, value in given.items() if value is not None]
         if used:
             raise UserError(f"{', '.join(used)} only apply with --adapt")
         return None
-    defaults = AdaptOptions()
-    options = replace(
-        defaults,
-        every=defaults.every if every is None else every,
-        params=params or defaults.params,
-        lr=defaults.lr if lr is None else lr,
-        threshold=None if threshold is None else parse_threshold(threshold),
-        reset=ResetPolicy.parse(reset_policy) if reset_policy else defaults.reset,
-        budget=defaults.budget if budget is None else budget,
-        bank_size=defaults.bank_size if bank is None else bank,
-        home_distance=defaults.home_distance if home is None else parse_home(home),
-        source_stages=defaults.source_stages if source_stages is None else source_stages,
-    )
+    chosen = {
+        DEDICATED_FLAGS[flag]: FLAG_PARSERS[flag](value) if flag in FLAG_PARSERS else value
+        for flag, value in values.items()
+        if value is not None
+    }
+    options = replace(AdaptOptions(), **chosen)
     flag_of = dict(zip(DEDICATED_FLAGS.values(), DEDICATED_FLAGS, strict=True))
     dedicated = [f"{name}: use {flag_of[name]}" for name in set_fields(settings or [])
                  if name in flag_of]  # fmt: skip
