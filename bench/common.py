@@ -129,17 +129,23 @@ def random_bundle(
 RESIDUAL_SCALE = 0.3  # the last BN affine of each residual branch of a random model
 
 
-def calibrate_batchnorm(model: Any, source: Path, size: tuple[int, int], spec: Any) -> None:
+def calibrate_batchnorm(
+    model: Any,
+    source: Path,
+    size: tuple[int, int],
+    spec: Any,
+    residual_scale: float = RESIDUAL_SCALE,
+) -> None:
     """Make a randomly initialised `model` numerically like a trained one: every BN's running
     statistics set to their mean over the GTA5-layout `source` images (at most 8, resized to
-    `size`), then each residual branch's last BN affine scaled by RESIDUAL_SCALE.
+    `size`), then each residual branch's last BN affine scaled by `residual_scale`.
 
-    Left as initialised (statistics mean 0, variance 1), a random ResNet-101's logits reach
-    about 3e6, beyond fp16's range: on a GPU the adapter's fp16 teacher and every push check
-    would fail (a collapse reset or a rejected push at every update), and bench.tta_cost would
-    time a path no trained model takes. Calibrated alone, it is chaotic: under fp16 autocast
-    (on the CPU, 128x256) 84-87% of its labels agree with fp32, where the push check asks
-    99.5%. With the branches scaled too: 99.9% (bf16: 99.3-99.7%, the check asks 99%)."""
+    Left as initialised (statistics mean 0, variance 1), a random ResNet-101's logits are far
+    beyond fp16's range: on a GPU the adapter's fp16 teacher and every push check would fail (a
+    collapse reset or a rejected push at every update), and bench.tta_cost would time a path no
+    trained model takes. Calibrated alone it is chaotic: too few of its fp16 labels agree with
+    fp32 for the push check's 99.5%. `python -m bench.random_model` measures the three
+    (bench/results/random_model.md)."""
     import cv2
     import torch
 
@@ -168,5 +174,5 @@ def calibrate_batchnorm(model: Any, source: Path, size: tuple[int, int], spec: A
         for block in model.modules():
             if isinstance(block, Bottleneck | BasicBlock):
                 last = block.bn3 if isinstance(block, Bottleneck) else block.bn2
-                last.weight.mul_(RESIDUAL_SCALE)
-                last.bias.mul_(RESIDUAL_SCALE)
+                last.weight.mul_(residual_scale)
+                last.bias.mul_(residual_scale)

@@ -299,6 +299,10 @@ def test_the_cost_bundles_random_model_is_calibrated_on_the_source(tmp_path: Pat
     with torch.no_grad():
         calibrated, raw = model(x)["logits"], initial.eval()(x)["logits"]
     assert torch.isfinite(calibrated).all() and calibrated.abs().mean() < raw.abs().mean()
+    unscaled = copy.deepcopy(initial)
+    calibrate_batchnorm(unscaled, source, (32, 64), config.input, residual_scale=1.0)
+    kept = [m for m in unscaled.modules() if isinstance(m, BasicBlock)]
+    assert all(torch.equal(b.bn2.weight, a.bn2.weight) for a, b in zip(before, kept, strict=True))
     with pytest.raises(FileNotFoundError, match="no PNG image"):
         calibrate_batchnorm(model, tmp_path, (32, 64), config.input)
 

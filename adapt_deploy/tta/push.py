@@ -12,8 +12,8 @@ a ResNet-101 forward per sample on the CPU at every push.
 
 The check runs the samples of one frame (`check_samples`): a push changes the weights, not how
 the graph runs a batch, which export verified once. A sample batch of several frames costs as
-many reference forwards: on bench/tta's ResNet-18 bundle on one CPU thread, checking the three
-samples (1, 3 and 1 frames) took 71 ms of a 77 ms push, the two single frames 29 ms.
+many reference forwards: on bench/tta's bundle a checked ONNX Runtime push took 157 ms with the
+3-frame sample and 92 ms without it (bench/results/tta_throughput.md, before and after).
 """
 
 from __future__ import annotations
