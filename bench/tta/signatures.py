@@ -1,18 +1,20 @@
 """Frame signatures on the streams: does the condition bank's routing see the conditions?
 
-    python -m bench.tta.signatures [--checkpoint CKPT] [--source-data DIR]
+    python -m bench.tta.signatures [--checkpoint CKPT] [--source-data DIR] [--render-seed N]
 
 For every condition of both streams (bench/tta/conditions.py), with the adapter bench.tta runs
 (its bundle, its input preparation, the home signature and radius calibrated at export):
 each frame's distance to home, how many frames fall inside the home radius, how far the frames
 lie from their condition's mean signature, and the nearest other condition of the same stream
 (distance between means). These are the numbers `adapt_deploy/tta/bank.py` and
-docs/streaming.md quote. Writes bench/results/tta_signatures.md; a few seconds on a CPU.
+docs/streaming.md quote. Writes bench/results/tta_signatures.md (tta_signatures_seedN.md with
+--render-seed N); a few seconds on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +73,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--source-data", type=Path, default=DEFAULT_SOURCE)
+    parser.add_argument(
+        "--render-seed", type=int, default=None,
+        help="render both streams from this seed (bench.tta --render-seed); results "
+        "tta_signatures_seedN",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.render_seed is not None and args.render_seed < 0:
+        parser.error(f"--render-seed: expected a seed >= 0, got {args.render_seed}")
     require_checkpoint(args.checkpoint)
     bundle = WORK / "bundle"
     ensure_bundle(args.checkpoint, args.source_data, bundle)
@@ -88,9 +97,15 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for stream in STREAMS.values():
+        if args.render_seed is not None:
+            stream = replace(stream, seed=args.render_seed)
         lines += stream_rows(adapter, stream)
+    seeded = args.render_seed is not None
+    if seeded:
+        lines += ["", f"Both streams rendered from seed {args.render_seed}."]
     body = "\n".join(lines)
-    path = write_results("tta_signatures", "Frame signatures on the bench/tta streams", body)
+    name = f"tta_signatures_seed{args.render_seed}" if seeded else "tta_signatures"
+    path = write_results(name, "Frame signatures on the bench/tta streams", body)
     print(body)
     print(f"wrote {path}")
 
