@@ -14,11 +14,11 @@ Model: a randomly initialised DeepLab-v2 (--backbone, --width) exported for --si
 adaptation package (source statistics over 8 synthetic source images; bench/.work/bundles/,
 reused): the cost does not depend on the weights, but the adapter's path does, so its BN
 statistics are set on those images and its residual branches scaled first
-(`bench.common.calibrate_batchnorm`: uncalibrated, a random ResNet-101's fp16 outputs are inf,
-and every push check and pseudo-label would fail). Input: bench.stream's 1-minute synthetic
-dashcam drive (900 frames, 256x512, 15 fps), looped --loops times; the runtime resizes every
-frame to --size, and the adapter adapts at --size too, or at --adapt-size (`AdaptOptions.size`:
-a cheaper update on smaller frames).
+(`bench.common.calibrate_batchnorm`; bench/results/random_model.md: uncalibrated, a random
+ResNet-101 overflows fp16, and every push check and pseudo-label would fail). Input:
+bench.stream's 1-minute synthetic dashcam drive (900 frames, 256x512, 15 fps), looped --loops
+times; the runtime resizes every frame to --size, and the adapter adapts at --size too, or at
+--adapt-size (`AdaptOptions.size`: a cheaper update on smaller frames).
 
 Each round streams the video twice, alternating: without adaptation, then with the background
 worker at the `stream --adapt` defaults except `every` (--every) and the time budget (1.0: the
