@@ -452,7 +452,11 @@ def export_cmd(
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 20,
     force: Annotated[bool, typer.Option(help="Replace an existing bundle at OUT.")] = False,
     engine: Annotated[
-        bool, typer.Option(help="Then build this machine's TensorRT engine (needs TensorRT).")
+        bool,
+        typer.Option(
+            help="Then build this machine's TensorRT engine on GPU 0 (needs TensorRT; another "
+            "GPU: build-engine --device N)."
+        ),
     ] = False,
     refit: Annotated[
         bool, typer.Option(help="Build a refittable engine (implies --engine).")
@@ -552,6 +556,14 @@ def build_engine_cmd(
     workspace_gb: Annotated[
         float | None, typer.Option(help="Builder workspace limit in GiB (default: TensorRT's).")
     ] = None,
+    device: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="CUDA device index to build on, as CUDA numbers them (after "
+            "CUDA_VISIBLE_DEVICES): the engine is for that GPU's model.",
+        ),
+    ] = 0,
 ) -> None:
     """Build this GPU's TensorRT engine from the bundle's ONNX (on the target; no torch needed)."""
     from adapt_deploy.export.tensorrt import build_engines
@@ -563,6 +575,7 @@ def build_engine_cmd(
         reporter=_reporter(),
         timing_cache=timing_cache,
         workspace_gb=workspace_gb,
+        device=device,
     )
     for path in paths:
         console.print(f"engine: {path}")

@@ -612,3 +612,45 @@ def test_item21_older_cuda_python_falls_back_to_int(monkeypatch):
     with pytest.warns(DeprecationWarning):  # TypeError "Unknown type" from the getter
         assert native_handle(OtherHandle(6)) == 6
     assert native_handle(12345) == 12345  # cudaMalloc's pointers are plain ints already
+
+
+# --------------------------------------------------------------------------------------------
+# build-engine --device: the builder's GPU is made current first
+# --------------------------------------------------------------------------------------------
+
+
+def device_cudart(count: int, chosen: list[int]) -> SimpleNamespace:
+    """A stand-in cuda-python runtime with `count` GPUs; `chosen` gets each cudaSetDevice."""
+    return SimpleNamespace(
+        cudaError_t=SimpleNamespace(cudaSuccess=0),
+        cudaGetDeviceCount=lambda: (0, count),
+        cudaSetDevice=lambda device: (chosen.append(device), (0,))[1],
+    )
+
+
+def test_select_device_sets_the_cuda_device_it_is_given(monkeypatch):
+    chosen: list[int] = []
+    monkeypatch.setattr(trt_platform, "import_cudart", lambda: device_cudart(2, chosen))
+    trt_platform.select_device(1)
+    assert chosen == [1]
+
+
+def test_select_device_refuses_an_index_the_machine_does_not_have(monkeypatch):
+    chosen: list[int] = []
+    monkeypatch.setattr(trt_platform, "import_cudart", lambda: device_cudart(2, chosen))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    with pytest.raises(UserError, match=r"--device 2: no such CUDA device; this machine shows 2 "):
+        trt_platform.select_device(2)
+    with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES='2,3'"):
+        trt_platform.select_device(5)
+    with pytest.raises(UserError, match="got -1"):
+        trt_platform.select_device(-1)
+    assert chosen == []
+
+
+def test_select_device_without_cuda_python_or_torch_cuda_allows_only_device_0(monkeypatch):
+    monkeypatch.setattr(trt_platform, "import_cudart", lambda: None)
+    monkeypatch.setattr(trt_platform, "_import_torch_cuda", lambda: None)
+    trt_platform.select_device(0)  # CUDA's default device: nothing to set
+    with pytest.raises(UserError, match=r"pip install cuda-python.*CUDA_VISIBLE_DEVICES=1"):
+        trt_platform.select_device(1)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import onnx
 import pytest
@@ -135,8 +136,34 @@ def test_build_engine_without_tensorrt_is_one_clear_line_and_needs_no_torch(bund
 def test_build_engine_help_lists_its_options():
     result = CliRunner().invoke(app, ["build-engine", "--help"])
     assert result.exit_code == 0, result.output
-    for option in ("--fp16", "--no-fp16", "--refit", "--timing-cache", "--workspace-gb"):
+    options = ("--fp16", "--no-fp16", "--refit", "--timing-cache", "--workspace-gb", "--device")
+    for option in options:
         assert option in result.output
+
+
+def test_build_engine_makes_the_chosen_device_current_before_naming_its_gpu(bundle, monkeypatch):
+    """--device N: the device is made current (the builder builds there) before the platform
+    (the engine's GPU name) is read for that same index; a negative index is a usage error."""
+    import adapt_deploy.export.tensorrt as builder
+
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(builder, "import_tensorrt", lambda: SimpleNamespace(__version__="10.8.0"))
+    monkeypatch.setattr(builder, "prepare_build", lambda *args: "inputs")
+    monkeypatch.setattr(builder, "select_device", lambda device: calls.append(("select", device)))
+
+    def detect(version: str, device: int) -> Platform:
+        calls.append(("detect", device))
+        return Platform(version, "NVIDIA L4", "8.9")
+
+    monkeypatch.setattr(builder, "detect_platform", detect)
+    built: list[Platform] = []
+    monkeypatch.setattr(builder, "_build_engine", lambda trt, b, i, here, *rest: built.append(here))
+    builder.build_engines(bundle, fp16=True, refit=False, device=1)
+    assert calls == [("select", 1), ("detect", 1)]
+    assert built[0].gpu_name == "NVIDIA L4"
+    result = CliRunner().invoke(app, ["build-engine", str(bundle), "--device", "-1"])
+    assert result.exit_code == 2
+    assert "--device" in result.output
 
 
 # --------------------------------------------------------------------------------------------

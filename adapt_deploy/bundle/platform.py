@@ -159,6 +159,56 @@ def _gpu_from_nvidia_smi(device: int) -> tuple[str, str] | None:
     )
 
 
+def select_device(device: int) -> None:
+    """Make CUDA `device` current on the calling thread: TensorRT builds (and deserializes) on
+    the device current when its builder (runtime) is created. cuda-python's cudaSetDevice, else
+    torch's; with neither, device 0 (CUDA's default) needs nothing and any other is refused.
+    UserError for an index CUDA does not have."""
+    if device < 0:
+        raise UserError(f"--device: expected a CUDA device index 0, 1, ..., got {device}")
+    cudart = import_cudart()
+    if cudart is not None:
+        err, count = cudart.cudaGetDeviceCount()
+        if err != cudart.cudaError_t.cudaSuccess:
+            reason = error_name(cudart, err)
+            raise TensorRTMissingError(f"no usable CUDA GPU (cudaGetDeviceCount: {reason})")
+        _check_index(device, count)
+        err, *_ = cudart.cudaSetDevice(device)
+        if err != cudart.cudaError_t.cudaSuccess:
+            reason = error_name(cudart, err)
+            raise TensorRTMissingError(f"cannot use CUDA device {device} (cudaSetDevice: {reason})")
+        return
+    torch = _import_torch_cuda()
+    if torch is not None:
+        _check_index(device, torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return
+    if device != 0:
+        raise UserError(
+            f"--device {device}: choosing a GPU needs cuda-python (pip install cuda-python) or a "
+            f"CUDA build of torch; or run with CUDA_VISIBLE_DEVICES={device} and --device 0"
+        )
+
+
+def _check_index(device: int, count: int) -> None:
+    if device >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        among = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        raise UserError(
+            f"--device {device}: no such CUDA device; this machine shows {count} GPU(s){among}, "
+            f"numbered from 0"
+        )
+
+
+def _import_torch_cuda() -> Any:
+    """torch when it is installed with a usable CUDA, else None (this module needs no torch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
 def detect_platform(tensorrt_version: str, device: int = 0) -> Platform:
     """This machine's TensorRT version and the name and compute capability of CUDA `device`."""
     gpu = _gpu_from_cuda_python(device) or _gpu_from_nvidia_smi(device)

@@ -42,7 +42,7 @@ from adapt_deploy.bundle.engine_files import (
     write_record,
 )
 from adapt_deploy.bundle.meta import load_meta
-from adapt_deploy.bundle.platform import detect_platform, import_tensorrt
+from adapt_deploy.bundle.platform import detect_platform, import_tensorrt, select_device
 from adapt_deploy.errors import UserError
 from adapt_deploy.export.refit import RefitPlan
 from adapt_deploy.export.trt_layers import LayerReport, keep_in_fp32, parse_layer_report
@@ -62,11 +62,14 @@ def build_engines(
     *,
     timing_cache: Path | None = None,
     workspace_gb: float | None = None,
+    device: int = 0,
 ) -> list[Path]:
-    """Build this machine's engine for the bundle (fp16 or fp32) into bundle/engines; its paths.
+    """Build the engine of CUDA `device`'s GPU for the bundle (fp16 or fp32) into
+    bundle/engines; its paths.
 
-    The bundle is validated first (meta.json, the model's sha256), then TensorRT is imported;
-    the plan, its layer report and its sidecar JSON are written atomically, sidecar last.
+    The bundle is validated first (meta.json, the model's sha256), then TensorRT is imported
+    and `device` made current (the builder builds there, and the engine is named after that
+    GPU); the plan, its layer report and its sidecar JSON are written atomically, sidecar last.
     """
     reporter = reporter or Reporter()
     bundle = Path(bundle)
@@ -76,7 +79,8 @@ def build_engines(
     trt = import_tensorrt()
     precision = "fp16" if fp16 else "fp32"
     inputs = prepare_build(bundle, meta, precision, trt.__version__, refit)
-    here = detect_platform(trt.__version__)
+    select_device(device)
+    here = detect_platform(trt.__version__, device)
     cache = timing_cache_path(bundle, here, timing_cache)
     return [_build_engine(trt, bundle, inputs, here, cache, workspace_gb, reporter)]
 
