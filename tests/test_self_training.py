@@ -18,7 +18,13 @@ from adapt_deploy.adapt.pseudo_labelling import (
     class_thresholds,
     pseudo_label_checkpoint,
 )
-from adapt_deploy.adapt.ranking import RANK_FILE, rank_target, read_rank, split_by_score
+from adapt_deploy.adapt.ranking import (
+    RANK_FILE,
+    SCORES_FILE,
+    rank_target,
+    read_rank,
+    split_by_score,
+)
 from adapt_deploy.adapt.self_training import ROUND_MODEL, ROUNDS_DIR, round_portion, round_starts
 from adapt_deploy.cli import app
 from adapt_deploy.config import load_config
@@ -193,6 +199,49 @@ def test_rank_writes_the_easy_labels_and_refuses_another_checkpoint(
     (tmp_path / "bad.json").write_text(json.dumps({"easy": []}))
     with pytest.raises(UserError, match="not a rank file"):
         read_rank(tmp_path / "bad.json", str(labeller))
+
+
+def test_a_stopped_ranking_continues_and_scores_only_the_images_left(
+    tmp_path, labeller, cityscapes_root
+):
+    whole = rank_target(labeller, cityscapes_root, tmp_path / "whole", 0.5)
+    out = tmp_path / "rank"
+    with pytest.raises(KeyboardInterrupt):
+        rank_target(labeller, cityscapes_root, out, 0.5, reporter=StopAfter("ranking", 2))
+    assert not (out / RANK_FILE).exists()
+    log = out / SCORES_FILE
+    assert len(log.read_text().splitlines()) == 1 + 2  # the header, two images
+    with log.open("a") as lines:
+        lines.write('{"name": "towntrain/towntr')  # a line cut off by the stop
+    resumed = StopAfter("none", 99)
+    record = rank_target(labeller, cityscapes_root, out, 0.5, reporter=resumed)
+    assert resumed.counts["ranking the target by entropy"] == 4
+    assert record["scores"] == whole["scores"]
+    assert (record["easy"], record["hard"]) == (whole["easy"], whole["hard"])
+    again = StopAfter("none", 99)
+    rank_target(labeller, cityscapes_root, out, 0.5, reporter=again)  # complete: nothing scored
+    assert again.counts.get("ranking the target by entropy", 0) == 0
+
+
+def test_a_score_log_of_another_checkpoint_is_refused(
+    tmp_path, labeller, cityscapes_root, tiny_config_file
+):
+    out = tmp_path / "rank"
+    rank_target(labeller, cityscapes_root, out, 0.5)
+    other = train(
+        load_config(tiny_config_file, ["train.iterations=1", "train.device=cpu"]),
+        tmp_path / "other",
+        evaluate_at_end=False,
+    ).checkpoint
+    before = (out / SCORES_FILE).read_text()
+    with pytest.raises(
+        UserError, match=r"scores.jsonl holds scores of another ranking .*checkpoint"
+    ):
+        rank_target(other, cityscapes_root, out, 0.5)
+    assert (out / SCORES_FILE).read_text() == before
+    (out / SCORES_FILE).write_text('{"checkpoint": 1}\n{"name": 3}\n{"name": "a", "score": 1}\n')
+    with pytest.raises(UserError, match="another ranking"):
+        rank_target(labeller, cityscapes_root, out, 0.5)
 
 
 def counts_table() -> np.ndarray:

@@ -6,7 +6,11 @@ Each target image is scored by the mean normalized entropy of the model's predic
 the hard one. The easy split's argmax predictions become its pseudo-labels (every pixel, as the
 official code keeps them), so intra-domain adaptation can treat it as a labelled source.
 
-    OUT/pseudo_labels/   the easy split's labels (Cityscapes layout, data/pseudo_labels.py)
+    OUT/scores.jsonl     each image's score as it is computed (a header line says for which
+                         checkpoint, data and split), so a stopped or crashed run continues
+                         where it was: a run into the same OUT scores only what is missing
+    OUT/pseudo_labels/   the easy split's labels (Cityscapes layout, data/pseudo_labels.py;
+                         resumable too)
     OUT/rank.json        written last: checkpoint sha256, split, lambda, easy and hard names
 """
 
@@ -25,12 +29,16 @@ from adapt_deploy.adapt.pseudo_labelling import (
     predict,
     write_pseudo_labels,
 )
-from adapt_deploy.atomic import atomic_write_json
+from adapt_deploy.atomic import atomic_write, atomic_write_json
 from adapt_deploy.bundle.meta import sha256_file
+from adapt_deploy.config import InputConfig
+from adapt_deploy.data.segmentation import SegmentationDataset
 from adapt_deploy.errors import UserError
+from adapt_deploy.models.deeplab import DeepLab
 from adapt_deploy.progress import Reporter
 
 RANK_FILE = "rank.json"
+SCORES_FILE = "scores.jsonl"
 LABELS_DIR = "pseudo_labels"
 
 
@@ -64,21 +72,15 @@ def rank_target(
     reporter = reporter or Reporter()
     out = Path(out)
     model, config, dataset = checkpoint_on_split(checkpoint, data, kind, split)
-    device = next(model.parameters()).device
-    scores: dict[str, float] = {}
-    with reporter.task("ranking the target by entropy", len(dataset)):
-        for index, sample in enumerate(dataset.samples):
-            image = dataset[index]["image"].unsqueeze(0).to(device)  # type: ignore[union-attr]
-            probs = predict(model, image, config.input, tuple(image.shape[-2:]))
-            scores[sample.name] = round(float(normalized_entropy(probs)[0]), 6)
-            reporter.advance()
+    digest = sha256_file(Path(checkpoint))
+    header = {"checkpoint": digest, "data": str(Path(data).resolve()), "kind": kind, "split": split}
+    scores = _score_split(model, dataset, config.input, out / SCORES_FILE, header, reporter)
     easy, hard = split_by_score(scores, easy_share)
     if not easy or not hard:
         raise UserError(
             f"--lambda {easy_share} leaves the {'easy' if not easy else 'hard'} split of "
             f"{len(scores)} images empty; choose a lambda that splits it"
         )
-    digest = sha256_file(Path(checkpoint))
     job = PseudoLabelJob(
         model, dataset.subset(easy), config.input, split, 1.0, f"checkpoint sha256 {digest}"
     )
@@ -96,6 +98,74 @@ def rank_target(
     }
     atomic_write_json(out / RANK_FILE, record)
     return record
+
+
+def _score_split(
+    model: DeepLab,
+    dataset: SegmentationDataset,
+    cfg: InputConfig,
+    log: Path,
+    header: dict[str, str],
+    reporter: Reporter,
+) -> dict[str, float]:
+    """Every image's normalized entropy, by name: those `log` already holds for this `header`,
+    the others computed and appended to it one line each as they come."""
+    scores = read_scores(log, header)
+    names = {sample.name for sample in dataset.samples}
+    scores = {name: score for name, score in scores.items() if name in names}
+    todo = [i for i, sample in enumerate(dataset.samples) if sample.name not in scores]
+    if scores:
+        reporter.log(f"continuing: {len(scores)} of {len(names)} images already scored in {log}")
+    device = next(model.parameters()).device
+    log.parent.mkdir(parents=True, exist_ok=True)
+    # rewritten whole before appending: a line a stop cut off must not run into the next one
+    entries = [json.dumps({"name": name, "score": score}) for name, score in scores.items()]
+    atomic_write(log, "".join(f"{line}\n" for line in [json.dumps(header), *entries]))
+    with (
+        log.open("a", encoding="utf-8") as lines,
+        reporter.task("ranking the target by entropy", len(todo)),
+    ):
+        for index in todo:
+            name = dataset.samples[index].name
+            image = dataset[index]["image"].unsqueeze(0).to(device)  # type: ignore[union-attr]
+            probs = predict(model, image, cfg, tuple(image.shape[-2:]))
+            scores[name] = round(float(normalized_entropy(probs)[0]), 6)
+            lines.write(json.dumps({"name": name, "score": scores[name]}) + "\n")
+            lines.flush()  # a stop or crash keeps every image scored so far
+            reporter.advance()
+    return {sample.name: scores[sample.name] for sample in dataset.samples}
+
+
+def read_scores(log: Path, header: dict[str, str]) -> dict[str, float]:
+    """The scores `log` holds (none when it does not exist), a cut-off last line ignored;
+    UserError when it was written for another checkpoint, data or split."""
+    if not log.is_file():
+        return {}
+    lines = log.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        return {}  # created, nothing written yet
+    try:
+        found = json.loads(lines[0])
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        raise UserError(f"{log}: not a score log of `adapt-deploy rank`; delete it to rank anew")
+    differ = sorted(k for k in header if found.get(k) != header[k])
+    if differ:
+        raise UserError(
+            f"{log} holds scores of another ranking (they differ in {', '.join(differ)}); "
+            "choose another --out or delete that directory"
+        )
+    scores: dict[str, float] = {}
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            entry = json.loads(line)
+            scores[str(entry["name"])] = float(entry["score"])
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):
+                break  # the line a stop cut off: that image is scored again
+            raise UserError(f"{log}, line {number}: expected a name and a score") from None
+    return scores
 
 
 def read_rank(path: Path, init: str | None) -> dict[str, Any]:
