@@ -711,6 +711,15 @@ def stream(
             f"(default {ADAPT.source_stages})"
         ),
     ] = None,
+    adapt_wait: Annotated[
+        bool,
+        typer.Option(
+            help="Run every due frame's update before the next frame, instead of skipping "
+            "frames the worker has no time for: a recorded video then adapts the same way on "
+            "every run, as bench.tta measures it (a live source drops the frames that arrive "
+            "meanwhile). No --adapt-budget with it."
+        ),
+    ] = False,
     adapt_set: Annotated[
         list[str] | None,
         typer.Option(
@@ -741,7 +750,7 @@ def stream(
     )
     setup = setup_from_flags(
         adapt, adapt_every, adapt_params, lr, threshold, reset_policy, adapt_state, adapt_budget,
-        adapt_bank, adapt_home, adapt_source_stages, adapt_set,
+        adapt_bank, adapt_home, adapt_source_stages, adapt_set, adapt_wait,
     )  # fmt: skip
     summary = run_stream(source, bundle, options, reporter=_reporter(), adapt=setup)
     for line in summary.lines():

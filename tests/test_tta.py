@@ -8,6 +8,7 @@ image to image (so class presence means something), exported with its adaptation
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -365,6 +366,42 @@ def test_stream_adapt_writes_events_and_resumes_its_state(trained, tmp_path):
     assert second.exit_code == 0, second.output
     assert "resumed adaptation" in second.output
     assert torch.load(state, weights_only=True)["counters"]["updates"] > updates
+
+
+def test_adapt_wait_updates_on_every_due_frame_and_a_video_adapts_the_same_on_every_run(
+    trained, tmp_path
+):
+    bundle, _ = trained
+    video = _video(tmp_path / "drive.avi", 12)
+    runs = []
+    for run in ("a", "b"):
+        labels, stats = tmp_path / f"labels_{run}", tmp_path / f"stats_{run}.jsonl"
+        args = ["stream", str(video), "--bundle", str(bundle), "--labels-dir", str(labels),
+                "--stats", str(stats), "--adapt", "--adapt-every", "2", "--adapt-wait",
+                "--adapt-home", "0"]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        said = re.search(r"(\d+) updates on (\d+) due frames \(the stream waited", result.output)
+        assert said and said[1] == said[2] and int(said[1]) >= 6, result.output
+        events = [json.loads(line) for line in stats.read_text().splitlines()]
+        updates = [{k: v for k, v in e.items() if k != "ms"} for e in events
+                   if e.get("event") == "update"]  # fmt: skip
+        assert len(updates) == int(said[1])
+        pngs = {p.name: p.read_bytes() for p in sorted(labels.iterdir())}
+        runs.append((updates, pngs))
+    assert runs[0] == runs[1]  # the same updates, losses included, and the same labels
+    assert len(runs[0][1]) == 12
+
+
+def test_adapt_wait_takes_no_budget_and_needs_adapt(trained, tmp_path):
+    bundle, _ = trained
+    video = _video(tmp_path / "drive.avi", 3)
+    args = ["stream", str(video), "--bundle", str(bundle), "--adapt-wait"]
+    result = CliRunner().invoke(app, args)
+    assert "--adapt-wait only apply with --adapt" in str(result.exception)
+    result = CliRunner().invoke(app, [*args, "--adapt", "--adapt-budget", "0.5"])
+    assert isinstance(result.exception, UserError)
+    assert "--adapt-budget does not apply with --adapt-wait" in str(result.exception)
 
 
 def test_adapt_needs_a_bundle_with_a_package(tiny_bundle, tmp_path):

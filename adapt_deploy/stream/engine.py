@@ -12,7 +12,8 @@ was there before.
 
 With adaptation (`adapter`, a `tta.worker.AdaptWorker`), the inference thread offers each
 segmented frame to the adapter's background worker, which never holds inference up (frames
-it has no time for are skipped and counted); its events go to the stats file.
+it has no time for are skipped and counted), or, with `--adapt-wait`, runs each due frame's
+update itself before it takes the next frame; its events go to the stats file.
 """
 
 from __future__ import annotations

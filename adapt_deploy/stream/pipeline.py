@@ -88,6 +88,11 @@ def run_stream(
             from adapt_deploy.tta.session import open_adaptation
 
             worker = open_adaptation(bundle, segmenter, adapt, reporter)
+            if adapt.wait and source.live and reporter is not None:
+                reporter.log(
+                    "adaptation: --adapt-wait on a live source: the frames that arrive during "
+                    "an update are dropped (counted in the summary)"
+                )
     except BaseException:
         source.close()
         if segmenter is not None:

@@ -23,6 +23,7 @@ class AdaptSetup:
 
     options: AdaptOptions
     state: Path | None = None  # --adapt-state: resumed when it exists, written at the end
+    wait: bool = False  # --adapt-wait: every due frame's update runs before the next frame
 
 
 # the `stream` flags of AdaptOptions fields: {flag: field}
@@ -60,20 +61,27 @@ def setup_from_flags(
     home: str | None = None,
     source_stages: int | None = None,
     settings: list[str] | None = None,
+    wait: bool = False,
 ) -> AdaptSetup | None:
     """The `stream` flags as an AdaptSetup (None without --adapt): the dedicated flags, then
     `settings` (--adapt-set FIELD=VALUE) for the fields without one. Adaptation flags given
-    without --adapt, and a dedicated flag's field in `settings`, are errors rather than silently
-    ignored or set two ways."""
+    without --adapt, a dedicated flag's field in `settings`, and a budget with --adapt-wait
+    (which has none) are errors rather than silently ignored or set two ways."""
     dedicated_values = (every, params, lr, threshold, reset_policy, budget, bank, home,
                         source_stages)  # fmt: skip
     values = dict(zip(DEDICATED_FLAGS, dedicated_values, strict=True))
-    given = {**values, "--adapt-state": state, "--adapt-set": settings or None}
+    given = {**values, "--adapt-state": state, "--adapt-set": settings or None,
+             "--adapt-wait": wait or None}  # fmt: skip
     if not adapt:
         used = [flag for flag, value in given.items() if value is not None]
         if used:
             raise UserError(f"{', '.join(used)} only apply with --adapt")
         return None
+    if wait and budget is not None:
+        raise UserError(
+            "--adapt-budget does not apply with --adapt-wait: the stream waits for every due "
+            "frame's update instead of skipping frames over a budget"
+        )
     chosen = {
         DEDICATED_FLAGS[flag]: FLAG_PARSERS[flag](value) if flag in FLAG_PARSERS else value
         for flag, value in values.items()
@@ -85,7 +93,7 @@ def setup_from_flags(
                  if name in flag_of]  # fmt: skip
     if dedicated:
         raise UserError(f"--adapt-set is for the fields without a flag ({'; '.join(dedicated)})")
-    return AdaptSetup(parse_settings(settings or [], options.check()), state)
+    return AdaptSetup(parse_settings(settings or [], options.check()), state, wait)
 
 
 def check_state_path(path: Path | None) -> None:
@@ -172,7 +180,7 @@ def open_adaptation(
                 f"--adapt-state {setup.state}: the runtime rejected the saved weights "
                 f"({result.reason}); delete the file to start from the bundle's weights"
             )
-    return AdaptWorker(adapter, sync, ShiftDetector(), state=setup.state)
+    return AdaptWorker(adapter, sync, ShiftDetector(), inline=setup.wait, state=setup.state)
 
 
 def finish_adaptation(worker: AdaptWorker, setup: AdaptSetup, frames: int) -> list[str]:

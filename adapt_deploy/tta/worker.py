@@ -5,9 +5,9 @@ A frame is due every `every` frames, or at once when the shift detector fires on
 A due frame goes to a one-frame slot (a newer due frame replaces it). It is skipped, and
 counted, when the worker is still busy with an earlier frame or has used its time budget
 (busy time at most `budget` of wall time), so adaptation slows the stream by little more than
-its budget. A frame where a shift was detected is never skipped for the budget: the statistics
-of a new condition matter most right after it starts (HAMLET adapts only then), and the
-detector fires at most once per `cooldown` frames. Every `sync_every` updates, after a reset
+its budget. A frame where a shift was detected is never skipped for the budget: the
+statistics of a new condition matter most right after it starts (HAMLET adapts only then), and
+the detector fires at most once per `cooldown` frames. Every `sync_every` updates, after a reset
 and whenever the adapter switches the served state (another condition's, or the source's for a
 home frame, which is not learned from), the teacher is pushed to the runtime; a push the
 runtime's check rejects rolls the adapter back to what the runtime runs. `close()` waits for the
@@ -15,6 +15,10 @@ update under way, then releases the sync (a TensorRT sync holds a standby engine
 Events (updates, switches, syncs, resets, shifts, errors) queue up for the stream's stats
 file. With a state file, the adapter's state is also saved (atomically) every `save_every`
 seconds.
+
+With `inline` (`stream --adapt-wait`, and the benchmarks) there is no slot and no budget:
+`offer` runs every due frame's update itself, in the caller's thread, so the stream waits for
+it and a recorded video adapts the same way on every run.
 """
 
 from __future__ import annotations
@@ -69,15 +73,20 @@ class AdaptSummary:
     sync_seconds: float = 0.0
     error: str | None = None
     still_running: bool = False  # close() gave up waiting: an update was still under way
+    waited: bool = False  # inline: the stream waited for every update (nothing skipped)
 
     def lines(self) -> list[str]:
         pushes = self.syncs + self.sync_failures
         step = 1000 * self.step_seconds / self.adapted if self.adapted else 0.0
         sync = 1000 * self.sync_seconds / pushes if pushes else 0.0
+        skipped = (
+            "the stream waited for each"
+            if self.waited
+            else f"{self.skipped_busy} skipped busy, {self.skipped_budget} over budget"
+        )
         lines = [
-            f"adaptation: {self.adapted} updates on {self.due} due frames ({self.skipped_busy} "
-            f"skipped busy, {self.skipped_budget} over budget), {self.shifts} shifts detected, "
-            f"{self.resets} resets; update {step:.0f} ms",
+            f"adaptation: {self.adapted} updates on {self.due} due frames ({skipped}), "
+            f"{self.shifts} shifts detected, {self.resets} resets; update {step:.0f} ms",
             f"conditions: {self.switches} switches of the served state, {self.home} due frames "
             "at home (source state, not learned from)",
             f"sync: {self.syncs} pushed ({sync:.0f} ms each), {self.sync_failures} rejected "
@@ -103,7 +112,7 @@ class AdaptWorker:
         save_every: float = 60.0,
     ) -> None:
         self.adapter = adapter
-        self.inline = inline  # update inside `offer`, every due frame, no budget (benchmarks)
+        self.inline = inline  # update inside `offer`, every due frame, no budget
         self.state = state  # written every `save_every` seconds of updates: a kill loses little
         self.save_every = save_every
         self._saved = time.perf_counter()
@@ -257,6 +266,7 @@ class AdaptWorker:
         if self._thread.ident is not None:
             self._thread.join(0.0 if self._closed else timeout)
         self._closed = True
+        self.summary.waited = self.inline
         self.summary.still_running = self._thread.is_alive()
         if not self.summary.still_running and self.sync is not None:
             self.sync.close()

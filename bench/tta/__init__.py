@@ -36,7 +36,8 @@ Methods, in one run, each from the same source weights:
   cost of a frame here).
 - ours: the OnlineAdapter at its default setting, driving the bundle on ONNX Runtime through
   the real sync (session rebuilt from the updated weights, checked on the bundle's samples).
-  Updates run inline here (deterministic): every k-th frame or on a detected shift. Its
+  Updates run inline here (deterministic, as `stream --adapt-wait` runs them): every k-th
+  frame or on a detected shift. Its
   condition bank (adapt_deploy/tta/bank.py) serves home frames the bundle's own weights and
   every other condition its own adapted state; ours_no_bank is the same with one state.
 - ours_every_frame / ours_every_64 (not run by default): the same with k = 1 (what a faster

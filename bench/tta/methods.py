@@ -216,9 +216,7 @@ def make_worker(
     bundle: Path, segmenter: Segmenter, options: AdaptOptions, inline: bool = False
 ) -> AdaptWorker:
     """The worker `stream --adapt` sets up for `bundle` (adapter, checked sync, shift detector)."""
-    worker = open_adaptation(bundle, segmenter, AdaptSetup(options))
-    worker.inline = inline
-    return worker
+    return open_adaptation(bundle, segmenter, AdaptSetup(options, wait=inline))
 
 
 def method_makers(
