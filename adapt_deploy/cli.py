@@ -520,11 +520,17 @@ def verify(
     precision: Annotated[
         list[str] | None, typer.Option(help="fp32 and/or fp16 (default: every model).")
     ] = None,
+    device: Annotated[
+        int,
+        typer.Option(
+            min=0, help="CUDA device index of the GPU backends (tensorrt, onnxruntime-cuda)."
+        ),
+    ] = 0,
 ) -> None:
     """Re-check a bundle on this machine: file hashes, then its samples against references."""
     from adapt_deploy.export.verify import verify_bundle
 
-    reports = verify_bundle(bundle, backend, precision)
+    reports = verify_bundle(bundle, backend, precision, device)
     for report in reports:
         header = ["sample", "shape", "label agreement", "presence max |diff|", "result"]
         rows = [

@@ -367,6 +367,31 @@ def test_cli_verify_and_evaluate_a_bundle(bundle: Path, cityscapes_root: Path):
     assert "onnxruntime fp32" in result.output and "mIoU" in result.output
 
 
+def test_verify_device_picks_the_gpu_of_the_gpu_backends(bundle: Path, monkeypatch):
+    """--device N reaches the TensorRT backend and ONNX Runtime's CUDA provider; the CPU
+    backend refuses any GPU but 0, and a negative index is a usage error."""
+    from adapt_deploy.export import verify as verifying
+    from adapt_deploy.runtime import tensorrt_backend
+
+    opened: list[int] = []
+
+    class Engine:
+        def __init__(self, bundle, meta, precision, device=0):
+            opened.append(device)
+            raise UserError("no engine here")
+
+    monkeypatch.setattr(tensorrt_backend, "TensorRTBackend", Engine)
+    with pytest.raises(UserError, match="no engine here"):
+        verifying.verify_bundle(bundle, "tensorrt", ["fp32"], gpu=2)
+    assert opened == [2]
+    monkeypatch.setattr(verifying, "require_cuda", lambda what: None)
+    assert verifying.ort_device("onnxruntime-cuda", 3) == 3
+    with pytest.raises(UserError, match="--device 1: backend onnxruntime runs on the CPU"):
+        verifying.verify_bundle(bundle, "onnxruntime", ["fp32"], gpu=1)
+    result = CliRunner().invoke(app, ["verify", str(bundle), "--device", "-1"])
+    assert result.exit_code == 2 and "--device" in result.output
+
+
 def test_cli_errors_are_one_line(tmp_path: Path):
     result = subprocess.run(
         [sys.executable, "-m", "adapt_deploy.cli", "verify", str(tmp_path)],

@@ -66,25 +66,36 @@ def _number(value: Any, default: float) -> float:
     return default
 
 
-def ort_device(backend: str) -> int | None:
-    """The CUDA device of an ONNX Runtime backend name (None: CPU); UserError when unavailable."""
+def ort_device(backend: str, gpu: int = 0) -> int | None:
+    """The CUDA device (`gpu`) of an ONNX Runtime backend name (None: CPU); UserError when
+    unavailable, or when a GPU other than 0 is asked of the CPU backend."""
     if backend == "onnxruntime":
+        if gpu != 0:
+            raise UserError(
+                f"--device {gpu}: backend onnxruntime runs on the CPU; choose a GPU backend "
+                f"({ONNXRUNTIME_CUDA} or tensorrt)"
+            )
         return None
     if backend == ONNXRUNTIME_CUDA:
         require_cuda(f"backend {ONNXRUNTIME_CUDA}")
-        return 0
+        return gpu
     raise UserError(f"--backend must be one of {list(BUNDLE_BACKENDS)}, got {backend!r}")
 
 
-def open_runner(bundle: Path, meta: dict[str, Any], precision: str, backend: str) -> Runner:
+def open_runner(
+    bundle: Path, meta: dict[str, Any], precision: str, backend: str, gpu: int = 0
+) -> Runner:
     """A Runner over one precision of a bundle on the runtime's own backend (ONNX Runtime on
-    the CPU or GPU 0, or this machine's TensorRT engine on GPU 0), after the hash check."""
+    the CPU or CUDA device `gpu`, or this machine's TensorRT engine on `gpu`), after the hash
+    check."""
     layout = meta["input"]["layout"]
+    if gpu < 0:
+        raise UserError(f"--device: expected a CUDA device index 0, 1, ..., got {gpu}")
     if backend == "tensorrt":
         from adapt_deploy.runtime.tensorrt_backend import TensorRTBackend
 
-        return as_runner(TensorRTBackend(bundle, meta, precision, device=0), layout)
-    device = ort_device(backend)  # a clear error before hashing large files
+        return as_runner(TensorRTBackend(bundle, meta, precision, device=gpu), layout)
+    device = ort_device(backend, gpu)  # a clear error before hashing large files
     verify_hashes(bundle, meta, precision)
     path = model_path(bundle, meta, precision)
     return OnnxRuntimeBackend(path, layout, meta["num_classes"], precision, device).outputs
@@ -194,13 +205,17 @@ def check_samples(
 
 
 def verify_bundle(
-    bundle: Path, backend: str = "onnxruntime", precisions: list[str] | None = None
+    bundle: Path,
+    backend: str = "onnxruntime",
+    precisions: list[str] | None = None,
+    gpu: int = 0,
 ) -> list[VerifyReport]:
-    """Hash-check and run the samples of a bundle for each precision (default: all it has)."""
+    """Hash-check and run the samples of a bundle for each precision (default: all it has), on
+    CUDA device `gpu` for the GPU backends."""
     meta = load_meta(bundle)
     precisions = precisions or list(meta["precision"])
     reports = []
     for precision in precisions:
-        run = open_runner(bundle, meta, precision, backend)
+        run = open_runner(bundle, meta, precision, backend, gpu)
         reports.append(check_samples(bundle, meta, precision, run, backend))
     return reports
