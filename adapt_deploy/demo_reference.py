@@ -1,12 +1,15 @@
-"""The demo's reference numbers: per seed mIoU of each model and the whole demo's time, as
-`bench/synthetic.py` measured them. The README's demo table is rendered from them
-(`reference_table`), and `adapt-deploy demo` prints its own numbers against their range."""
+"""The demo's reference numbers: per CPU model it was measured on, per seed mIoU of each model
+and the whole demo's time, as `bench/synthetic.py` measured them. The README's demo table is
+rendered from them (`references_table`), and `adapt-deploy demo` prints its own numbers
+against the range of its own CPU model, or of every listed machine when its CPU is not among
+them: training is deterministic on one machine, but not across CPUs."""
 
 from __future__ import annotations
 
 import json
+import platform
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from adapt_deploy.atomic import atomic_write_json
@@ -69,9 +72,13 @@ class DemoReference:
         """The largest seed spread (std) of any model's mIoU and of the gain."""
         return max(r.spread for r in [*self.rows, self.gain()])
 
+    @property
+    def model(self) -> str:
+        """The CPU model it was measured on, without the cores and threads."""
+        return cpu_model_of(self.cpu)
+
     def to_dict(self) -> dict:
         return {
-            "format": REFERENCE_FORMAT,
             "cpu": self.cpu,
             "seeds": self.seeds,
             "adapted": self.adapted,
@@ -80,20 +87,78 @@ class DemoReference:
         }
 
 
-def load_reference(path: Path = REFERENCE_FILE) -> DemoReference | None:
-    """The reference at `path`; None when it is missing or not a reference file."""
+def cpu_model_of(machine: str) -> str:
+    """'Intel(R) Xeon(R) Processor' of 'Intel(R) Xeon(R) Processor (2 cores visible, torch
+    threads 2)': a machine description without its core and thread counts."""
+    head, _, tail = machine.rpartition(" (")
+    return head if head and "cores visible" in tail else machine
+
+
+def this_cpu_model() -> str:
+    """This machine's CPU model name, as /proc/cpuinfo gives it (else what `platform` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _machine(saved: dict) -> DemoReference:
+    rows = [Row(**r) for r in saved["rows"]]
+    return DemoReference(rows, saved["adapted"], saved["seeds"], saved["cpu"], saved["seconds"])
+
+
+def load_references(path: Path = REFERENCE_FILE) -> list[DemoReference]:
+    """Every machine's reference at `path` (a file of one machine, as written before
+    2026-12-07, too); empty when the file is missing or not a reference file."""
     try:
         saved = json.loads(path.read_text())
         if saved.get("format") != REFERENCE_FORMAT:
-            return None
-        rows = [Row(**r) for r in saved["rows"]]
-        return DemoReference(rows, saved["adapted"], saved["seeds"], saved["cpu"], saved["seconds"])
+            return []
+        return (
+            [_machine(m) for m in saved["machines"]] if "machines" in saved else [_machine(saved)]
+        )
     except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def reference_for(references: list[DemoReference], cpu: str) -> DemoReference | None:
+    """The reference measured on CPU model `cpu`; without one, every machine's seeds together
+    (their ranges joined); None without references."""
+    if not references:
         return None
+    same = [r for r in references if r.model == cpu]
+    if same:
+        return same[0]
+    first = references[0]
+    rows = [
+        replace(row, miou=[v for r in references for v in r.row(row.method).miou])
+        for row in first.rows
+    ]
+    seeds = [s for r in references for s in r.seeds]
+    seconds = [t for r in references for t in r.seconds]
+    machines = " / ".join(r.cpu for r in references)
+    return DemoReference(rows, first.adapted, seeds, machines, seconds)
 
 
-def write_reference(reference: DemoReference, path: Path = REFERENCE_FILE) -> Path:
-    atomic_write_json(path, reference.to_dict())
+def load_reference(path: Path = REFERENCE_FILE, cpu: str | None = None) -> DemoReference | None:
+    """The reference for CPU model `cpu` (default: this machine's), see `reference_for`."""
+    return reference_for(load_references(path), cpu if cpu is not None else this_cpu_model())
+
+
+def merge_reference(references: list[DemoReference], new: DemoReference) -> list[DemoReference]:
+    """`references` with `new` in place of the one of its CPU model, or added at the end."""
+    if any(r.model == new.model for r in references):
+        return [new if r.model == new.model else r for r in references]
+    return [*references, new]
+
+
+def write_references(references: list[DemoReference], path: Path = REFERENCE_FILE) -> Path:
+    atomic_write_json(
+        path, {"format": REFERENCE_FORMAT, "machines": [r.to_dict() for r in references]}
+    )
     return path
 
 
@@ -101,26 +166,38 @@ def _range(row: Row, sign: str = "") -> str:
     return f"{min(row.miou):{sign}.1f} to {max(row.miou):{sign}.1f}"
 
 
-def reference_table(reference: DemoReference) -> str:
-    """The README's demo table between its markers: mean and range over seeds of each model and
-    of the gain, the spread, the time and the machine."""
-    seeds = ", ".join(str(s) for s in reference.seeds)
-    lines = [
-        TABLE_START,
-        f"| model | target labels it uses | mIoU, mean of seeds {seeds} | range |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {r.title} | {r.labels} | {r.mean:.1f} | {_range(r)} |" for r in reference.rows]
-    gain = reference.gain()
-    lines.append(f"| **{gain.title}** | | **{gain.mean:+.1f}** | {_range(gain, '+')} |")
-    spread = reference.largest_spread()
-    times = reference.seconds
-    ratio = f", so the gain is {gain.mean / spread:.0f}× the spread" if spread > 0 else ""
+def references_table(references: list[DemoReference]) -> str:
+    """The README's demo table between its markers: per machine, the mean and range over its
+    seeds of each model and of the gain; then the spread, the time and the machines."""
+    seeds = sorted({s for r in references for s in r.seeds})
+    names = ", ".join(str(s) for s in seeds)
+    header = "| model | target labels it uses |" + "".join(
+        f" {r.model}: mean of seeds {names} (range) |" for r in references
+    )
+    lines = [TABLE_START, header, "|---|---|" + "---|" * len(references)]
+    for row in references[0].rows:
+        cells = "".join(
+            f" {r.row(row.method).mean:.1f} ({_range(r.row(row.method))}) |" for r in references
+        )
+        lines.append(f"| {row.title} | {row.labels} |{cells}")
+    gains = [r.gain() for r in references]
+    cells = "".join(f" **{g.mean:+.1f}** ({_range(g, '+')}) |" for g in gains)
+    lines.append(f"| **{gains[0].title}** | |{cells}")
+    spreads = "; ".join(
+        f"{r.largest_spread():.1f} on {r.model}"
+        + (f", so the gain is {g.mean / r.largest_spread():.0f}× the spread"
+           if r.largest_spread() > 0 else "")
+        for r, g in zip(references, gains, strict=True)
+    )  # fmt: skip
+    times = "; ".join(
+        f"{min(r.seconds):.0f} to {max(r.seconds):.0f} s per seed on {r.cpu}" for r in references
+    )
     lines += [
         "",
         f"IoU in %, mIoU over the classes that occur in the benchmark, on the target val split. "
-        f"The largest seed spread (std) of these rows is {spread:.1f}{ratio}. The whole demo took "
-        f"{min(times):.0f} to {max(times):.0f} s per seed on {reference.cpu}. {CPU_NOTE}",
+        f"The largest seed spread (std) of these rows is {spreads}. The whole demo took {times}. "
+        f"{CPU_NOTE} The demo compares its numbers with the ranges of its own CPU model, or with "
+        "every machine's together when its CPU is not listed.",
         TABLE_END,
     ]
     return "\n".join(lines)
@@ -134,7 +211,8 @@ def compare_with_reference(miou: dict[str, float], reference: DemoReference) -> 
         own_gain = round(miou[reference.adapted] - miou["source_only"], 1)
         miou = {**miou, GAIN: own_gain}
         rows.append(reference.gain())
-    lines = [f"against the README (seeds {', '.join(map(str, reference.seeds))}, {reference.cpu}):"]
+    seeds = ", ".join(str(s) for s in sorted(set(reference.seeds)))
+    lines = [f"against the README (seeds {seeds}, {reference.cpu}):"]
     outside = False
     for row in rows:
         sign = "+" if row.method == GAIN else ""

@@ -20,14 +20,9 @@ def machine_info() -> dict[str, str]:
     """What the numbers were measured on."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from adapt_deploy.demo_reference import this_cpu_model
+
+    cpu = this_cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -1,9 +1,11 @@
 """Synthetic benchmark: the renderer's speed (one core) and the demo over several seeds, with the
 mIoU of source-only, the adapted model and the oracle, each stage's time and the CPU. Writes
-bench/results/synthetic.md and adapt_deploy/demo_reference.json, from which `adapt-deploy demo`'s
-comparison comes, and puts the same table in the README.
+bench/results/NAME.md (synthetic.md by default) and this CPU model's entry of
+adapt_deploy/demo_reference.json (the other machines' stay), from which `adapt-deploy demo`'s
+comparison comes, and puts the table of every machine in the README and in each
+bench/results/synthetic*.md.
 
-    python -m bench.synthetic [--work DIR] [--seeds 0 1 2] [--reuse] [--seconds 5]
+    python -m bench.synthetic [--work DIR] [--seeds 0 1 2] [--reuse] [--seconds 5] [--name NAME]
 
 Each seed's demo runs from scratch in WORK/seedS. With --reuse a seed's finished demo
 (WORK/seedS/bench.json) is read instead, so seeds can run in separate processes first
@@ -126,7 +128,8 @@ def goal_line(reference) -> str:
 
 
 def replace_readme_table(table: str, readme: Path = README) -> None:
-    """Put `table` in place of the README's demo table (between its markers)."""
+    """Put `table` in place of the demo table (between its markers) of `readme` (the README,
+    or a results file)."""
     from adapt_deploy.demo_reference import TABLE_END, TABLE_START
 
     text = readme.read_text()
@@ -142,12 +145,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--reuse", action="store_true", help="read a seed's finished demo")
     parser.add_argument("--seconds", type=float, default=5.0, help="render timing per style")
+    parser.add_argument("--name", default="synthetic", help="results file bench/results/NAME.md")
     args = parser.parse_args()
 
-    from adapt_deploy.demo_reference import reference_table, write_reference
+    from adapt_deploy.demo_reference import (
+        TABLE_START,
+        load_references,
+        merge_reference,
+        references_table,
+        write_references,
+    )
 
     records = [run_seed(args.work, seed, args.reuse) for seed in args.seeds]
     reference = reference_of(records, args.work)
+    references = merge_reference(load_references(), reference)
+    table = references_table(references)
     speed = measure_render_speed(seconds=args.seconds)
     lines = [
         "## Renderer (256x512, one thread, image + label)",
@@ -160,10 +172,10 @@ def main() -> None:
     lines += [
         "## The demo: source-only, adapted and oracle on the target val split, per seed",
         "",
-        "`adapt-deploy demo --seed S --fresh`, each seed from scratch. The README carries this "
-        "table:",
+        f"`adapt-deploy demo --seed S --fresh`, each seed from scratch, on {reference.cpu}. "
+        "The README carries this table, with every machine measured so far:",
         "",
-        reference_table(reference),
+        table,
         "",
         goal_line(reference),
         "",
@@ -177,9 +189,12 @@ def main() -> None:
         "",
         *class_table(records, reference),
     ]
-    write_reference(reference)
-    replace_readme_table(reference_table(reference))
-    path = write_results("synthetic", "Synthetic benchmark", "\n".join(lines))
+    write_references(references)
+    path = write_results(args.name, "Synthetic benchmark", "\n".join(lines))
+    for results in sorted(path.parent.glob("synthetic*.md")):  # the other machines' runs
+        if TABLE_START in results.read_text():
+            replace_readme_table(table, results)
+    replace_readme_table(table)
     print(path.read_text())
 
 

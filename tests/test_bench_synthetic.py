@@ -7,7 +7,7 @@ import json
 import pytest
 
 from adapt_deploy.demo import ADAPTED, DEMO_METHODS
-from adapt_deploy.demo_reference import TABLE_END, TABLE_START, reference_table
+from adapt_deploy.demo_reference import TABLE_END, TABLE_START, references_table
 from bench.synthetic import (
     RECORD,
     class_table,
@@ -66,7 +66,7 @@ def test_goal_is_missed_when_the_gain_is_inside_the_spread(tmp_path):
 def test_the_readme_table_is_replaced_between_its_markers(tmp_path, records):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n\n{TABLE_START}\nold\n{TABLE_END}\n\nrest\n")
-    table = reference_table(reference_of(records, tmp_path))
+    table = references_table([reference_of(records, tmp_path)])
     replace_readme_table(table, readme)
     assert readme.read_text() == f"intro\n\n{table}\n\nrest\n"
     readme.write_text("no markers\n")
