@@ -213,7 +213,9 @@ def run_demo(
         )
         checkpoint = out / "runs" / ADAPTED / "checkpoint.pt"
         with clock.stage("export and stream"):
-            demo.stream = stream_demo_video(checkpoint, videos[0], out, reporter)
+            demo.stream, reused = stream_demo_video(checkpoint, videos[0], out, reporter, fresh)
+        if reused:
+            clock.reused.add("export and stream")
     demo.stages, demo.reused = clock.seconds, clock.reused
     atomic_write_json(out / "demo.json", demo.record())
     return demo

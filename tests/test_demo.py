@@ -43,10 +43,17 @@ def test_demo_runs_end_to_end_and_reuses_finished_runs(tmp_path):
     assert checkpoint.stat().st_mtime_ns == stamp  # not retrained
     assert overlay.stat().st_mtime_ns == overlay_stamp and again.stream == first.stream
     assert again.results["oracle"].miou == first.results["oracle"].miou
-    assert again.reused == {"pretraining", *DEMO_METHODS}
+    assert again.reused == {"pretraining", *DEMO_METHODS, "export and stream"}
+    assert "export and stream 0 s (reused)" in again.stage_line()
     changed = run_demo(tmp_path, spec=TINY, overrides=[*FAST, "optim.lr=0.001"])
     assert checkpoint.stat().st_mtime_ns != stamp  # another config: retrained
     assert set(changed.results) == set(DEMO_METHODS) and not changed.reused
+    bundle_stamp = (tmp_path / "bundle" / "meta.json").stat().st_mtime_ns
+    overlay_stamp = overlay.stat().st_mtime_ns
+    fresh = run_demo(tmp_path, spec=TINY, overrides=[*FAST, "optim.lr=0.001"], fresh=True)
+    assert not fresh.reused  # --fresh redoes every stage, the export and the stream too
+    assert (tmp_path / "bundle" / "meta.json").stat().st_mtime_ns != bundle_stamp
+    assert overlay.stat().st_mtime_ns != overlay_stamp
 
 
 def test_demo_times_its_stages_and_records_them(tmp_path):
