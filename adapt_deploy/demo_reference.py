@@ -169,10 +169,8 @@ def _range(row: Row, sign: str = "") -> str:
 def references_table(references: list[DemoReference]) -> str:
     """The README's demo table between its markers: per machine, the mean and range over its
     seeds of each model and of the gain; then the spread, the time and the machines."""
-    seeds = sorted({s for r in references for s in r.seeds})
-    names = ", ".join(str(s) for s in seeds)
     header = "| model | target labels it uses |" + "".join(
-        f" {r.model}: mean of seeds {names} (range) |" for r in references
+        f" {r.model}: mean of seeds {', '.join(map(str, r.seeds))} (range) |" for r in references
     )
     lines = [TABLE_START, header, "|---|---|" + "---|" * len(references)]
     for row in references[0].rows:

@@ -100,6 +100,8 @@ def test_table_has_a_column_per_machine():
         in (table)
     )
     assert "330 to 350 s per seed on Other CPU (2 cores visible, torch threads 2)" in table
+    later = DemoReference(other_machine().rows, ADAPTED, [3, 4, 5], other_machine().cpu, [1.0] * 3)
+    assert "| Other CPU: mean of seeds 3, 4, 5 (range) |" in references_table([example(), later])
 
 
 def test_the_demo_compares_with_its_own_cpu_model_or_every_machine():
