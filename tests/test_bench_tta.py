@@ -197,6 +197,24 @@ def test_report_compares_with_none_when_it_ran() -> None:
     assert "![online mIoU](tta.png)" in body
 
 
+def test_report_gives_the_throughput_of_each_mode() -> None:
+    from adapt_deploy.tta.worker import AdaptSummary
+
+    fps = {"without": [90.0, 88.0], "with": [80.0, 79.0], "waited": [40.0, 41.0]}
+    worker = AdaptSummary(due=100, adapted=5)
+    waited = AdaptSummary(due=100, adapted=100, waited=True)
+    body = report(
+        [_run("none", 1, 10.0)], STREAMS["drive"], 1, 8, AdaptOptions(), fps, worker, {},
+        waited=waited,
+    )  # fmt: skip
+    assert "- cost: 10.7% of frames/s" in body
+    assert "- with `--adapt-wait` (every due frame's update before the next frame): 40.5 " in body
+    assert "- last run's worker: adaptation: 5 updates on 100 due frames (0 skipped busy" in body
+    assert "- last `--adapt-wait` run: adaptation: 100 updates on 100 due frames (the stream " in (
+        body
+    )
+
+
 def test_model_description_names_a_given_checkpoint(tmp_path: Path) -> None:
     assert "seed 0" in model_description(DEFAULT_CHECKPOINT)
     assert model_description(tmp_path / "m.pt") == f"checkpoint {tmp_path / 'm.pt'}"

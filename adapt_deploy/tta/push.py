@@ -13,7 +13,7 @@ a ResNet-101 forward per sample on the CPU at every push.
 The check runs the samples of one frame (`check_samples`): a push changes the weights, not how
 the graph runs a batch, which export verified once. A sample batch of several frames costs as
 many reference forwards: on bench/tta's bundle a checked ONNX Runtime push took 157 ms with the
-3-frame sample and 92 ms without it (bench/results/tta_throughput.md, before and after).
+3-frame sample and 91-92 ms without it (bench/results/tta_throughput.md, before and after).
 """
 
 from __future__ import annotations

@@ -137,8 +137,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         print(f"{name}:", flush=True)
         with kept_torch_threads():
             runs.append(run_method(makers[name](), data, stream, args.rounds))
-    fps: dict[str, list[float]] = {"without": [], "with": []}
-    worker = None
+    fps: dict[str, list[float]] = {"without": [], "with": [], "waited": []}
+    worker = waited = None
     if args.fps_rounds:
         with tempfile.TemporaryDirectory() as tmp, kept_torch_threads():
             video = write_video(data, stream, Path(tmp) / "rounds.avi", args.fps_loops)
@@ -146,12 +146,14 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 fps["without"].append(stream_fps(bundle, video, None)[0])
                 value, worker = stream_fps(bundle, video, options)
                 fps["with"].append(value)
+                value, waited = stream_fps(bundle, video, options, wait=True)
+                fps["waited"].append(value)
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(runs, stream, args.rounds, RESULTS / f"{args.name}.png")
     package = meta["adaptation"].get("package", {}).get("summary", {})
     body = report(
         runs, stream, args.rounds, args.frames, options, fps, worker, package,
-        name=args.name, model=model_description(args.checkpoint),
+        name=args.name, model=model_description(args.checkpoint), waited=waited,
     )  # fmt: skip
     path = write_results(args.name, "On-device adaptation (bench/tta/)", body)
     runs_json = {

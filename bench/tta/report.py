@@ -70,9 +70,11 @@ def report(
     package: dict[str, Any],
     name: str = "tta",
     model: str = "source-only model of bench.adaptation, seed 0",
+    waited: Any = None,
 ) -> str:
     """The results Markdown; `name` is the results name (the plot is `name`.png beside it),
-    `model` says which checkpoint the methods started from."""
+    `model` says which checkpoint the methods started from; `worker` and `waited`: the last
+    throughput run's worker summary, in the background and with `--adapt-wait`."""
     names = stream.names
     base = {r.name: r for r in runs}.get("none")
     threads = "leaves torch's thread count" if options.threads is None else (
@@ -131,6 +133,15 @@ def report(
         ]
         if worker is not None:
             lines += [f"- last run's worker: {line}" for line in worker.lines()]
+        if fps.get("waited"):
+            lines.append(
+                f"- with `--adapt-wait` (every due frame's update before the next frame): "
+                f"{np.median(fps['waited']):.1f} frames/s (runs: "
+                + ", ".join(f"{v:.1f}" for v in fps["waited"])
+                + ")"
+            )
+        if waited is not None:
+            lines += [f"- last `--adapt-wait` run: {line}" for line in waited.lines()]
         lines.append("")
     lines += ["## Source statistics in the bundle (adaptation package)", ""]
     lines += [f"- {k}: {v}" for k, v in package.items()]

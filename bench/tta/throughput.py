@@ -1,5 +1,6 @@
-"""Throughput: `adapt-deploy stream`'s pipeline on a video of the stream, with and without the
-background adaptation worker."""
+"""Throughput: `adapt-deploy stream`'s pipeline on a video of the stream, without adaptation,
+with the background adaptation worker, and with `--adapt-wait` (every due frame's update run
+before the next frame)."""
 
 from __future__ import annotations
 
@@ -35,10 +36,14 @@ def write_video(
     return path
 
 
-def stream_fps(bundle: Path, video: Path, options: AdaptOptions | None) -> tuple[float, Any]:
-    """frames/s of the stream pipeline on `video` (stats written), with or without adapting."""
+def stream_fps(
+    bundle: Path, video: Path, options: AdaptOptions | None, wait: bool = False
+) -> tuple[float, Any]:
+    """frames/s of the stream pipeline on `video` (stats written), without adapting (`options`
+    None), or adapting in the background or, with `wait`, as `stream --adapt-wait` does; and
+    the worker's summary."""
     segmenter = Segmenter.from_bundle(bundle, backend="onnxruntime", precision="fp32")
-    worker = make_worker(bundle, segmenter, options) if options is not None else None
+    worker = make_worker(bundle, segmenter, options, wait) if options is not None else None
     with tempfile.TemporaryDirectory() as tmp, segmenter:
         stats = Path(tmp) / "stats.jsonl"
         summary = stream(
